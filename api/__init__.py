@@ -1,0 +1,1 @@
+"""The HTTP front: FastAPI routes that parse, call the domain (`posegen`) and render."""

@@ -1,0 +1,118 @@
+"""The FastAPI application factory (`uvicorn --factory api.app:create_app`)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from sqlalchemy import func, select
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api import errors
+from api.routes import catalog, generations, health
+from db.models import Generation
+from db.session import make_engine, make_session_factory
+from posegen.errors import PayloadTooLarge
+from posegen.logs import configure_logging
+from posegen.metrics import Metrics
+from posegen.queue import Dispatcher, make_producer
+from posegen.settings import Settings, get_settings
+from posegen.storage import storage_from_settings
+
+
+class BodyLimit:
+    """Refuse an oversized upload with 413 before reading all of it.
+
+    The Content-Length is checked up front; a body without one (chunked) is counted as it
+    streams in, and reading stops at the limit.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                await _send_413(send, self.max_bytes)
+                return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise PayloadTooLarge(f"The request body is larger than {self.max_bytes} bytes.")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+async def _send_413(send: Send, limit: int) -> None:
+    import json
+
+    body = json.dumps({"error": {"code": "payload_too_large", "message": f"The request body is larger than {limit} bytes."}}).encode()  # fmt: skip
+    await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})  # fmt: skip
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    configure_logging(settings, process="api")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        db_engine = make_engine(settings.database_url)
+        app.state.settings = settings
+        app.state.db_engine = db_engine
+        app.state.sessions = make_session_factory(db_engine)
+        app.state.storage = storage_from_settings(settings)
+        app.state.dispatcher = Dispatcher(make_producer(settings))
+        app.state.metrics = Metrics()
+        app.state.metrics.watch_queue(lambda: _active_counts(app))
+        yield
+        db_engine.dispose()
+
+    app = FastAPI(
+        title="posegen",
+        version="0.1.0",
+        description="Photo + pose -> avatar, as an asynchronous job queue.",
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    app.include_router(health.router)
+    app.include_router(generations.router)
+    app.include_router(catalog.router)
+
+    @app.middleware("http")
+    async def observe(request: Any, call_next: Any) -> Any:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        metrics: Metrics = request.app.state.metrics
+        metrics.requests.labels(route, request.method, str(response.status_code)).inc()
+        metrics.latency.labels(route).observe(time.perf_counter() - started)
+        if route == "/v1/generations" and request.method == "POST":
+            metrics.submits.labels(str(response.status_code)).inc()
+        return response
+
+    # Image + pose image + the form fields.
+    app.add_middleware(BodyLimit, max_bytes=2 * settings.max_upload_bytes + 64 * 1024)
+    return app
+
+
+def _active_counts(app: FastAPI) -> Iterable[tuple[str, str, int]]:
+    with app.state.sessions() as session:
+        rows = session.execute(
+            select(Generation.status, Generation.model_key, func.count())
+            .where(Generation.status.in_(("queued", "processing")))
+            .group_by(Generation.status, Generation.model_key)
+        ).all()
+    return [(status, model, int(count)) for status, model, count in rows]

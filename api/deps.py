@@ -1,0 +1,56 @@
+"""Typed dependency shortcuts, so route signatures read like sentences."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+from sqlalchemy.orm import Session
+
+from db.models import User
+from posegen.accounts import authenticate
+from posegen.queue import Dispatcher
+from posegen.settings import Settings
+from posegen.storage import Storage
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    session: Session = request.app.state.sessions()
+    try:
+        yield session
+    finally:
+        session.rollback()  # whatever the route did not commit is dropped, outbox too
+        session.info.pop("outbox", None)
+        session.close()
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_storage(request: Request) -> Storage:
+    storage: Storage = request.app.state.storage
+    return storage
+
+
+def get_dispatcher(request: Request) -> Dispatcher:
+    dispatcher: Dispatcher = request.app.state.dispatcher
+    return dispatcher
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
+DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
+
+
+def current_user(
+    session: SessionDep,
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> User:
+    return authenticate(session, authorization)
+
+
+CurrentUser = Annotated[User, Depends(current_user)]

@@ -1,0 +1,45 @@
+"""/v1/models, /v1/pose-templates, /v1/me."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from api.deps import CurrentUser, SessionDep
+from api.schemas import ErrorResponse, Me, ModelList, PoseTemplateList
+from posegen import catalog
+from posegen.seeding import MODEL_FIELDS
+
+router = APIRouter(prefix="/v1", tags=["catalog"], responses={401: {"model": ErrorResponse}})
+
+
+@router.get("/models", response_model=ModelList)
+def list_models(_: CurrentUser, session: SessionDep) -> dict[str, Any]:
+    return {
+        "items": [
+            {"model_key": m.model_key, **{f: getattr(m, f) for f in MODEL_FIELDS}}
+            for m in catalog.listed_models(session)
+        ]
+    }
+
+
+@router.get("/pose-templates", response_model=PoseTemplateList)
+def list_pose_templates(_: CurrentUser, session: SessionDep) -> dict[str, Any]:
+    return {
+        "items": [
+            {"id": t.id, "key": t.key, "name": t.name, "description": t.description, "keypoints": t.keypoints}  # fmt: skip
+            for t in catalog.pose_templates(session)
+        ]
+    }
+
+
+@router.get("/me", response_model=Me)
+def me(user: CurrentUser) -> dict[str, Any]:
+    return {
+        "id": user.id,
+        "email": user.email,
+        "tier": user.tier,
+        "credits": user.credits,
+        "webhook_secret": user.webhook_secret,
+    }

@@ -1,0 +1,127 @@
+"""/v1/generations: submit, poll, list, cancel, fetch outputs."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile
+from fastapi.responses import FileResponse, RedirectResponse
+
+from api.deps import CurrentUser, DispatcherDep, SessionDep, SettingsDep, StorageDep
+from api.schemas import ErrorResponse, Job, JobPage
+from posegen import jobs
+from posegen.errors import NotFound, PayloadTooLarge
+from posegen.settings import Settings
+
+router = APIRouter(prefix="/v1/generations", tags=["generations"])
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (401, 402, 403, 404, 409, 413, 415, 422, 429, 503)
+}
+
+
+async def _read(upload: UploadFile | None, settings: Settings, field: str) -> bytes | None:
+    if upload is None:
+        return None
+    data = await upload.read(settings.max_upload_bytes + 1)
+    if len(data) > settings.max_upload_bytes:
+        raise PayloadTooLarge(f"The {field} is larger than {settings.max_upload_bytes} bytes.")
+    return data
+
+
+@router.post("", status_code=202, response_model=Job, responses=ERRORS)
+async def submit_generation(
+    response: Response,
+    user: CurrentUser,
+    session: SessionDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+    dispatcher: DispatcherDep,
+    image: Annotated[UploadFile, File(description="The subject photo (PNG, JPEG or WebP).")],
+    model_key: Annotated[str, Form(max_length=100)],
+    prompt: Annotated[str | None, Form(max_length=1000)] = None,
+    negative_prompt: Annotated[str | None, Form(max_length=1000)] = None,
+    pose_template_id: Annotated[str | None, Form(max_length=100)] = None,
+    pose_image: Annotated[UploadFile | None, File()] = None,
+    num_inference_steps: Annotated[int | None, Form(ge=1, le=150)] = None,
+    guidance_scale: Annotated[float | None, Form(ge=0, le=30, allow_inf_nan=False)] = None,
+    controlnet_conditioning_scale: Annotated[float, Form(ge=0, le=2, allow_inf_nan=False)] = 1.0,
+    strength: Annotated[float, Form(ge=0, le=1, allow_inf_nan=False)] = 0.75,
+    seed: Annotated[int | None, Form(ge=0, le=2**32 - 1)] = None,
+    webhook_url: Annotated[str | None, Form(max_length=2048)] = None,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> dict[str, Any]:
+    request = jobs.GenerationRequest(
+        model_key=model_key,
+        image=await _read(image, settings, "image") or b"",
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        pose_template_id=pose_template_id or None,
+        pose_image=await _read(pose_image, settings, "pose_image"),
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        controlnet_conditioning_scale=controlnet_conditioning_scale,
+        strength=strength,
+        seed=seed,
+        webhook_url=webhook_url or None,
+    )
+    submitted = jobs.submit(
+        session,
+        user=user,
+        request=request,
+        storage=storage,
+        settings=settings,
+        idempotency_key=idempotency_key,
+    )
+    dispatcher.commit(session)
+    response.status_code = 202 if submitted.created else 200
+    response.headers["Location"] = f"/v1/generations/{submitted.job.id}"
+    return jobs.job_json(session, submitted.job)
+
+
+@router.get("", response_model=JobPage, responses=ERRORS)
+def list_generations(
+    user: CurrentUser,
+    session: SessionDep,
+    settings: SettingsDep,
+    status: Annotated[str | None, Query(max_length=100)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> dict[str, Any]:
+    page = jobs.list_for_user(session, user=user, status=status, limit=limit, cursor=cursor)
+    return {"items": [jobs.job_json(session, j) for j in page.items], "next_cursor": page.next_cursor}  # fmt: skip
+
+
+@router.get("/{job_id}", response_model=Job, responses=ERRORS)
+def get_generation(job_id: str, user: CurrentUser, session: SessionDep) -> dict[str, Any]:
+    return jobs.job_json(session, jobs.get_for_user(session, job_id=job_id, user=user))
+
+
+@router.post("/{job_id}/cancel", response_model=Job, responses=ERRORS)
+def cancel_generation(
+    job_id: str, user: CurrentUser, session: SessionDep, dispatcher: DispatcherDep
+) -> dict[str, Any]:
+    job = jobs.cancel(session, job_id=job_id, user=user)
+    dispatcher.commit(session)
+    return jobs.job_json(session, job)
+
+
+@router.get(
+    "/{job_id}/outputs/{index}",
+    responses={
+        200: {"content": {"image/png": {}}, "description": "The image (local storage)."},
+        307: {"description": "Redirect to a presigned URL (S3 storage)."},
+        **ERRORS,
+    },
+    response_class=Response,
+)
+def get_output(
+    job_id: str, index: int, user: CurrentUser, session: SessionDep, storage: StorageDep
+) -> Response:
+    key = jobs.output_key(session, job_id=job_id, index=index, user=user)
+    url = storage.presigned_url(key)
+    if url is not None:
+        return RedirectResponse(url, status_code=307)
+    path = storage.local_path(key)
+    if path is None or not path.is_file():
+        raise NotFound(f"Output {index} of generation {job_id} is missing from storage.")
+    return FileResponse(path, media_type="image/png", filename=f"{job_id}-{index}.png")

@@ -1,0 +1,53 @@
+"""/health (liveness), /ready (dependencies), /metrics (Prometheus)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health")
+def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+def _timed(check: Any) -> dict[str, Any]:
+    started = time.perf_counter()
+    try:
+        check()
+    except Exception as exc:  # noqa: BLE001 - any failure means "not ready", with its reason
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300], "ms": _ms(started)}
+    return {"ok": True, "ms": _ms(started)}
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 1)
+
+
+@router.get("/ready")
+def ready(request: Request) -> JSONResponse:
+    state = request.app.state
+
+    def database() -> None:
+        with state.db_engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    def broker() -> None:
+        with state.dispatcher.celery.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)
+
+    checks = {"database": _timed(database), "broker": _timed(broker), "storage": _timed(state.storage.check)}  # fmt: skip
+    ok = all(c["ok"] for c in checks.values())
+    return JSONResponse({"status": "ready" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)  # fmt: skip
+
+
+@router.get("/metrics", response_class=Response)
+def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)  # fmt: skip

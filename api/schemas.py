@@ -1,0 +1,110 @@
+"""Response shapes (for the OpenAPI schema and to pin the contract's fields)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class Progress(BaseModel):
+    step: int
+    total: int
+
+
+class Output(BaseModel):
+    index: int
+    url: str
+    width: int
+    height: int
+
+
+class Params(BaseModel):
+    num_inference_steps: int
+    guidance_scale: float
+    controlnet_conditioning_scale: float
+    strength: float
+    seed: int
+    width: int
+    height: int
+
+
+class Job(BaseModel):
+    id: str
+    status: Literal["queued", "processing", "completed", "failed", "canceled"]
+    model_key: str
+    prompt: str
+    negative_prompt: str
+    params: Params
+    pose_source: Literal["template", "pose_image", "image"]
+    pose_template_id: str | None
+    credit_cost: int
+    progress: Progress
+    queue_position: int | None
+    eta_seconds: float | None
+    outputs: list[Output]
+    error: ErrorBody | None
+    webhook_url: str | None
+    attempts: int
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+
+
+class JobPage(BaseModel):
+    items: list[Job]
+    next_cursor: str | None
+
+
+class Model(BaseModel):
+    model_key: str
+    name: str
+    provider: str
+    family: str
+    base_model: str
+    controlnet_model: str
+    tier: str
+    credit_cost: int
+    resolution: str
+    quality: str
+    priority: int
+    default_steps: int
+    guidance_scale: float
+    default_prompt: str
+    negative_prompt: str
+    processing_time: str
+    enabled: bool
+    coming_soon: bool
+
+
+class ModelList(BaseModel):
+    items: list[Model]
+
+
+class PoseTemplate(BaseModel):
+    id: str
+    key: str
+    name: str
+    description: str
+    keypoints: list[list[float] | None]
+
+
+class PoseTemplateList(BaseModel):
+    items: list[PoseTemplate]
+
+
+class Me(BaseModel):
+    id: str
+    email: str
+    tier: str
+    credits: int
+    webhook_secret: str

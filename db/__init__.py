@@ -1,0 +1,1 @@
+"""SQLAlchemy 2 models and session factory. Postgres in production, SQLite when embedded."""

@@ -1,0 +1,259 @@
+"""The tables of the contract. Ids are UUID strings; money (credits) is an integer."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+    Uuid,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from db.types import UTCDateTime, utcnow
+
+# One naming convention from the first migration, so constraints can be altered by name.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+TIERS = ("free", "basic", "pro", "enterprise")
+JOB_STATUSES = ("queued", "processing", "completed", "failed", "canceled")
+TERMINAL_STATUSES = ("completed", "failed", "canceled")
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def _uuid_pk() -> Mapped[str]:
+    return mapped_column(Uuid(as_uuid=False), primary_key=True, default=new_id)
+
+
+class User(Base):
+    __tablename__ = "users"
+    __table_args__ = (
+        CheckConstraint("credits >= 0", name="credits_non_negative"),
+        CheckConstraint(f"tier IN {TIERS!r}", name="tier_known"),
+    )
+
+    id: Mapped[str] = _uuid_pk()
+    email: Mapped[str] = mapped_column(String(320), unique=True)
+    tier: Mapped[str] = mapped_column(String(16), default="free")
+    credits: Mapped[int] = mapped_column(Integer, default=0)
+    webhook_secret: Mapped[str] = mapped_column(String(80))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = _uuid_pk()
+    user_id: Mapped[str] = mapped_column(
+        Uuid(as_uuid=False), ForeignKey("users.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(100), default="default")
+    # The first characters of the key, shown in listings so a key can be recognised.
+    prefix: Mapped[str] = mapped_column(String(24))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class AiModel(Base):
+    __tablename__ = "ai_models"
+    __table_args__ = (
+        CheckConstraint("family IN ('sd15', 'sdxl', 'sd35')", name="family_known"),
+        CheckConstraint("priority BETWEEN 0 AND 9", name="priority_range"),
+        CheckConstraint("credit_cost >= 0", name="credit_cost_non_negative"),
+    )
+
+    id: Mapped[str] = _uuid_pk()
+    model_key: Mapped[str] = mapped_column(String(100), unique=True)
+    name: Mapped[str] = mapped_column(String(200))
+    provider: Mapped[str] = mapped_column(String(100))
+    family: Mapped[str] = mapped_column(String(16))
+    base_model: Mapped[str] = mapped_column(String(300))
+    controlnet_model: Mapped[str] = mapped_column(String(300))
+    tier: Mapped[str] = mapped_column(String(16))
+    credit_cost: Mapped[int] = mapped_column(Integer)
+    resolution: Mapped[str] = mapped_column(String(16))
+    quality: Mapped[str] = mapped_column(String(32))
+    priority: Mapped[int] = mapped_column(Integer, default=5)
+    default_steps: Mapped[int] = mapped_column(Integer)
+    guidance_scale: Mapped[float] = mapped_column(Float)
+    default_prompt: Mapped[str] = mapped_column(Text)
+    negative_prompt: Mapped[str] = mapped_column(Text, default="")
+    processing_time: Mapped[str] = mapped_column(String(64))
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    coming_soon: Mapped[bool] = mapped_column(Boolean, default=False)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    @property
+    def width(self) -> int:
+        return int(self.resolution.lower().split("x")[0])
+
+    @property
+    def height(self) -> int:
+        return int(self.resolution.lower().split("x")[1])
+
+
+class PoseTemplate(Base):
+    __tablename__ = "pose_templates"
+
+    id: Mapped[str] = _uuid_pk()
+    key: Mapped[str] = mapped_column(String(100), unique=True)
+    name: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str] = mapped_column(Text, default="")
+    # COCO-18 order; each entry [x, y] in 0..1, or null where the keypoint is not visible.
+    keypoints: Mapped[list[Any]] = mapped_column(JSON)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Generation(Base):
+    __tablename__ = "generations"
+    __table_args__ = (
+        CheckConstraint(f"status IN {JOB_STATUSES!r}", name="status_known"),
+        # The caller's jobs, newest first (list endpoint, keyset pagination).
+        Index("ix_generations_user_created", "user_id", "created_at", "id"),
+        # The queue: position, the reconciler's sweeps. Partial so finished jobs cost nothing.
+        Index(
+            "ix_generations_active",
+            "status",
+            "priority",
+            "created_at",
+            postgresql_where=text("status IN ('queued', 'processing')"),
+            sqlite_where=text("status IN ('queued', 'processing')"),
+        ),
+    )
+
+    id: Mapped[str] = _uuid_pk()
+    user_id: Mapped[str] = mapped_column(
+        Uuid(as_uuid=False), ForeignKey("users.id", ondelete="CASCADE")
+    )
+    model_id: Mapped[str] = mapped_column(Uuid(as_uuid=False), ForeignKey("ai_models.id"))
+    model_key: Mapped[str] = mapped_column(String(100))
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    prompt: Mapped[str] = mapped_column(Text)
+    negative_prompt: Mapped[str] = mapped_column(Text, default="")
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    pose_source: Mapped[str] = mapped_column(String(16))
+    pose_template_id: Mapped[str | None] = mapped_column(
+        Uuid(as_uuid=False), ForeignKey("pose_templates.id"), nullable=True
+    )
+    input_key: Mapped[str] = mapped_column(String(500))
+    pose_image_key: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    credit_cost: Mapped[int] = mapped_column(Integer)
+    priority: Mapped[int] = mapped_column(Integer, default=5)
+    webhook_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    progress_step: Mapped[int] = mapped_column(Integer, default=0)
+    progress_total: Mapped[int] = mapped_column(Integer, default=0)
+    outputs: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # When the job's message was last handed to the broker (the reconciler re-publishes).
+    published_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class CreditLedger(Base):
+    __tablename__ = "credit_ledger"
+    __table_args__ = (
+        CheckConstraint("kind IN ('grant', 'charge', 'refund')", name="kind_known"),
+        # A job is charged once and refunded at most once: the database says so, not Python.
+        UniqueConstraint("generation_id", "kind"),
+        Index("ix_credit_ledger_user_created", "user_id", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    user_id: Mapped[str] = mapped_column(
+        Uuid(as_uuid=False), ForeignKey("users.id", ondelete="CASCADE")
+    )
+    generation_id: Mapped[str | None] = mapped_column(
+        Uuid(as_uuid=False), ForeignKey("generations.id", ondelete="SET NULL"), nullable=True
+    )
+    kind: Mapped[str] = mapped_column(String(16))
+    amount: Mapped[int] = mapped_column(Integer)
+    note: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class WebhookDelivery(Base):
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        CheckConstraint("status IN ('pending', 'delivered', 'failed')", name="status_known"),
+        UniqueConstraint("generation_id", "event_type"),
+        Index(
+            "ix_webhook_deliveries_due",
+            "next_attempt_at",
+            postgresql_where=text("status = 'pending'"),
+            sqlite_where=text("status = 'pending'"),
+        ),
+    )
+
+    # Also the `webhook-id` header: stable across retries.
+    id: Mapped[str] = _uuid_pk()
+    generation_id: Mapped[str] = mapped_column(
+        Uuid(as_uuid=False), ForeignKey("generations.id", ondelete="CASCADE")
+    )
+    user_id: Mapped[str] = mapped_column(
+        Uuid(as_uuid=False), ForeignKey("users.id", ondelete="CASCADE")
+    )
+    event_type: Mapped[str] = mapped_column(String(64))
+    url: Mapped[str] = mapped_column(Text)
+    # The exact body, frozen at the event: every retry sends the same bytes.
+    payload: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # [{"at", "status_code", "error", "duration_ms"}, ...]
+    attempt_log: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class IdempotencyKey(Base):
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (
+        UniqueConstraint("user_id", "key"),
+        Index("ix_idempotency_keys_expires_at", "expires_at"),
+    )
+
+    id: Mapped[str] = _uuid_pk()
+    user_id: Mapped[str] = mapped_column(
+        Uuid(as_uuid=False), ForeignKey("users.id", ondelete="CASCADE")
+    )
+    key: Mapped[str] = mapped_column(String(255))
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    generation_id: Mapped[str] = mapped_column(
+        Uuid(as_uuid=False), ForeignKey("generations.id", ondelete="CASCADE")
+    )
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())

@@ -1,0 +1,1 @@
+"""Alembic migrations (a package so an installed posegen can find them)."""

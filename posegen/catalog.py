@@ -1,0 +1,75 @@
+"""The model catalog and pose templates: lookups for submit, listings for the API."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from db.models import AiModel, PoseTemplate
+from posegen.errors import InvalidRequest
+
+COCO18_NAMES = (
+    "nose", "neck", "right_shoulder", "right_elbow", "right_wrist", "left_shoulder",
+    "left_elbow", "left_wrist", "right_hip", "right_knee", "right_ankle", "left_hip",
+    "left_knee", "left_ankle", "right_eye", "left_eye", "right_ear", "left_ear",
+)  # fmt: skip
+
+
+def listed_models(session: Session) -> Sequence[AiModel]:
+    """Enabled and coming-soon models, cheapest tier first."""
+    stmt = (
+        select(AiModel)
+        .where(or_(AiModel.enabled.is_(True), AiModel.coming_soon.is_(True)))
+        .order_by(AiModel.credit_cost, AiModel.model_key)
+    )
+    return session.scalars(stmt).all()
+
+
+def model_by_key(session: Session, model_key: str) -> AiModel:
+    model = session.scalar(select(AiModel).where(AiModel.model_key == model_key))
+    if model is None:
+        raise InvalidRequest(f"Unknown model_key {model_key!r}; GET /v1/models lists them.")
+    return model
+
+
+def pose_templates(session: Session) -> Sequence[PoseTemplate]:
+    return session.scalars(select(PoseTemplate).order_by(PoseTemplate.key)).all()
+
+
+def pose_template_by_ref(session: Session, ref: str) -> PoseTemplate:
+    """A template by its key (`waving`) or its id."""
+    template = session.scalar(select(PoseTemplate).where(PoseTemplate.key == ref))
+    if template is None and _looks_like_uuid(ref):
+        template = session.get(PoseTemplate, ref)
+    if template is None:
+        raise InvalidRequest(f"Unknown pose_template_id {ref!r}; GET /v1/pose-templates lists them.")
+    return template
+
+
+def validate_keypoints(keypoints: object) -> list[list[float] | None]:
+    if not isinstance(keypoints, list) or len(keypoints) != len(COCO18_NAMES):
+        raise ValueError(f"keypoints must be a list of {len(COCO18_NAMES)} COCO-18 points")
+    out: list[list[float] | None] = []
+    for point in keypoints:
+        if point is None:
+            out.append(None)
+            continue
+        if not (isinstance(point, list) and len(point) == 2):
+            raise ValueError(f"keypoint {point!r} is not [x, y]")
+        x, y = float(point[0]), float(point[1])
+        if not (0.0 <= x <= 1.0 and 0.0 <= y <= 1.0):
+            raise ValueError(f"keypoint {point!r} is outside 0..1")
+        out.append([x, y])
+    return out
+
+
+def _looks_like_uuid(value: str) -> bool:
+    import uuid
+
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,82 @@
+"""`posegen api`, `posegen worker`, `posegen beat`, `posegen demo`."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+
+from posegen.cli.common import settings
+from posegen.queue import GENERATION_QUEUE
+
+
+def gpu_count() -> int:
+    """GPUs on this machine, without initialising CUDA in this (parent) process."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=False)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+
+
+def register_processes(app: typer.Typer) -> None:
+    @app.command("api")
+    def api(
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
+    ) -> None:
+        """Run the HTTP API (uvicorn)."""
+        import uvicorn
+
+        uvicorn.run(
+            "api.app:create_app", factory=True, host=host, port=port, workers=workers,
+            log_level="warning", access_log=False, proxy_headers=True,
+        )  # fmt: skip
+
+    @app.command("worker")
+    def worker(
+        queues: Annotated[str, typer.Option(help="comma-separated queues")] = GENERATION_QUEUE,
+        concurrency: Annotated[int | None, typer.Option(help="processes; default: one per GPU")] = None,  # fmt: skip
+        loglevel: str = "INFO",
+    ) -> None:
+        """Run a Celery worker (GPU worker by default; housekeeping with --queues webhooks,maintenance)."""
+        from worker.celery_app import app as celery_app
+
+        if concurrency is None:
+            gpu_queue = GENERATION_QUEUE in queues.split(",")
+            concurrency = max(1, gpu_count()) if gpu_queue else 4
+        name = "gpu" if GENERATION_QUEUE in queues.split(",") else "housekeeping"
+        celery_app.worker_main(
+            [
+                "worker", "-Q", queues, "-c", str(concurrency), "-n", f"{name}-{os.getpid()}@%h",
+                "--loglevel", loglevel, "--without-gossip", "--without-mingle",
+            ]
+        )  # fmt: skip
+
+    @app.command("beat")
+    def beat(loglevel: str = "INFO") -> None:
+        """Run Celery beat: the reconciler, the webhook sweep, the purge of expired keys."""
+        from worker.celery_app import app as celery_app
+
+        s = settings()
+        s.var_dir.mkdir(parents=True, exist_ok=True)
+        celery_app.start(["beat", "--loglevel", loglevel, "-s", str(s.var_dir / "celerybeat-schedule")])  # fmt: skip
+
+    @app.command("demo")
+    def demo(
+        port: Annotated[int, typer.Option(help="API port; 0 picks a free one")] = 0,
+        model_key: str = "tiny-sd15-openpose",
+        pose: str = "waving",
+    ) -> None:
+        """Everything in one, embedded: migrate, seed, build tiny models, run API + worker,
+        submit the astronaut photo with a pose template, follow it, print the output path."""
+        from posegen.cli.demo import run_demo
+
+        raise typer.Exit(run_demo(port=port, model_key=model_key, pose=pose))

@@ -1,0 +1,82 @@
+"""Credits: every movement is a ledger row; balances change only by conditional updates.
+
+A charge is one `UPDATE ... WHERE credits >= cost` (no read-then-write race); a refund is
+guarded by the ledger's unique (generation_id, kind), so however often a failure path runs,
+the money comes back once.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from db.models import CreditLedger, User
+from posegen.errors import InsufficientCredits, InvalidRequest
+
+
+def grant(session: Session, *, user_id: str, amount: int, note: str = "grant") -> int:
+    if amount <= 0:
+        raise InvalidRequest("A grant must be a positive number of credits.")
+    balance = session.execute(
+        update(User)
+        .where(User.id == user_id)
+        .values(credits=User.credits + amount)
+        .returning(User.credits)
+    ).scalar_one()
+    session.add(CreditLedger(user_id=user_id, kind="grant", amount=amount, note=note))
+    session.flush()
+    return int(balance)
+
+
+def charge(session: Session, *, user_id: str, generation_id: str, amount: int) -> None:
+    """Take `amount` credits for a job, in the caller's transaction, or raise 402."""
+    if amount > 0:
+        result = session.execute(
+            update(User)
+            .where(User.id == user_id, User.credits >= amount)
+            .values(credits=User.credits - amount)
+        )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            raise InsufficientCredits(
+                f"This model costs {amount} credits and your balance is lower."
+            )
+    session.add(
+        CreditLedger(user_id=user_id, generation_id=generation_id, kind="charge", amount=-amount)
+    )
+    session.flush()
+
+
+def refund(session: Session, *, user_id: str, generation_id: str, amount: int) -> bool:
+    """Give a job's credits back once. Returns False when it was refunded already."""
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    inserted = session.execute(
+        insert(CreditLedger)
+        .values(
+            user_id=user_id,
+            generation_id=generation_id,
+            kind="refund",
+            amount=amount,
+            note="job did not complete",
+        )
+        .on_conflict_do_nothing(index_elements=["generation_id", "kind"])
+        .returning(CreditLedger.id)
+    ).scalar_one_or_none()
+    if inserted is None:
+        return False
+    if amount > 0:
+        session.execute(
+            update(User).where(User.id == user_id).values(credits=User.credits + amount)
+        )
+    session.flush()
+    return True
+
+
+def ledger_sum(session: Session, *, user_id: str) -> int:
+    total = session.scalar(
+        select(func.coalesce(func.sum(CreditLedger.amount), 0)).where(
+            CreditLedger.user_id == user_id
+        )
+    )
+    return int(total or 0)

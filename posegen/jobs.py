@@ -1,0 +1,396 @@
+"""Generation jobs as the API sees them: submit, read, list, cancel, and the job JSON."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import json
+import math
+import secrets
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from db.models import TERMINAL_STATUSES, AiModel, Generation, IdempotencyKey, User, new_id
+from db.types import utcnow
+from posegen import catalog, credits, webhooks
+from posegen.accounts import tier_rank
+from posegen.errors import (
+    AlreadyFinished,
+    IdempotencyKeyReused,
+    InvalidRequest,
+    ModelUnavailable,
+    NotFound,
+    TierRequired,
+)
+from posegen.images import check_upload
+from posegen.queue import GENERATE_TASK, GENERATION_QUEUE, Message, celery_priority, defer
+from posegen.ratelimit import check_rate_limit
+from posegen.settings import Settings
+from posegen.storage import Storage
+
+MAX_PROMPT_CHARS = 1000
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What a caller asks for; bounds are checked by `validate`."""
+
+    model_key: str
+    image: bytes
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    pose_template_id: str | None = None
+    pose_image: bytes | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    controlnet_conditioning_scale: float = 1.0
+    strength: float = 0.75
+    seed: int | None = None
+    webhook_url: str | None = None
+
+    def validate(self) -> None:
+        for name in ("prompt", "negative_prompt"):
+            value = getattr(self, name)
+            if value is not None and len(value) > MAX_PROMPT_CHARS:
+                raise InvalidRequest(f"{name} is longer than {MAX_PROMPT_CHARS} characters.")
+        _bounded("num_inference_steps", self.num_inference_steps, 1, 150)
+        _bounded("guidance_scale", self.guidance_scale, 0.0, 30.0)
+        _bounded("controlnet_conditioning_scale", self.controlnet_conditioning_scale, 0.0, 2.0)
+        _bounded("strength", self.strength, 0.0, 1.0)
+        _bounded("seed", self.seed, 0, 2**32 - 1)
+        if self.pose_template_id and self.pose_image is not None:
+            raise InvalidRequest("Send at most one of pose_template_id and pose_image.")
+
+    def fingerprint(self) -> str:
+        """A digest of everything that defines the request (images by their hash)."""
+        fields = asdict(self)
+        for name in ("image", "pose_image"):
+            raw = fields[name]
+            fields[name] = hashlib.sha256(raw).hexdigest() if raw is not None else None
+        blob = json.dumps(fields, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+def _bounded(name: str, value: float | None, low: float, high: float) -> None:
+    if value is None:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidRequest(f"{name} must be a finite number.")
+    if not low <= value <= high:
+        raise InvalidRequest(f"{name} must be between {low:g} and {high:g}.")
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job: Generation
+    created: bool  # False: an idempotent replay of an earlier request
+
+
+def check_model_access(model: AiModel, user: User) -> None:
+    if model.coming_soon or not model.enabled:
+        state = "coming soon" if model.coming_soon else "disabled"
+        raise ModelUnavailable(f"Model {model.model_key!r} is {state}.")
+    if tier_rank(user.tier) < tier_rank(model.tier):
+        raise TierRequired(
+            f"Model {model.model_key!r} needs the {model.tier!r} tier; yours is {user.tier!r}."
+        )
+
+
+def submit(
+    session: Session,
+    *,
+    user: User,
+    request: GenerationRequest,
+    storage: Storage,
+    settings: Settings,
+    idempotency_key: str | None = None,
+) -> Submitted:
+    """Validate, charge and record a job, and defer its message until the commit."""
+    request.validate()
+    fingerprint = request.fingerprint()
+    if idempotency_key is not None:
+        replay = _replay(session, user_id=user.id, key=idempotency_key, fingerprint=fingerprint)
+        if replay is not None:
+            return Submitted(job=replay, created=False)
+    model = catalog.model_by_key(session, request.model_key)
+    check_model_access(model, user)
+    template = (
+        catalog.pose_template_by_ref(session, request.pose_template_id)
+        if request.pose_template_id
+        else None
+    )
+    if request.webhook_url:
+        webhooks.check_url(request.webhook_url, allow_private=settings.webhook_allow_private)
+    image = check_upload(request.image, max_pixels=settings.max_image_pixels)
+    pose = (
+        check_upload(request.pose_image, max_pixels=settings.max_image_pixels, field="pose_image")
+        if request.pose_image is not None
+        else None
+    )
+    check_rate_limit(session, user=user, settings=settings)
+
+    job = Generation(
+        id=new_id(),
+        user_id=user.id,
+        model_id=model.id,
+        model_key=model.model_key,
+        status="queued",
+        prompt=request.prompt if request.prompt else model.default_prompt,
+        negative_prompt=(
+            request.negative_prompt
+            if request.negative_prompt is not None
+            else model.negative_prompt
+        ),
+        params={
+            "num_inference_steps": request.num_inference_steps or model.default_steps,
+            "guidance_scale": (
+                request.guidance_scale
+                if request.guidance_scale is not None
+                else model.guidance_scale
+            ),
+            "controlnet_conditioning_scale": request.controlnet_conditioning_scale,
+            "strength": request.strength,
+            "seed": request.seed if request.seed is not None else secrets.randbelow(2**32),
+            "width": model.width,
+            "height": model.height,
+        },
+        pose_source="template" if template else ("pose_image" if pose else "image"),
+        pose_template_id=template.id if template else None,
+        credit_cost=model.credit_cost,
+        priority=model.priority,
+        webhook_url=request.webhook_url or None,
+        outputs=[],
+        published_at=utcnow(),
+    )
+    job.input_key = f"inputs/{job.id}/image.png"
+    job.pose_image_key = f"inputs/{job.id}/pose.png" if pose else None
+    try:
+        with session.begin_nested():
+            session.add(job)
+            session.flush()
+            credits.charge(session, user_id=user.id, generation_id=job.id, amount=job.credit_cost)
+            if idempotency_key is not None:
+                session.add(
+                    IdempotencyKey(
+                        user_id=user.id,
+                        key=idempotency_key,
+                        fingerprint=fingerprint,
+                        generation_id=job.id,
+                        expires_at=utcnow() + dt.timedelta(seconds=settings.idempotency_ttl_seconds),
+                    )
+                )
+                session.flush()
+    except IntegrityError:
+        # A concurrent request with the same Idempotency-Key won: answer with its job.
+        if idempotency_key is None:
+            raise
+        replay = _replay(session, user_id=user.id, key=idempotency_key, fingerprint=fingerprint)
+        if replay is None:
+            raise
+        return Submitted(job=replay, created=False)
+
+    storage.put(job.input_key, image.png)
+    if pose is not None and job.pose_image_key:
+        storage.put(job.pose_image_key, pose.png)
+    defer(session, generate_message(job))
+    return Submitted(job=job, created=True)
+
+
+def generate_message(job: Generation) -> Message:
+    return Message(
+        task=GENERATE_TASK,
+        args=(job.id,),
+        queue=GENERATION_QUEUE,
+        priority=celery_priority(job.priority),
+    )
+
+
+def _replay(session: Session, *, user_id: str, key: str, fingerprint: str) -> Generation | None:
+    if len(key) > 255 or not key.strip():
+        raise InvalidRequest("Idempotency-Key must be 1 to 255 characters.")
+    row = session.scalar(
+        select(IdempotencyKey).where(IdempotencyKey.user_id == user_id, IdempotencyKey.key == key)
+    )
+    if row is None:
+        return None
+    if row.expires_at <= utcnow():
+        session.delete(row)
+        session.flush()
+        return None
+    if row.fingerprint != fingerprint:
+        raise IdempotencyKeyReused(
+            "This Idempotency-Key was used with a different request; use a new key."
+        )
+    return session.get(Generation, row.generation_id)
+
+
+def get_for_user(session: Session, *, job_id: str, user: User) -> Generation:
+    job = _get(session, job_id)
+    # Another user's job is indistinguishable from a missing one.
+    if job is None or job.user_id != user.id:
+        raise NotFound(f"No generation {job_id!r}.")
+    return job
+
+
+def _get(session: Session, job_id: str) -> Generation | None:
+    try:
+        return session.get(Generation, job_id)
+    except (ValueError, TypeError):
+        return None
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[Generation]
+    next_cursor: str | None
+
+
+def list_for_user(
+    session: Session, *, user: User, status: str | None, limit: int, cursor: str | None
+) -> Page:
+    stmt = select(Generation).where(Generation.user_id == user.id)
+    if status:
+        statuses = [s.strip() for s in status.split(",") if s.strip()]
+        unknown = set(statuses) - {"queued", "processing", *TERMINAL_STATUSES}
+        if unknown:
+            raise InvalidRequest(f"Unknown status {sorted(unknown)[0]!r}.")
+        stmt = stmt.where(Generation.status.in_(statuses))
+    if cursor:
+        created_at, last_id = _decode_cursor(cursor)
+        stmt = stmt.where(
+            or_(
+                Generation.created_at < created_at,
+                and_(Generation.created_at == created_at, Generation.id < last_id),
+            )
+        )
+    stmt = stmt.order_by(Generation.created_at.desc(), Generation.id.desc()).limit(limit + 1)
+    rows = list(session.scalars(stmt))
+    next_cursor = _encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+    return Page(items=rows[:limit], next_cursor=next_cursor)
+
+
+def _encode_cursor(job: Generation) -> str:
+    raw = f"{job.created_at.isoformat()}|{job.id}"
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        created, _, job_id = raw.partition("|")
+        return dt.datetime.fromisoformat(created), job_id
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("Invalid cursor.") from None
+
+
+def cancel(session: Session, *, job_id: str, user: User) -> Generation:
+    job = get_for_user(session, job_id=job_id, user=user)
+    now = utcnow()
+    result = session.execute(
+        update(Generation)
+        .where(Generation.id == job.id, Generation.status.in_(("queued", "processing")))
+        .values(status="canceled", finished_at=now, lease_expires_at=None)
+    )
+    session.refresh(job)
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        raise AlreadyFinished(f"Generation {job.id} is {job.status} already.")
+    credits.refund(session, user_id=job.user_id, generation_id=job.id, amount=job.credit_cost)
+    webhooks.record_event(session, job=job, event_type="generation.canceled")
+    return job
+
+
+def queue_position(session: Session, job: Generation) -> int | None:
+    """How many queued jobs will start before this one (0: next)."""
+    if job.status != "queued":
+        return None
+    ahead = session.scalar(
+        select(func.count())
+        .select_from(Generation)
+        .where(
+            Generation.status == "queued",
+            or_(
+                Generation.priority > job.priority,
+                and_(Generation.priority == job.priority, Generation.created_at < job.created_at),
+            ),
+        )
+    )
+    return int(ahead or 0)
+
+
+def recent_run_seconds(session: Session, model_key: str, *, sample: int = 20) -> float | None:
+    """Median run time of the model's latest completed jobs, for the ETA."""
+    rows = session.execute(
+        select(Generation.started_at, Generation.finished_at)
+        .where(Generation.model_key == model_key, Generation.status == "completed")
+        .order_by(Generation.finished_at.desc())
+        .limit(sample)
+    ).all()
+    durations = sorted(
+        (finished - started).total_seconds() for started, finished in rows if started and finished
+    )
+    if not durations:
+        return None
+    return durations[len(durations) // 2]
+
+
+def job_json(session: Session, job: Generation) -> dict[str, Any]:
+    """The contract's job object (also the `data` of webhook events)."""
+    position = queue_position(session, job)
+    eta = None
+    if position is not None:
+        per_job = recent_run_seconds(session, job.model_key)
+        eta = round(per_job * (position + 1), 1) if per_job is not None else None
+    return render_job(job, queue_position=position, eta_seconds=eta)
+
+
+def render_job(
+    job: Generation, *, queue_position: int | None = None, eta_seconds: float | None = None
+) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "status": job.status,
+        "model_key": job.model_key,
+        "prompt": job.prompt,
+        "negative_prompt": job.negative_prompt,
+        "params": job.params,
+        "pose_source": job.pose_source,
+        "pose_template_id": job.pose_template_id,
+        "credit_cost": job.credit_cost,
+        "progress": {"step": job.progress_step, "total": job.progress_total},
+        "queue_position": queue_position,
+        "eta_seconds": eta_seconds,
+        "outputs": [
+            {
+                "index": out["index"],
+                "url": f"/v1/generations/{job.id}/outputs/{out['index']}",
+                "width": out["width"],
+                "height": out["height"],
+            }
+            for out in job.outputs
+        ],
+        "error": (
+            {"code": job.error_code, "message": job.error_message} if job.error_code else None
+        ),
+        "webhook_url": job.webhook_url,
+        "attempts": job.attempts,
+        "created_at": _iso(job.created_at),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
+    }
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value else None
+
+
+def output_key(session: Session, *, job_id: str, index: int, user: User) -> str:
+    job = get_for_user(session, job_id=job_id, user=user)
+    for out in job.outputs:
+        if out["index"] == index:
+            return str(out["key"])
+    raise NotFound(f"Generation {job_id} has no output {index}.")

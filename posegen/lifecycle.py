@@ -1,0 +1,139 @@
+"""A job's life on the worker side: claim, heartbeat, complete, fail.
+
+Every transition is one conditional UPDATE, so a duplicate delivery, a canceled job or a
+worker whose lease ran out changes nothing. The task boundary commits.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from db.models import Generation
+from db.types import utcnow
+from posegen import credits, webhooks
+
+
+@dataclass(frozen=True)
+class Claim:
+    job: Generation
+    attempt: int
+
+
+def claim(session: Session, *, job_id: str, worker_id: str, lease_seconds: float) -> Claim | None:
+    """queued -> processing for this worker, or None (not queued: a duplicate, or canceled)."""
+    now = utcnow()
+    result = session.execute(
+        update(Generation)
+        .where(Generation.id == job_id, Generation.status == "queued")
+        .values(
+            status="processing",
+            worker_id=worker_id,
+            lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
+            attempts=Generation.attempts + 1,
+            started_at=now,
+            progress_step=0,
+        )
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    job = session.get_one(Generation, job_id, populate_existing=True)
+    return Claim(job=job, attempt=job.attempts)
+
+
+def heartbeat(
+    session: Session,
+    *,
+    job_id: str,
+    worker_id: str,
+    lease_seconds: float,
+    step: int | None = None,
+    total: int | None = None,
+) -> bool:
+    """Renew the lease and record progress. False: the job is no longer ours (canceled)."""
+    values: dict[str, Any] = {"lease_expires_at": utcnow() + dt.timedelta(seconds=lease_seconds)}
+    if step is not None:
+        values["progress_step"] = step
+    if total is not None:
+        values["progress_total"] = total
+    result = session.execute(
+        update(Generation)
+        .where(
+            Generation.id == job_id,
+            Generation.status == "processing",
+            Generation.worker_id == worker_id,
+        )
+        .values(**values)
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def complete(
+    session: Session, *, job_id: str, worker_id: str, outputs: list[dict[str, Any]]
+) -> Generation | None:
+    """processing -> completed with its outputs; None if the job stopped being ours."""
+    result = session.execute(
+        update(Generation)
+        .where(
+            Generation.id == job_id,
+            Generation.status == "processing",
+            Generation.worker_id == worker_id,
+        )
+        .values(
+            status="completed",
+            outputs=outputs,
+            finished_at=utcnow(),
+            lease_expires_at=None,
+            progress_step=Generation.progress_total,
+        )
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    job = session.get_one(Generation, job_id, populate_existing=True)
+    webhooks.record_event(session, job=job, event_type="generation.completed")
+    return job
+
+
+def fail(
+    session: Session, *, job_id: str, code: str, message: str, worker_id: str | None = None
+) -> Generation | None:
+    """-> failed with an error, refunded once. `worker_id` None: fail from any live state."""
+    conditions = [Generation.id == job_id, Generation.status.in_(("queued", "processing"))]
+    if worker_id is not None:
+        conditions.append(Generation.worker_id == worker_id)
+    result = session.execute(
+        update(Generation)
+        .where(*conditions)
+        .values(
+            status="failed",
+            error_code=code,
+            error_message=message[:2000],
+            finished_at=utcnow(),
+            lease_expires_at=None,
+        )
+    )
+    job = session.get_one(Generation, job_id, populate_existing=True)
+    if job.status == "failed":
+        # The refund is guarded by the ledger's unique key, and the event by the deliveries'
+        # unique key: running this path twice changes nothing the second time.
+        credits.refund(session, user_id=job.user_id, generation_id=job.id, amount=job.credit_cost)
+        webhooks.record_event(session, job=job, event_type="generation.failed")
+    return job if result.rowcount == 1 else None  # type: ignore[attr-defined]
+
+
+def release(session: Session, *, job_id: str, worker_id: str) -> bool:
+    """processing -> queued (a retryable interruption, e.g. worker shutdown)."""
+    result = session.execute(
+        update(Generation)
+        .where(
+            Generation.id == job_id,
+            Generation.status == "processing",
+            Generation.worker_id == worker_id,
+        )
+        .values(status="queued", worker_id=None, lease_expires_at=None, published_at=utcnow())
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]

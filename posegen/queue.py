@@ -1,0 +1,170 @@
+"""The broker side that both doors share: Celery configuration and an after-commit outbox.
+
+Jobs are enqueued by task *name* with only an id, and only after the database commit: the
+domain appends messages to the session's outbox, the boundary sends them once it has
+committed (a rollback drops them). The reconciler re-publishes anything lost in between.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery
+from kombu import Queue
+from sqlalchemy.orm import Session
+
+from posegen.settings import Settings
+
+log = logging.getLogger(__name__)
+
+GENERATION_QUEUE = "generation"
+WEBHOOK_QUEUE = "webhooks"
+MAINTENANCE_QUEUE = "maintenance"
+
+GENERATE_TASK = "posegen.generate"
+DELIVER_WEBHOOK_TASK = "posegen.deliver_webhook"
+RECONCILE_TASK = "posegen.reconcile"
+SWEEP_WEBHOOKS_TASK = "posegen.sweep_webhooks"
+PURGE_TASK = "posegen.purge_expired"
+
+# Redis priority steps: kombu keeps one list per step and pops them in order, lowest number
+# first. Our model priorities are "higher runs first", so the Celery priority is 9 - priority.
+PRIORITY_STEPS = list(range(10))
+
+
+def celery_priority(model_priority: int) -> int:
+    return 9 - max(0, min(9, model_priority))
+
+
+def broker_url(settings: Settings) -> str:
+    return settings.broker_url or "filesystem://"
+
+
+def configure_celery(app: Celery, settings: Settings) -> None:
+    """The one Celery configuration, shared by the producer (API) and the worker."""
+    transport_options: dict[str, Any]
+    if settings.embedded_broker:
+        folder = settings.broker_dir.resolve()
+        for sub in ("queue", "processed"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        transport_options = {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"),
+            "store_processed": False,
+        }
+    else:
+        transport_options = {
+            "priority_steps": PRIORITY_STEPS,
+            "sep": ":",
+            "queue_order_strategy": "priority",
+            # An unacked message (a worker died mid-job) is redelivered after this long. It
+            # must stay well above the hard time limit, or a long job would run twice.
+            "visibility_timeout": int(settings.job_hard_time_limit * 4),
+            # A dead Redis must not hang a request or a worker.
+            "socket_timeout": 5,
+            "socket_connect_timeout": 5,
+            "retry_on_timeout": True,
+        }
+    app.conf.update(
+        broker_url=broker_url(settings),
+        broker_transport_options=transport_options,
+        broker_connection_timeout=5,
+        broker_connection_retry_on_startup=True,
+        # The database holds job state: no result backend, nothing stored per task.
+        result_backend=None,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        task_default_queue=GENERATION_QUEUE,
+        task_queues=[
+            Queue(GENERATION_QUEUE),
+            Queue(WEBHOOK_QUEUE),
+            Queue(MAINTENANCE_QUEUE),
+        ],
+        task_routes={
+            GENERATE_TASK: {"queue": GENERATION_QUEUE},
+            DELIVER_WEBHOOK_TASK: {"queue": WEBHOOK_QUEUE},
+            SWEEP_WEBHOOKS_TASK: {"queue": MAINTENANCE_QUEUE},
+            RECONCILE_TASK: {"queue": MAINTENANCE_QUEUE},
+            PURGE_TASK: {"queue": MAINTENANCE_QUEUE},
+        },
+        # Publishing gives up quickly: the job row is committed already and the reconciler
+        # re-publishes it, so a request must not wait on a broker that is down.
+        task_publish_retry=True,
+        task_publish_retry_policy={
+            "max_retries": 2,
+            "interval_start": 0,
+            "interval_step": 0.2,
+            "interval_max": 0.5,
+        },
+        # Late acks: a message is acknowledged after the task ran, so a worker that dies
+        # mid-job leaves it to be redelivered; the claim makes the rerun safe.
+        task_acks_late=True,
+        # ...and a task whose worker process was killed (OOM, SIGKILL) is requeued too.
+        task_reject_on_worker_lost=True,
+        # Prefetch 1: a busy GPU worker holds no second job that an idle one could run, and
+        # the next job taken is the highest-priority one when the worker frees up.
+        worker_prefetch_multiplier=1,
+        # Soft limit raises inside the task (it records `timeout`); the hard limit kills.
+        task_soft_time_limit=settings.job_soft_time_limit,
+        task_time_limit=settings.job_hard_time_limit,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+        enable_utc=True,
+    )
+
+
+def make_producer(settings: Settings) -> Celery:
+    app = Celery("posegen", set_as_current=False)
+    configure_celery(app, settings)
+    return app
+
+
+@dataclass(frozen=True)
+class Message:
+    task: str
+    args: tuple[Any, ...]
+    queue: str
+    priority: int | None = None
+
+
+def defer(session: Session, message: Message) -> None:
+    """Queue a message to be sent after this session's transaction commits."""
+    session.info.setdefault("outbox", []).append(message)
+
+
+def drop_outbox(session: Session) -> None:
+    session.info.pop("outbox", None)
+
+
+class Dispatcher:
+    """Sends what the domain deferred, once the boundary has committed."""
+
+    def __init__(self, celery: Celery) -> None:
+        self.celery = celery
+
+    def send(self, message: Message) -> None:
+        options: dict[str, Any] = {"queue": message.queue}
+        if message.priority is not None:
+            options["priority"] = message.priority
+        self.celery.send_task(message.task, args=list(message.args), **options)
+
+    def flush(self, session: Session) -> int:
+        messages: list[Message] = session.info.pop("outbox", [])
+        sent = 0
+        for message in messages:
+            try:
+                self.send(message)
+                sent += 1
+            except Exception:  # noqa: BLE001 - the broker is down: the reconciler re-sends
+                log.warning("publish failed; the reconciler will retry", extra={"task": message.task, "args": message.args}, exc_info=True)  # fmt: skip
+        return sent
+
+    def commit(self, session: Session) -> None:
+        """The boundary's commit: write, then publish."""
+        session.commit()
+        self.flush(session)

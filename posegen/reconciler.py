@@ -1,0 +1,82 @@
+"""The reconciler: the database is the truth, the broker is a hint that can be lost.
+
+Swept by beat every POSEGEN_RECONCILE_INTERVAL seconds:
+- queued jobs whose message may be lost (broker restart, crash between commit and publish)
+  are published again;
+- processing jobs whose lease ran out (their worker died) go back to the queue;
+- jobs interrupted more times than the attempt limit fail, refunded.
+A duplicate message is harmless: the worker's claim only takes a job that is queued.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
+
+from db.models import Generation, IdempotencyKey
+from db.types import utcnow
+from posegen import lifecycle
+from posegen.jobs import generate_message
+from posegen.queue import defer
+from posegen.settings import Settings
+
+
+@dataclass(frozen=True)
+class Sweep:
+    republished: int
+    requeued: int
+    failed: int
+
+
+def reconcile(session: Session, *, settings: Settings, batch: int = 1000) -> Sweep:
+    now = utcnow()
+    stale = now - dt.timedelta(seconds=settings.requeue_after_seconds)
+    queued = session.scalars(
+        select(Generation)
+        .where(Generation.status == "queued", Generation.published_at < stale)
+        .order_by(Generation.priority.desc(), Generation.created_at)
+        .limit(batch)
+    ).all()
+    for job in queued:
+        job.published_at = now
+        defer(session, generate_message(job))
+
+    expired = session.scalars(
+        select(Generation)
+        .where(Generation.status == "processing", Generation.lease_expires_at < now)
+        .limit(batch)
+    ).all()
+    requeued = failed = 0
+    for job in expired:
+        if job.attempts >= settings.max_attempts:
+            done = lifecycle.fail(
+                session,
+                job_id=job.id,
+                code="internal_error",
+                message=f"The job was interrupted {job.attempts} times (worker lost); giving up.",
+            )
+            failed += done is not None
+            continue
+        result = session.execute(
+            update(Generation)
+            .where(
+                Generation.id == job.id,
+                Generation.status == "processing",
+                Generation.lease_expires_at < now,
+            )
+            .values(status="queued", worker_id=None, lease_expires_at=None, published_at=now)
+        )
+        if result.rowcount == 1:  # type: ignore[attr-defined]
+            session.refresh(job)
+            defer(session, generate_message(job))
+            requeued += 1
+    session.flush()
+    return Sweep(republished=len(queued), requeued=requeued, failed=failed)
+
+
+def purge_expired_idempotency_keys(session: Session) -> int:
+    result = session.execute(delete(IdempotencyKey).where(IdempotencyKey.expires_at < utcnow()))
+    return int(result.rowcount)  # type: ignore[attr-defined]

@@ -1,0 +1,101 @@
+"""Idempotent upserts of the model catalog and the pose templates from seeds/."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.models import TIERS, AiModel, PoseTemplate
+from db.types import utcnow
+from posegen.catalog import validate_keypoints
+
+SEEDS_DIR = Path(__file__).resolve().parent.parent / "seeds"
+MODEL_FIELDS = (
+    "name", "provider", "family", "base_model", "controlnet_model", "tier", "credit_cost",
+    "resolution", "quality", "priority", "default_steps", "guidance_scale", "default_prompt",
+    "negative_prompt", "processing_time", "enabled", "coming_soon",
+)  # fmt: skip
+
+
+@dataclass
+class SeedReport:
+    created: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (
+            f"created {len(self.created)}, updated {len(self.updated)}, "
+            f"unchanged {len(self.unchanged)}"
+        )
+
+
+def _check_model_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    missing = [f for f in ("model_key", *MODEL_FIELDS) if f not in entry]
+    if missing:
+        raise ValueError(f"model {entry.get('model_key')!r} lacks {', '.join(missing)}")
+    if entry["tier"] not in TIERS:
+        raise ValueError(f"model {entry['model_key']!r}: unknown tier {entry['tier']!r}")
+    w, _, h = str(entry["resolution"]).lower().partition("x")
+    if not (w.isdigit() and h.isdigit() and int(w) % 8 == 0 and int(h) % 8 == 0):
+        raise ValueError(f"model {entry['model_key']!r}: resolution must be WxH, multiples of 8")
+    if not 0 <= int(entry["priority"]) <= 9:
+        raise ValueError(f"model {entry['model_key']!r}: priority must be 0..9")
+    return {f: entry[f] for f in ("model_key", *MODEL_FIELDS)}
+
+
+def seed_models(session: Session, path: Path | None = None) -> SeedReport:
+    entries = yaml.safe_load((path or SEEDS_DIR / "ai_models.yaml").read_text())
+    report = SeedReport()
+    for raw in entries:
+        entry = _check_model_entry(raw)
+        key = entry.pop("model_key")
+        model = session.scalar(select(AiModel).where(AiModel.model_key == key))
+        if model is None:
+            session.add(AiModel(model_key=key, **entry))
+            report.created.append(key)
+        elif _apply(model, entry):
+            model.updated_at = utcnow()
+            report.updated.append(key)
+        else:
+            report.unchanged.append(key)
+    session.flush()
+    return report
+
+
+def seed_poses(session: Session, directory: Path | None = None) -> SeedReport:
+    report = SeedReport()
+    for path in sorted((directory or SEEDS_DIR / "pose_templates").glob("*.json")):
+        data = json.loads(path.read_text())
+        key = str(data.get("key") or path.stem)
+        fields = {
+            "name": str(data.get("name", key)),
+            "description": str(data.get("description", "")),
+            "keypoints": validate_keypoints(data.get("keypoints")),
+        }
+        template = session.scalar(select(PoseTemplate).where(PoseTemplate.key == key))
+        if template is None:
+            session.add(PoseTemplate(key=key, **fields))
+            report.created.append(key)
+        elif _apply(template, fields):
+            template.updated_at = utcnow()
+            report.updated.append(key)
+        else:
+            report.unchanged.append(key)
+    session.flush()
+    return report
+
+
+def _apply(row: object, fields: dict[str, Any]) -> bool:
+    changed = False
+    for name, value in fields.items():
+        if getattr(row, name) != value:
+            setattr(row, name, value)
+            changed = True
+    return changed

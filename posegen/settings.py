@@ -1,0 +1,102 @@
+"""The one settings class. Every `POSEGEN_*` variable is read here, once, and injected."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+Tier = Literal["free", "basic", "pro", "enterprise"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="POSEGEN_", extra="ignore")
+
+    # -- where things live ------------------------------------------------------------------
+    database_url: str = "sqlite:///./var/posegen.db"
+    # Empty means the embedded broker: kombu's filesystem transport under `var_dir/broker`.
+    broker_url: str = ""
+    storage_url: str = "file://./var/storage"
+    s3_endpoint_url: str | None = None
+    s3_presign_expiry: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
+    model_dir: Path = Path("./var/models")
+    var_dir: Path = Path("./var")
+
+    # -- inference ----------------------------------------------------------------------------
+    device: str = "auto"
+    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
+    pose_backend: Literal["auto", "openpose", "mediapipe"] = "auto"
+    model_cache_bytes: int = Field(default=24 * 1024**3, ge=0)
+    compile: bool = False
+    cpu_offload: bool = False
+
+    # -- API limits ---------------------------------------------------------------------------
+    max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(default=40_000_000, ge=1)
+    rate_limit_per_minute: Annotated[dict[str, int], NoDecode] = Field(
+        default={"free": 30, "basic": 120, "pro": 600, "enterprise": 3000}
+    )
+    list_limit_max: int = 100
+
+    # -- webhooks -----------------------------------------------------------------------------
+    webhook_allow_private: bool = False
+    webhook_retry_schedule: Annotated[list[float], NoDecode] = Field(
+        default=[5, 30, 120, 600, 3600, 21600, 86400]
+    )
+    webhook_timeout: float = 10.0
+    webhook_sweep_interval: float = 5.0
+
+    # -- reliability --------------------------------------------------------------------------
+    reconcile_interval: float = 30.0
+    job_lease_seconds: float = 60.0
+    # A queued job whose message may have been lost is re-published after this long.
+    requeue_after_seconds: float = 120.0
+    max_attempts: int = Field(default=3, ge=1)
+    job_soft_time_limit: float = 900.0
+    job_hard_time_limit: float = 960.0
+    idempotency_ttl_seconds: int = 24 * 3600
+    # How often a running job writes progress and renews its lease.
+    heartbeat_seconds: float = 0.5
+
+    log_json: bool = True
+    log_level: str = "INFO"
+
+    @field_validator("webhook_retry_schedule", mode="before")
+    @classmethod
+    def _parse_schedule(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [float(part) for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("rate_limit_per_minute", mode="before")
+    @classmethod
+    def _parse_rate_limits(cls, value: object) -> object:
+        # "free=30,basic=120" or a single number for every tier.
+        if isinstance(value, str):
+            value = value.strip()
+            if "=" not in value:
+                n = int(value)
+                return {t: n for t in ("free", "basic", "pro", "enterprise")}
+            pairs = (part.split("=", 1) for part in value.split(",") if part.strip())
+            return {k.strip(): int(v) for k, v in pairs}
+        return value
+
+    @property
+    def embedded_broker(self) -> bool:
+        return not self.broker_url or self.broker_url.startswith("filesystem://")
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.var_dir / "broker"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,29 @@
+"""The worker's Celery app: the shared configuration, the tasks and beat's schedule.
+
+`celery -A worker.celery_app worker` works as well as `posegen worker`.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from posegen.queue import PURGE_TASK, RECONCILE_TASK, SWEEP_WEBHOOKS_TASK, configure_celery
+from posegen.settings import Settings, get_settings
+from worker.tasks import register
+
+
+def create_celery(settings: Settings) -> Celery:
+    app = Celery("posegen")
+    configure_celery(app, settings)
+    app.conf.beat_schedule = {
+        "reconcile": {"task": RECONCILE_TASK, "schedule": settings.reconcile_interval},
+        "sweep-webhooks": {"task": SWEEP_WEBHOOKS_TASK, "schedule": settings.webhook_sweep_interval},
+        "purge-expired": {"task": PURGE_TASK, "schedule": 3600.0},
+    }
+    register(app)
+    return app
+
+
+# Celery's CLI and worker processes look the app up by module attribute. Building it
+# connects to nothing.
+app = create_celery(get_settings())

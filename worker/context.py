@@ -1,0 +1,85 @@
+"""What a worker process holds: settings, database, storage, dispatcher and (lazily) the engine.
+
+Built on first use inside the process that runs tasks, never at import, so a Celery parent
+forks children that have touched neither CUDA nor a database connection.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.session import make_engine, make_session_factory
+from posegen.queue import Dispatcher, make_producer
+from posegen.settings import Settings, get_settings
+from posegen.storage import Storage, storage_from_settings
+
+if TYPE_CHECKING:
+    from worker.engine.engine import Engine
+
+
+@dataclass
+class WorkerContext:
+    settings: Settings
+    sessions: sessionmaker[Session]
+    storage: Storage
+    dispatcher: Dispatcher
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    restart_requested: bool = False
+
+    @cached_property
+    def engine(self) -> Engine:
+        from worker.engine.engine import Engine, EngineConfig
+
+        s = self.settings
+        return Engine(
+            EngineConfig(
+                model_dir=s.model_dir,
+                device=s.device,
+                dtype=s.dtype,
+                pose_backend=s.pose_backend,
+                cache_bytes=s.model_cache_bytes,
+                compile=s.compile,
+                cpu_offload=s.cpu_offload,
+            )
+        )
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A unit of work: commit then publish what the domain deferred; roll back on error."""
+        session = self.sessions()
+        try:
+            yield session
+            self.dispatcher.commit(session)
+        except BaseException:
+            session.rollback()
+            session.info.pop("outbox", None)
+            raise
+        finally:
+            session.close()
+
+
+_context: WorkerContext | None = None
+_context_pid: int | None = None
+
+
+def context() -> WorkerContext:
+    global _context, _context_pid
+    if _context is None or _context_pid != os.getpid():
+        settings = get_settings()
+        engine = make_engine(settings.database_url, pool_size=3)
+        _context = WorkerContext(
+            settings=settings,
+            sessions=make_session_factory(engine),
+            storage=storage_from_settings(settings),
+            dispatcher=Dispatcher(make_producer(settings)),
+        )
+        _context_pid = os.getpid()
+    return _context

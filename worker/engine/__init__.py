@@ -1,0 +1,6 @@
+"""The inference engine: images and parameters in, images out.
+
+It knows nothing of HTTP or the database. Small parts: pose extraction (`pose/`), skeleton
+drawing (`skeleton`), image fitting (`fitting`), model resolution (`resolve`), the family ->
+pipeline table (`families`), the pipeline cache (`cache`) and the run (`run`).
+"""

@@ -1,0 +1,254 @@
+"""The engine's one entry point: a job description in, PNG bytes out.
+
+Composition root of the engine: it owns the device, the pipeline cache and the pose
+extractor, and calls the small modules in order. Constructed lazily inside the worker's
+child process, so CUDA is never initialised in a Celery parent before it forks.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from posegen.errors import JobError
+from worker.engine import families
+from worker.engine.cache import PipelineCache
+from worker.engine.fitting import fit
+from worker.engine.pose import NoPoseDetected, PoseExtractor, make_extractor
+from worker.engine.resolve import Resolved, resolve
+from worker.engine.run import Canceled, RunParams, as_png, run_pipeline, steps_for
+from worker.engine.skeleton import Keypoints, draw_skeleton
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Canceled", "Engine", "EngineConfig", "EngineJob", "EngineResult"]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_dir: Path
+    device: str = "auto"
+    dtype: str = "auto"
+    pose_backend: str = "auto"
+    cache_bytes: int = 24 * 1024**3
+    compile: bool = False
+    cpu_offload: bool = False
+
+
+@dataclass(frozen=True)
+class EngineJob:
+    model_key: str
+    family: str
+    base_model: str
+    controlnet_model: str
+    params: RunParams
+    image: bytes
+    pose_keypoints: Keypoints | None = None  # a template's keypoints
+    pose_image: bytes | None = None  # a photo to extract the pose from
+
+
+@dataclass(frozen=True)
+class EngineResult:
+    png: bytes
+    width: int
+    height: int
+    seconds: float
+
+
+def _open(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        import torch
+
+        self.config = config
+        self.device = _pick_device(config.device)
+        self.dtype = _pick_dtype(config.dtype, self.device)
+        self.cache = PipelineCache(budget_bytes=config.cache_bytes)
+        self._extractor: PoseExtractor | None = None
+        self._torch = torch
+        self.memory_baseline = self._gpu_allocated()
+        if self.device.startswith("cuda"):
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+    # -- pose -----------------------------------------------------------------------------------
+    @property
+    def extractor(self) -> PoseExtractor:
+        if self._extractor is None:
+            self._extractor = make_extractor(
+                self.config.pose_backend, model_dir=self.config.model_dir, device=self.device
+            )
+        return self._extractor
+
+    def control_image(self, job: EngineJob, subject: Image.Image) -> Image.Image:
+        w, h = job.params.width, job.params.height
+        if job.pose_keypoints is not None:
+            keypoints: Keypoints = job.pose_keypoints
+        else:
+            source = fit(_open(job.pose_image), width=w, height=h) if job.pose_image else subject
+            try:
+                keypoints = self.extractor.extract(source)
+            except NoPoseDetected as exc:
+                where = "pose_image" if job.pose_image else "image"
+                raise JobError("no_pose_detected", f"No person was found in the {where}: {exc}") from exc
+        return draw_skeleton(keypoints, width=w, height=h)
+
+    # -- models ---------------------------------------------------------------------------------
+    def pipeline(self, job: EngineJob) -> Any:
+        family = families.family(job.family)
+        base_ref = resolve(job.base_model, model_dir=self.config.model_dir, model_key=job.model_key)
+        cn_ref = resolve(job.controlnet_model, model_dir=self.config.model_dir, model_key=job.model_key)
+        base_key, cn_key = f"base:{family.name}:{base_ref.ref}", f"controlnet:{cn_ref.ref}"
+        base = self.cache.get(base_key, lambda: self._load_base(family, base_ref), pinned=(cn_key,))
+        controlnet = self.cache.get(cn_key, lambda: self._load_controlnet(cn_ref), pinned=(base_key,))
+
+        def build() -> Any:
+            cls = families.pipeline_class(family.controlnet)
+            pipe = cls.from_pipe(base, controlnet=controlnet)
+            pipe.set_progress_bar_config(disable=True)
+            if self.config.cpu_offload and self.device.startswith("cuda"):
+                pipe.enable_model_cpu_offload()
+            return pipe
+
+        return self.cache.composed(base_key, cn_key, build)
+
+    def _load_base(self, family: families.Family, ref: Resolved) -> Any:
+        cls = families.pipeline_class(family.base)
+        kwargs: dict[str, Any] = {"torch_dtype": self.dtype}
+        if family.name == "sd15":
+            kwargs.update(safety_checker=None, requires_safety_checker=False)
+        if ref.kind == "single_file":
+            pipe = cls.from_single_file(str(ref.path), **kwargs)
+        else:
+            pipe = cls.from_pretrained(str(ref.path), **kwargs)
+        return self._place(pipe)
+
+    def _load_controlnet(self, ref: Resolved) -> Any:
+        from diffusers import ControlNetModel
+
+        if ref.kind == "single_file":
+            model = ControlNetModel.from_single_file(str(ref.path), torch_dtype=self.dtype)
+        else:
+            model = ControlNetModel.from_pretrained(str(ref.path), torch_dtype=self.dtype)
+        return self._place(model)
+
+    def _place(self, obj: Any) -> Any:
+        torch = self._torch
+        if not self.config.cpu_offload:
+            obj = obj.to(self.device)
+        if self.device.startswith("cuda"):
+            unet = getattr(obj, "unet", obj)
+            unet.to(memory_format=torch.channels_last)
+            if self.config.compile:
+                compiled = torch.compile(unet, mode="max-autotune-no-cudagraphs", fullgraph=False)
+                if hasattr(obj, "unet"):
+                    obj.unet = compiled
+                else:
+                    obj = compiled
+        return obj
+
+    # -- the run --------------------------------------------------------------------------------
+    def generate(
+        self,
+        job: EngineJob,
+        *,
+        on_step: Callable[[int, int], None] | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> EngineResult:
+        started = time.perf_counter()
+        w, h = job.params.width, job.params.height
+        subject = fit(_open(job.image), width=w, height=h)
+        control = self.control_image(job, subject)
+        pipe = self.pipeline(job)
+        if on_step is not None:
+            on_step(0, steps_for(job.params))
+        image = self._run_with_oom_retry(pipe, job, subject, control, on_step, should_cancel)
+        return EngineResult(
+            png=as_png(image), width=image.width, height=image.height,
+            seconds=time.perf_counter() - started,
+        )  # fmt: skip
+
+    def _run_with_oom_retry(
+        self,
+        pipe: Any,
+        job: EngineJob,
+        subject: Image.Image,
+        control: Image.Image,
+        on_step: Callable[[int, int], None] | None,
+        should_cancel: Callable[[], bool] | None,
+    ) -> Image.Image:
+        micro = families.family(job.family).micro_conditioning
+        large = job.params.width * job.params.height > 1024 * 1024
+        if large:
+            pipe.vae.enable_tiling()
+        for attempt in (1, 2):
+            try:
+                return run_pipeline(
+                    pipe, init_image=subject, control_image=control, params=job.params,
+                    micro_conditioning=micro, on_step=on_step, should_cancel=should_cancel,
+                )  # fmt: skip
+            except self._torch.OutOfMemoryError as exc:
+                self.free_memory()
+                if attempt == 2:
+                    raise JobError(
+                        "out_of_memory",
+                        f"The GPU ran out of memory for {w_h(job)} even with attention slicing "
+                        "and VAE tiling; try a smaller model or fewer concurrent jobs.",
+                    ) from exc
+                log.warning("CUDA out of memory; retrying with attention slicing and VAE tiling")
+                pipe.enable_attention_slicing()
+                pipe.vae.enable_tiling()
+            finally:
+                if not large:
+                    pipe.vae.disable_tiling()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- memory ---------------------------------------------------------------------------------
+    def _gpu_allocated(self) -> int:
+        torch = self._torch
+        if self.device.startswith("cuda") and torch.cuda.is_available():
+            return int(torch.cuda.memory_allocated())
+        return 0
+
+    def free_memory(self) -> None:
+        gc.collect()
+        if self.device.startswith("cuda"):
+            self._torch.cuda.empty_cache()
+
+    def leaked_bytes(self) -> int:
+        """GPU memory held beyond the cached models after a job (0 on the CPU)."""
+        if not self.device.startswith("cuda"):
+            return 0
+        self.free_memory()
+        return max(0, self._gpu_allocated() - self.memory_baseline - self.cache.used_bytes)
+
+
+def w_h(job: EngineJob) -> str:
+    return f"{job.params.width}x{job.params.height}"
+
+
+def _pick_device(setting: str) -> str:
+    import torch
+
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return setting
+
+
+def _pick_dtype(setting: str, device: str) -> Any:
+    import torch
+
+    if setting == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[setting]

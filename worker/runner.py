@@ -1,0 +1,158 @@
+"""Runs one claimed job: the cog-style runner between the Celery task and the engine.
+
+It owns the job's state while it runs: a heartbeat thread renews the lease, writes progress
+(at most a few writes a second) and turns a cancel into a flag the engine checks between
+steps. Every outcome is one domain transition: complete, fail, or nothing (canceled).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from db.models import AiModel, Generation, PoseTemplate
+from posegen import lifecycle
+from posegen.errors import JobError
+from worker.context import WorkerContext
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Heartbeat:
+    """Lease renewal, progress and cancel, on its own thread and database session."""
+
+    ctx: WorkerContext
+    job_id: str
+
+    def __post_init__(self) -> None:
+        self._step: tuple[int, int] | None = None
+        self._written: tuple[int, int] | None = None
+        self._lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{self.job_id}", daemon=True)  # fmt: skip
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def progress(self, step: int, total: int) -> None:
+        self._step = (step, total)
+
+    def canceled(self) -> bool:
+        return self._lost.is_set()
+
+    def _loop(self) -> None:
+        interval = self.ctx.settings.heartbeat_seconds
+        while not self._stop.wait(interval):
+            self.beat()
+
+    def beat(self) -> None:
+        step = self._step
+        try:
+            with self.ctx.session() as session:
+                ours = lifecycle.heartbeat(
+                    session,
+                    job_id=self.job_id,
+                    worker_id=self.ctx.worker_id,
+                    lease_seconds=self.ctx.settings.job_lease_seconds,
+                    step=step[0] if step and step != self._written else None,
+                    total=step[1] if step and step != self._written else None,
+                )
+        except Exception:  # noqa: BLE001 - a database blip must not kill the job; retry next beat
+            log.warning("heartbeat failed", extra={"job_id": self.job_id}, exc_info=True)
+            return
+        self._written = step
+        if not ours:
+            self._lost.set()
+
+
+def run_job(ctx: WorkerContext, job_id: str) -> str:
+    """Claim, run and finish one job. Returns what happened, for logs and tests."""
+    from worker.engine.engine import Canceled, EngineJob
+    from worker.engine.run import RunParams
+
+    settings = ctx.settings
+    with ctx.session() as session:
+        claim = lifecycle.claim(
+            session, job_id=job_id, worker_id=ctx.worker_id, lease_seconds=settings.job_lease_seconds
+        )
+        if claim is None:
+            return "skipped"
+        job: Generation = claim.job
+        model = session.get_one(AiModel, job.model_id)
+        template = session.get(PoseTemplate, job.pose_template_id) if job.pose_template_id else None
+        model_fields = (model.family, model.base_model, model.controlnet_model)
+        keypoints = template.keypoints if template else None
+    log.info("job started", extra={"job_id": job_id, "attempt": claim.attempt})
+
+    heartbeat = Heartbeat(ctx, job_id)
+    heartbeat.start()
+    try:
+        p = job.params
+        engine_job = EngineJob(
+            model_key=job.model_key,
+            family=model_fields[0],
+            base_model=model_fields[1],
+            controlnet_model=model_fields[2],
+            params=RunParams(
+                prompt=job.prompt,
+                negative_prompt=job.negative_prompt,
+                num_inference_steps=int(p["num_inference_steps"]),
+                guidance_scale=float(p["guidance_scale"]),
+                controlnet_conditioning_scale=float(p["controlnet_conditioning_scale"]),
+                strength=float(p["strength"]),
+                seed=int(p["seed"]),
+                width=int(p["width"]),
+                height=int(p["height"]),
+            ),
+            image=ctx.storage.get(job.input_key),
+            pose_keypoints=[tuple(k) if k else None for k in keypoints] if keypoints else None,
+            pose_image=ctx.storage.get(job.pose_image_key) if job.pose_image_key else None,
+        )
+        result = ctx.engine.generate(
+            engine_job, on_step=heartbeat.progress, should_cancel=heartbeat.canceled
+        )
+    except Canceled:
+        log.info("job canceled while running", extra={"job_id": job_id})
+        return "canceled"
+    except JobError as exc:
+        return _fail(ctx, job_id, exc.code, exc.message)
+    except SoftTimeLimitExceeded:
+        return _fail(ctx, job_id, "timeout", "The job ran past its time limit.")
+    except Exception as exc:  # the last resort: record the failure, then let the worker go on
+        log.exception("job crashed", extra={"job_id": job_id})
+        return _fail(ctx, job_id, "internal_error", f"The worker failed: {type(exc).__name__}.")
+    finally:
+        heartbeat.stop()
+
+    key = f"outputs/{job_id}/0.png"
+    ctx.storage.put(key, result.png)
+    with ctx.session() as session:
+        done = lifecycle.complete(
+            session,
+            job_id=job_id,
+            worker_id=ctx.worker_id,
+            outputs=[{"index": 0, "key": key, "width": result.width, "height": result.height}],
+        )
+    if done is None:  # canceled (or lease lost) just before the end: the output is not ours
+        ctx.storage.delete(key)
+        return "canceled"
+    if ctx.engine.leaked_bytes() > 256 * 1024**2:
+        log.warning("GPU memory did not return to its baseline; this process will be replaced")
+        ctx.restart_requested = True
+    log.info("job completed", extra={"job_id": job_id, "seconds": round(result.seconds, 3)})
+    return "completed"
+
+
+def _fail(ctx: WorkerContext, job_id: str, code: str, message: str) -> str:
+    log.info("job failed", extra={"job_id": job_id, "code": code})
+    with ctx.session() as session:
+        lifecycle.fail(session, job_id=job_id, code=code, message=message, worker_id=ctx.worker_id)
+    return "failed"

@@ -1,0 +1,73 @@
+"""Celery tasks: as thin as web views. Ids in, domain calls, the unit of work commits."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from celery import Celery
+
+from posegen import reconciler, webhooks
+from posegen.queue import (
+    DELIVER_WEBHOOK_TASK,
+    GENERATE_TASK,
+    PURGE_TASK,
+    RECONCILE_TASK,
+    SWEEP_WEBHOOKS_TASK,
+)
+from posegen.webhooks import deliver_message
+from worker.context import context
+
+log = logging.getLogger(__name__)
+
+
+def register(app: Celery) -> None:
+    @app.task(name=GENERATE_TASK)
+    def generate(job_id: str) -> str:
+        ctx = context()
+        if ctx.restart_requested:
+            # GPU memory leaked in an earlier job: leave before claiming. The message is not
+            # acked (late acks), so Celery redelivers it to the replacement process.
+            log.warning("exiting so that Celery replaces this process (GPU memory leak)")
+            os._exit(1)
+        from worker.runner import run_job
+
+        return run_job(ctx, job_id)
+
+    @app.task(name=DELIVER_WEBHOOK_TASK)
+    def deliver_webhook(delivery_id: str) -> str:
+        ctx = context()
+        with ctx.session() as session:
+            if not webhooks.claim_delivery(session, delivery_id=delivery_id, settings=ctx.settings):
+                return "not due"
+            message = webhooks.outgoing(session, delivery_id=delivery_id)
+        # The HTTP call happens outside any transaction.
+        attempt = webhooks.post_signed(message, settings=ctx.settings)
+        with ctx.session() as session:
+            webhooks.record_attempt(
+                session, delivery_id=delivery_id, attempt=attempt, settings=ctx.settings
+            )
+        return "delivered" if attempt.ok else f"attempt failed: {attempt.error}"
+
+    @app.task(name=SWEEP_WEBHOOKS_TASK)
+    def sweep_webhooks() -> int:
+        ctx = context()
+        with ctx.session() as session:
+            due = webhooks.due_deliveries(session)
+        for delivery_id in due:
+            ctx.dispatcher.send(deliver_message(delivery_id))
+        return len(due)
+
+    @app.task(name=RECONCILE_TASK)
+    def reconcile() -> dict[str, int]:
+        ctx = context()
+        with ctx.session() as session:
+            sweep = reconciler.reconcile(session, settings=ctx.settings)
+        if sweep.republished or sweep.requeued or sweep.failed:
+            log.info("reconciled", extra=sweep.__dict__)
+        return sweep.__dict__
+
+    @app.task(name=PURGE_TASK)
+    def purge_expired() -> int:
+        with context().session() as session:
+            return reconciler.purge_expired_idempotency_keys(session)
