@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from db.models import TIERS, ApiKey, User
 from db.types import utcnow
+from posegen.catalog import is_uuid
 from posegen.errors import InvalidRequest, NotFound, Unauthorized
 
 KEY_PREFIX = "pg_live_"
@@ -99,11 +100,8 @@ def list_keys(session: Session, *, email: str) -> Sequence[ApiKey]:
 def revoke_key(session: Session, *, key_id_or_prefix: str) -> ApiKey:
     stmt = select(ApiKey).where(ApiKey.prefix == key_id_or_prefix)
     key = session.scalar(stmt)
-    if key is None:
-        try:
-            key = session.get(ApiKey, key_id_or_prefix)
-        except (ValueError, TypeError):
-            key = None
+    if key is None and is_uuid(key_id_or_prefix):
+        key = session.get(ApiKey, key_id_or_prefix)
     if key is None:
         raise NotFound(f"No API key {key_id_or_prefix!r}.")
     if key.revoked_at is None:

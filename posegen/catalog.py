@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 
 from sqlalchemy import or_, select
@@ -41,7 +42,7 @@ def pose_templates(session: Session) -> Sequence[PoseTemplate]:
 def pose_template_by_ref(session: Session, ref: str) -> PoseTemplate:
     """A template by its key (`waving`) or its id."""
     template = session.scalar(select(PoseTemplate).where(PoseTemplate.key == ref))
-    if template is None and _looks_like_uuid(ref):
+    if template is None and is_uuid(ref):
         template = session.get(PoseTemplate, ref)
     if template is None:
         raise InvalidRequest(f"Unknown pose_template_id {ref!r}; GET /v1/pose-templates lists them.")
@@ -65,9 +66,7 @@ def validate_keypoints(keypoints: object) -> list[list[float] | None]:
     return out
 
 
-def _looks_like_uuid(value: str) -> bool:
-    import uuid
-
+def is_uuid(value: str) -> bool:
     try:
         uuid.UUID(value)
     except ValueError:

@@ -238,10 +238,7 @@ def get_for_user(session: Session, *, job_id: str, user: User) -> Generation:
 
 
 def _get(session: Session, job_id: str) -> Generation | None:
-    try:
-        return session.get(Generation, job_id)
-    except (ValueError, TypeError):
-        return None
+    return session.get(Generation, job_id) if catalog.is_uuid(job_id) else None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,103 @@
+"""Upload -> Postgres -> Redis -> a real Celery worker process -> a PNG, and the demo."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from posegen import credits
+from tests.conftest import ROOT, astronaut_png, submit, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def test_submit_to_completed_png(app, make_account, gpu_worker, session):
+    account = make_account(credits=2)
+    job = submit(app, account, image=astronaut_png(), pose_template_id="waving", seed=1234, num_inference_steps=4).json()  # fmt: skip
+    done = wait_for(app, account, job["id"], timeout=120)
+    assert done["status"] == "completed", (done, gpu_worker.tail())
+    assert done["progress"] == {"step": 3, "total": 3}  # 4 steps at strength 0.75
+    assert done["outputs"] == [{"index": 0, "url": f"/v1/generations/{job['id']}/outputs/0", "width": 128, "height": 128}]  # fmt: skip
+    assert done["started_at"] and done["finished_at"] and done["queue_position"] is None
+    assert done["attempts"] == 1 and done["error"] is None
+    output = app.get(done["outputs"][0]["url"], headers=account.headers)
+    assert output.status_code == 200 and output.headers["content-type"] == "image/png"
+    image = Image.open(io.BytesIO(output.content))
+    assert image.format == "PNG" and image.size == (128, 128)
+    assert app.get("/v1/me", headers=account.headers).json()["credits"] == 1
+    assert credits.ledger_sum(session, user_id=account.user_id) == 1
+
+
+def test_same_seed_same_pixels_through_the_queue(app, make_account, gpu_worker):
+    account = make_account()
+    outputs = []
+    for _ in range(2):
+        job = submit(app, account, seed=99, pose_template_id="t-pose").json()
+        done = wait_for(app, account, job["id"])
+        assert done["status"] == "completed", gpu_worker.tail()
+        outputs.append(app.get(done["outputs"][0]["url"], headers=account.headers).content)
+    assert outputs[0] == outputs[1]
+
+
+def test_blank_photo_fails_with_no_pose_and_is_refunded(app, make_account, gpu_worker):
+    account = make_account(credits=1)
+    job = submit(app, account, pose_template_id=None).json()  # a flat brown image: nobody in it
+    done = wait_for(app, account, job["id"])
+    assert done["status"] == "failed", gpu_worker.tail()
+    assert done["error"]["code"] == "no_pose_detected"
+    assert app.get("/v1/me", headers=account.headers).json()["credits"] == 1
+
+
+def test_pose_extracted_from_the_photo(app, make_account, gpu_worker):
+    account = make_account()
+    job = submit(app, account, image=astronaut_png(), pose_template_id=None).json()
+    done = wait_for(app, account, job["id"])
+    assert done["status"] == "completed", (done, gpu_worker.tail())
+    assert done["pose_source"] == "image"
+
+
+def test_sdxl_tiny_model_through_the_queue(app, make_account, gpu_worker):
+    account = make_account()
+    job = submit(app, account, model_key="tiny-sdxl-openpose", pose_template_id="hands-on-hips").json()  # fmt: skip
+    done = wait_for(app, account, job["id"])
+    assert done["status"] == "completed", (done, gpu_worker.tail())
+    assert done["outputs"][0]["width"] == 128
+
+
+def test_cancel_a_running_job(app, make_account, gpu_worker):
+    account = make_account(credits=1)
+    job = submit(app, account, num_inference_steps=150, strength=1.0).json()
+    wait_for(app, account, job["id"], statuses=("processing",))
+    while app.get(f"/v1/generations/{job['id']}", headers=account.headers).json()["progress"]["step"] == 0:  # fmt: skip
+        pass
+    canceled = app.post(f"/v1/generations/{job['id']}/cancel", headers=account.headers).json()
+    assert canceled["status"] == "canceled"
+    # The worker stops between steps and goes on with the next job.
+    other = make_account()
+    follow = submit(app, other).json()
+    assert wait_for(app, other, follow["id"])["status"] == "completed", gpu_worker.tail()
+    final = app.get(f"/v1/generations/{job['id']}", headers=account.headers).json()
+    assert final["status"] == "canceled" and final["outputs"] == []
+    assert final["progress"]["step"] < 150
+    assert app.get("/v1/me", headers=account.headers).json()["credits"] == 1
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    """`posegen demo` in an empty folder: SQLite, filesystem broker, tiny models, local disk."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POSEGEN_")}  # noqa: TID251
+    result = subprocess.run(
+        [sys.executable, "-m", "posegen.cli.main", "demo"],
+        cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    match = re.search(r"^output: (.+\.png)$", result.stdout, re.M)
+    assert match, result.stdout
+    image = Image.open(match.group(1))
+    assert image.size == (128, 128)
+    assert (tmp_path / "var" / "posegen.db").exists()
