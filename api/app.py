@@ -58,8 +58,25 @@ class BodyLimit:
 async def _send_413(send: Send, limit: int) -> None:
     import json
 
-    body = json.dumps({"error": {"code": "payload_too_large", "message": f"The request body is larger than {limit} bytes."}}).encode()  # fmt: skip
-    await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})  # fmt: skip
+    body = json.dumps(
+        {
+            "error": {
+                "code": "payload_too_large",
+                "message": f"The request body is larger than {limit} bytes.",
+            }
+        }
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 

@@ -58,12 +58,19 @@ def install(app: FastAPI) -> None:
     async def database_down(_: Request, exc: Exception) -> JSONResponse:
         # The transaction did not commit, so nothing was charged or recorded.
         log.warning("database unavailable: %s", type(exc).__name__)
-        return error_response(503, "unavailable", "The database is unavailable; retry shortly.", {"Retry-After": "5"})  # fmt: skip
+        return error_response(
+            503, "unavailable", "The database is unavailable; retry shortly.", {"Retry-After": "5"}
+        )
 
     @app.exception_handler(DBAPIError)
     async def database_error(_: Request, exc: DBAPIError) -> JSONResponse:
         if exc.connection_invalidated:
-            return error_response(503, "unavailable", "The database connection was lost; retry shortly.", {"Retry-After": "5"})  # fmt: skip
+            return error_response(
+                503,
+                "unavailable",
+                "The database connection was lost; retry shortly.",
+                {"Retry-After": "5"},
+            )
         log.exception("database error")
         return error_response(500, "internal_error", "An internal error occurred.")
 

@@ -19,8 +19,8 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
-    text,
     Uuid,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 

@@ -127,4 +127,4 @@ def authenticate(session: Session, authorization: str | None) -> User:
     user, revoked_at = row
     if revoked_at is not None:
         raise Unauthorized("This API key has been revoked.")
-    return user  # type: ignore[no-any-return]
+    return user

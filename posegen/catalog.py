@@ -45,7 +45,9 @@ def pose_template_by_ref(session: Session, ref: str) -> PoseTemplate:
     if template is None and is_uuid(ref):
         template = session.get(PoseTemplate, ref)
     if template is None:
-        raise InvalidRequest(f"Unknown pose_template_id {ref!r}; GET /v1/pose-templates lists them.")
+        raise InvalidRequest(
+            f"Unknown pose_template_id {ref!r}; GET /v1/pose-templates lists them."
+        )
     return template
 
 

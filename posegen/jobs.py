@@ -181,7 +181,8 @@ def submit(
                         key=idempotency_key,
                         fingerprint=fingerprint,
                         generation_id=job.id,
-                        expires_at=utcnow() + dt.timedelta(seconds=settings.idempotency_ttl_seconds),
+                        expires_at=utcnow()
+                        + dt.timedelta(seconds=settings.idempotency_ttl_seconds),
                     )
                 )
                 session.flush()

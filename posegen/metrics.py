@@ -18,7 +18,9 @@ class QueueCollector(Collector):
 
     def collect(self) -> Iterable[Any]:
         family = GaugeMetricFamily(
-            "posegen_jobs_active", "Jobs queued or processing, by model.", labels=["status", "model"]
+            "posegen_jobs_active",
+            "Jobs queued or processing, by model.",
+            labels=["status", "model"],
         )
         try:
             rows = list(self.counts())

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
-from kombu import Queue
+from kombu.entity import Queue
 from sqlalchemy.orm import Session
 
 from posegen.settings import Settings
@@ -160,8 +160,12 @@ class Dispatcher:
             try:
                 self.send(message)
                 sent += 1
-            except Exception:  # noqa: BLE001 - the broker is down: the reconciler re-sends
-                log.warning("publish failed; the reconciler will retry", extra={"task": message.task, "args": message.args}, exc_info=True)  # fmt: skip
+            except Exception:
+                log.warning(
+                    "publish failed; the reconciler will retry",
+                    extra={"task": message.task, "args": message.args},
+                    exc_info=True,
+                )
         return sent
 
     def commit(self, session: Session) -> None:

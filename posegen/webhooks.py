@@ -186,7 +186,10 @@ def outgoing(session: Session, *, delivery_id: str) -> Outgoing:
     delivery = session.get_one(WebhookDelivery, delivery_id)
     user = session.get_one(User, delivery.user_id)
     return Outgoing(
-        url=delivery.url, msg_id=delivery.id, secret=user.webhook_secret, body=delivery.payload.encode()
+        url=delivery.url,
+        msg_id=delivery.id,
+        secret=user.webhook_secret,
+        body=delivery.payload.encode(),
     )
 
 
@@ -243,7 +246,9 @@ def post_signed(message: Outgoing, *, settings: Settings) -> Attempt:
         "user-agent": "posegen-webhooks/1",
         "webhook-id": msg_id,
         "webhook-timestamp": str(timestamp),
-        "webhook-signature": sign(secret=message.secret, msg_id=msg_id, timestamp=timestamp, body=body),
+        "webhook-signature": sign(
+            secret=message.secret, msg_id=msg_id, timestamp=timestamp, body=body
+        ),
     }
     parts = urlsplit(url)
     # Connect to the address we checked, not to whatever the name resolves to next (DNS
@@ -267,11 +272,15 @@ def post_signed(message: Outgoing, *, settings: Settings) -> Attempt:
                     break
             code = response.status_code
     except httpx.HTTPError as exc:
-        return Attempt(status_code=None, error=f"{type(exc).__name__}: {exc}"[:500], duration_ms=_ms(started))  # fmt: skip
+        return Attempt(
+            status_code=None, error=f"{type(exc).__name__}: {exc}"[:500], duration_ms=_ms(started)
+        )
     if time.monotonic() > deadline:
         return Attempt(status_code=None, error="timeout", duration_ms=_ms(started))
     return Attempt(
-        status_code=code, error=None if 200 <= code < 300 else f"HTTP {code}", duration_ms=_ms(started)
+        status_code=code,
+        error=None if 200 <= code < 300 else f"HTTP {code}",
+        duration_ms=_ms(started),
     )
 
 

@@ -27,8 +27,10 @@ from posegen.cli.common import upgrade_database
 from posegen.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-PG_ADMIN = os.environ.get("POSEGEN_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")  # noqa: TID251
-REDIS_URL = os.environ.get("POSEGEN_TEST_REDIS", "redis://127.0.0.1:6379/15")  # noqa: TID251
+PG_ADMIN = os.environ.get(
+    "POSEGEN_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL = os.environ.get("POSEGEN_TEST_REDIS", "redis://127.0.0.1:6379/15")
 DATA_TABLES = "api_keys, credit_ledger, webhook_deliveries, idempotency_keys, generations, users"
 
 
@@ -42,7 +44,9 @@ def pg_url() -> Iterator[str]:
     upgrade_database(url)
     yield url
     with admin.connect() as conn:
-        conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"))  # fmt: skip
+        conn.execute(
+            text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
+        )
         conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
     admin.dispose()
 
@@ -57,7 +61,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def base_env(pg_url: str, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def base_env(
+    pg_url: str, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, str]:
     var = tmp_path_factory.mktemp("var")
     return {
         "POSEGEN_DATABASE_URL": pg_url,
@@ -157,7 +163,9 @@ def make_account(sessions: object) -> object:
     return make
 
 
-def png_bytes(size: tuple[int, int] = (96, 128), color: tuple[int, int, int] = (120, 90, 60)) -> bytes:
+def png_bytes(
+    size: tuple[int, int] = (96, 128), color: tuple[int, int, int] = (120, 90, 60)
+) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, format="PNG")
     return buf.getvalue()
@@ -171,11 +179,24 @@ def astronaut_png() -> bytes:
     return buf.getvalue()
 
 
-def submit(client: object, account: Account, *, image: bytes | None = None, headers: dict[str, str] | None = None, files: dict[str, object] | None = None, **fields: object) -> httpx.Response:  # fmt: skip
+def submit(
+    client: object,
+    account: Account,
+    *,
+    image: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    files: dict[str, object] | None = None,
+    **fields: object,
+) -> httpx.Response:
     merged = {"model_key": "tiny-sd15-openpose", "pose_template_id": "standing", **fields}
     data = {k: str(v) for k, v in merged.items() if v is not None}
-    upload = {"image": ("photo.png", image if image is not None else png_bytes(), "image/png"), **(files or {})}  # fmt: skip
-    return client.post("/v1/generations", headers={**account.headers, **(headers or {})}, data=data, files=upload)  # type: ignore[attr-defined,no-any-return]
+    upload = {
+        "image": ("photo.png", image if image is not None else png_bytes(), "image/png"),
+        **(files or {}),
+    }
+    return client.post(
+        "/v1/generations", headers={**account.headers, **(headers or {})}, data=data, files=upload
+    )  # type: ignore[attr-defined,no-any-return]
 
 
 # -- processes ------------------------------------------------------------------------------------
@@ -191,7 +212,7 @@ class Proc:
         out = self.log.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "posegen.cli.main", *self.args],
-            env={**os.environ, **self.env},  # noqa: TID251
+            env={**os.environ, **self.env},
             stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
         )  # fmt: skip
         return self
@@ -211,7 +232,11 @@ class Proc:
         self.stop(signal.SIGKILL)
 
     def tail(self, n: int = 60) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:]) if self.log.exists() else ""  # fmt: skip
+        return (
+            "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+            if self.log.exists()
+            else ""
+        )
 
 
 @pytest.fixture(scope="session")
@@ -228,14 +253,25 @@ def gpu_worker(base_env: dict[str, str], db_engine: object, process_logs: Path) 
 
 @pytest.fixture(scope="session")
 def housekeeping(base_env: dict[str, str], db_engine: object, process_logs: Path) -> Iterator[None]:
-    worker = Proc(["worker", "--queues", "webhooks,maintenance", "--concurrency", "2"], base_env, process_logs / "housekeeping.log").start()  # fmt: skip
+    worker = Proc(
+        ["worker", "--queues", "webhooks,maintenance", "--concurrency", "2"],
+        base_env,
+        process_logs / "housekeeping.log",
+    ).start()
     beat = Proc(["beat"], base_env, process_logs / "beat.log").start()
     yield
     beat.stop()
     worker.stop()
 
 
-def wait_for(client: object, account: Account, job_id: str, *, statuses: tuple[str, ...] = ("completed", "failed", "canceled"), timeout: float = 90) -> dict[str, object]:  # fmt: skip
+def wait_for(
+    client: object,
+    account: Account,
+    job_id: str,
+    *,
+    statuses: tuple[str, ...] = ("completed", "failed", "canceled"),
+    timeout: float = 90,
+) -> dict[str, object]:
     deadline = time.monotonic() + timeout
     job: dict[str, object] = {}
     while time.monotonic() < deadline:

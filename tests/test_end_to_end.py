@@ -19,11 +19,20 @@ pytestmark = pytest.mark.slow
 
 def test_submit_to_completed_png(app, make_account, gpu_worker, session):
     account = make_account(credits=2)
-    job = submit(app, account, image=astronaut_png(), pose_template_id="waving", seed=1234, num_inference_steps=4).json()  # fmt: skip
+    job = submit(
+        app,
+        account,
+        image=astronaut_png(),
+        pose_template_id="waving",
+        seed=1234,
+        num_inference_steps=4,
+    ).json()
     done = wait_for(app, account, job["id"], timeout=120)
     assert done["status"] == "completed", (done, gpu_worker.tail())
     assert done["progress"] == {"step": 3, "total": 3}  # 4 steps at strength 0.75
-    assert done["outputs"] == [{"index": 0, "url": f"/v1/generations/{job['id']}/outputs/0", "width": 128, "height": 128}]  # fmt: skip
+    assert done["outputs"] == [
+        {"index": 0, "url": f"/v1/generations/{job['id']}/outputs/0", "width": 128, "height": 128}
+    ]
     assert done["started_at"] and done["finished_at"] and done["queue_position"] is None
     assert done["attempts"] == 1 and done["error"] is None
     output = app.get(done["outputs"][0]["url"], headers=account.headers)
@@ -64,7 +73,9 @@ def test_pose_extracted_from_the_photo(app, make_account, gpu_worker):
 
 def test_sdxl_tiny_model_through_the_queue(app, make_account, gpu_worker):
     account = make_account()
-    job = submit(app, account, model_key="tiny-sdxl-openpose", pose_template_id="hands-on-hips").json()  # fmt: skip
+    job = submit(
+        app, account, model_key="tiny-sdxl-openpose", pose_template_id="hands-on-hips"
+    ).json()
     done = wait_for(app, account, job["id"])
     assert done["status"] == "completed", (done, gpu_worker.tail())
     assert done["outputs"][0]["width"] == 128
@@ -74,7 +85,10 @@ def test_cancel_a_running_job(app, make_account, gpu_worker):
     account = make_account(credits=1)
     job = submit(app, account, num_inference_steps=150, strength=1.0).json()
     wait_for(app, account, job["id"], statuses=("processing",))
-    while app.get(f"/v1/generations/{job['id']}", headers=account.headers).json()["progress"]["step"] == 0:  # fmt: skip
+    while (
+        app.get(f"/v1/generations/{job['id']}", headers=account.headers).json()["progress"]["step"]
+        == 0
+    ):
         pass
     canceled = app.post(f"/v1/generations/{job['id']}/cancel", headers=account.headers).json()
     assert canceled["status"] == "canceled"
@@ -90,11 +104,15 @@ def test_cancel_a_running_job(app, make_account, gpu_worker):
 
 def test_demo_runs_end_to_end(tmp_path):
     """`posegen demo` in an empty folder: SQLite, filesystem broker, tiny models, local disk."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("POSEGEN_")}  # noqa: TID251
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POSEGEN_")}
     result = subprocess.run(
         [sys.executable, "-m", "posegen.cli.main", "demo"],
-        cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     match = re.search(r"^output: (.+\.png)$", result.stdout, re.M)
     assert match, result.stdout

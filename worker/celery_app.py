@@ -17,7 +17,10 @@ def create_celery(settings: Settings) -> Celery:
     configure_celery(app, settings)
     app.conf.beat_schedule = {
         "reconcile": {"task": RECONCILE_TASK, "schedule": settings.reconcile_interval},
-        "sweep-webhooks": {"task": SWEEP_WEBHOOKS_TASK, "schedule": settings.webhook_sweep_interval},
+        "sweep-webhooks": {
+            "task": SWEEP_WEBHOOKS_TASK,
+            "schedule": settings.webhook_sweep_interval,
+        },
         "purge-expired": {"task": PURGE_TASK, "schedule": 3600.0},
     }
     register(app)

@@ -33,7 +33,9 @@ class Heartbeat:
         self._written: tuple[int, int] | None = None
         self._lost = threading.Event()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{self.job_id}", daemon=True)  # fmt: skip
+        self._thread = threading.Thread(
+            target=self._loop, name=f"heartbeat-{self.job_id}", daemon=True
+        )
 
     def start(self) -> None:
         self._thread.start()
@@ -65,7 +67,7 @@ class Heartbeat:
                     step=step[0] if step and step != self._written else None,
                     total=step[1] if step and step != self._written else None,
                 )
-        except Exception:  # noqa: BLE001 - a database blip must not kill the job; retry next beat
+        except Exception:
             log.warning("heartbeat failed", extra={"job_id": self.job_id}, exc_info=True)
             return
         self._written = step
@@ -81,7 +83,10 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
     settings = ctx.settings
     with ctx.session() as session:
         claim = lifecycle.claim(
-            session, job_id=job_id, worker_id=ctx.worker_id, lease_seconds=settings.job_lease_seconds
+            session,
+            job_id=job_id,
+            worker_id=ctx.worker_id,
+            lease_seconds=settings.job_lease_seconds,
         )
         if claim is None:
             return "skipped"

@@ -28,7 +28,13 @@ def list_models(_: CurrentUser, session: SessionDep) -> dict[str, Any]:
 def list_pose_templates(_: CurrentUser, session: SessionDep) -> dict[str, Any]:
     return {
         "items": [
-            {"id": t.id, "key": t.key, "name": t.name, "description": t.description, "keypoints": t.keypoints}  # fmt: skip
+            {
+                "id": t.id,
+                "key": t.key,
+                "name": t.name,
+                "description": t.description,
+                "keypoints": t.keypoints,
+            }
             for t in catalog.pose_templates(session)
         ]
     }

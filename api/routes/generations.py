@@ -88,7 +88,10 @@ def list_generations(
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> dict[str, Any]:
     page = jobs.list_for_user(session, user=user, status=status, limit=limit, cursor=cursor)
-    return {"items": [jobs.job_json(session, j) for j in page.items], "next_cursor": page.next_cursor}  # fmt: skip
+    return {
+        "items": [jobs.job_json(session, j) for j in page.items],
+        "next_cursor": page.next_cursor,
+    }
 
 
 @router.get("/{job_id}", response_model=Job, responses=ERRORS)

@@ -43,11 +43,20 @@ def ready(request: Request) -> JSONResponse:
         with state.dispatcher.celery.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=2)
 
-    checks = {"database": _timed(database), "broker": _timed(broker), "storage": _timed(state.storage.check)}  # fmt: skip
+    checks = {
+        "database": _timed(database),
+        "broker": _timed(broker),
+        "storage": _timed(state.storage.check),
+    }
     ok = all(c["ok"] for c in checks.values())
-    return JSONResponse({"status": "ready" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)  # fmt: skip
+    return JSONResponse(
+        {"status": "ready" if ok else "unavailable", "checks": checks},
+        status_code=200 if ok else 503,
+    )
 
 
 @router.get("/metrics", response_class=Response)
 def metrics(request: Request) -> Response:
-    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)  # fmt: skip
+    return Response(
+        generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST
+    )

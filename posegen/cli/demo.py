@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import typer
@@ -15,6 +16,7 @@ from tqdm import tqdm
 
 from posegen import accounts, credits, seeding
 from posegen.cli.common import settings, unit_of_work, upgrade_database
+from posegen.errors import NotFound
 from posegen.storage.local import LocalStorage
 
 DEMO_EMAIL = "demo@posegen.local"
@@ -55,7 +57,7 @@ def _prepare() -> str:
     with unit_of_work() as session:
         try:
             user = accounts.user_by_email(session, DEMO_EMAIL)
-        except accounts.NotFound:
+        except NotFound:
             user = accounts.create_user(session, email=DEMO_EMAIL, tier="free")
         if user.credits < 10:
             credits.grant(session, user_id=user.id, amount=100, note="demo")
@@ -67,7 +69,9 @@ def _prepare() -> str:
 def _start(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = log_path.open("ab")
-    return subprocess.Popen([sys.executable, "-m", "posegen.cli.main", *args], stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "posegen.cli.main", *args], stdout=log, stderr=subprocess.STDOUT
+    )
 
 
 def _wait_healthy(base: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
@@ -101,16 +105,27 @@ def run_demo(*, port: int, model_key: str, pose: str) -> int:
             f"{base}/v1/generations",
             headers=headers,
             files={"image": ("astronaut.png", _astronaut_png(), "image/png")},
-            data={"model_key": model_key, "pose_template_id": pose, "num_inference_steps": "4", "seed": "42"},  # fmt: skip
+            data={
+                "model_key": model_key,
+                "pose_template_id": pose,
+                "num_inference_steps": "4",
+                "seed": "42",
+            },
             timeout=30,
         )
         if response.status_code != 202:
-            typer.secho(f"submit failed: {response.status_code} {response.text}", fg=typer.colors.RED, err=True)  # fmt: skip
+            typer.secho(
+                f"submit failed: {response.status_code} {response.text}",
+                fg=typer.colors.RED,
+                err=True,
+            )
             return 1
         job = response.json()
         job = _follow(base, headers, job)
         if job["status"] != "completed":
-            typer.secho(f"job {job['id']} {job['status']}: {job['error']}", fg=typer.colors.RED, err=True)  # fmt: skip
+            typer.secho(
+                f"job {job['id']} {job['status']}: {job['error']}", fg=typer.colors.RED, err=True
+            )
             return 1
         storage = LocalStorage(s.storage_url.removeprefix("file://"))
         path = storage.local_path(f"outputs/{job['id']}/0.png")
@@ -128,12 +143,16 @@ def run_demo(*, port: int, model_key: str, pose: str) -> int:
                 proc.kill()
 
 
-def _follow(base: str, headers: dict[str, str], job: dict[str, object], timeout: float = 300) -> dict[str, object]:  # fmt: skip
+def _follow(
+    base: str, headers: dict[str, str], job: dict[str, Any], timeout: float = 300
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     shown: tuple[object, ...] = ()
     with tqdm(total=1, desc="queued", unit="step", leave=True) as bar:
         while time.monotonic() < deadline:
-            job = httpx.get(f"{base}/v1/generations/{job['id']}", headers=headers, timeout=10).json()  # fmt: skip
+            job = httpx.get(
+                f"{base}/v1/generations/{job['id']}", headers=headers, timeout=10
+            ).json()
             progress = job["progress"]
             assert isinstance(progress, dict)
             state = (job["status"], progress["step"], progress["total"])

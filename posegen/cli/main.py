@@ -11,14 +11,23 @@ from posegen import accounts, credits, seeding
 from posegen.cli.common import downgrade_database, settings, unit_of_work, upgrade_database
 from posegen.cli.processes import register_processes
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="posegen: photo + pose -> avatar.")
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help="posegen: photo + pose -> avatar."
+)
 db_app = typer.Typer(no_args_is_help=True, help="Database migrations.")
 seed_app = typer.Typer(no_args_is_help=True, help="Seed the model catalog and pose templates.")
 users_app = typer.Typer(no_args_is_help=True, help="Users.")
 keys_app = typer.Typer(no_args_is_help=True, help="API keys.")
 credits_app = typer.Typer(no_args_is_help=True, help="Credits.")
 models_app = typer.Typer(no_args_is_help=True, help="Model weights.")
-for name, sub in (("db", db_app), ("seed", seed_app), ("users", users_app), ("keys", keys_app), ("credits", credits_app), ("models", models_app)):  # fmt: skip
+for name, sub in (
+    ("db", db_app),
+    ("seed", seed_app),
+    ("users", users_app),
+    ("keys", keys_app),
+    ("credits", credits_app),
+    ("models", models_app),
+):
     app.add_typer(sub, name=name)
 register_processes(app)
 
@@ -92,7 +101,9 @@ def keys_create(email: str, name: Annotated[str, typer.Option()] = "default") ->
     """Print a new API key once, alone on the last line."""
     with unit_of_work() as session:
         new = accounts.create_key(session, email=email, name=name)
-    typer.echo(f"created key {new.key.prefix}… ({new.key.name}) for {email}; it is shown only once:")
+    typer.echo(
+        f"created key {new.key.prefix}… ({new.key.name}) for {email}; it is shown only once:"
+    )
     typer.echo(new.raw)
 
 
@@ -127,7 +138,11 @@ def models_build_tiny(force: bool = False) -> None:
 
     model_dir = settings().model_dir
     built = build_tiny(model_dir, force=force)
-    typer.echo(f"built {', '.join(p.name for p in built)}" if built else f"tiny models present in {model_dir}")  # fmt: skip
+    typer.echo(
+        f"built {', '.join(p.name for p in built)}"
+        if built
+        else f"tiny models present in {model_dir}"
+    )
 
 
 @models_app.command("list")
@@ -139,9 +154,15 @@ def models_list() -> None:
     model_dir = settings().model_dir
     with unit_of_work() as session:
         for m in listed_models(session):
-            present = is_present(m.base_model, model_dir=model_dir) and is_present(m.controlnet_model, model_dir=model_dir)  # fmt: skip
+            present = is_present(m.base_model, model_dir=model_dir) and is_present(
+                m.controlnet_model, model_dir=model_dir
+            )
             state = "coming soon" if m.coming_soon else ("enabled" if m.enabled else "disabled")
-            typer.echo(f"{m.model_key:<22} {m.family:<5} {m.tier:<10} {m.credit_cost:>3} cr  {state:<11} weights: {'present' if present else 'missing'}")  # fmt: skip
+            weights = "present" if present else "missing"
+            typer.echo(
+                f"{m.model_key:<22} {m.family:<5} {m.tier:<10} {m.credit_cost:>3} cr  "
+                f"{state:<11} weights: {weights}"
+            )
 
 
 @models_app.command("pull")

@@ -19,7 +19,9 @@ def gpu_count() -> int:
     if shutil.which("nvidia-smi") is None:
         return 0
     try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=False)  # fmt: skip
+        out = subprocess.run(
+            ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=False
+        )
     except (OSError, subprocess.TimeoutExpired):
         return 0
     return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
@@ -43,10 +45,13 @@ def register_processes(app: typer.Typer) -> None:
     @app.command("worker")
     def worker(
         queues: Annotated[str, typer.Option(help="comma-separated queues")] = GENERATION_QUEUE,
-        concurrency: Annotated[int | None, typer.Option(help="processes; default: one per GPU")] = None,  # fmt: skip
+        concurrency: Annotated[
+            int | None, typer.Option(help="processes; default: one per GPU")
+        ] = None,
         loglevel: str = "INFO",
     ) -> None:
-        """Run a Celery worker (GPU worker by default; housekeeping with --queues webhooks,maintenance)."""
+        """Run a Celery worker: the GPU worker by default; the housekeeping worker with
+        --queues webhooks,maintenance."""
         from worker.celery_app import app as celery_app
 
         if concurrency is None:
@@ -67,7 +72,9 @@ def register_processes(app: typer.Typer) -> None:
 
         s = settings()
         s.var_dir.mkdir(parents=True, exist_ok=True)
-        celery_app.start(["beat", "--loglevel", loglevel, "-s", str(s.var_dir / "celerybeat-schedule")])  # fmt: skip
+        celery_app.start(
+            ["beat", "--loglevel", loglevel, "-s", str(s.var_dir / "celerybeat-schedule")]
+        )
 
     @app.command("demo")
     def demo(

@@ -18,7 +18,9 @@ def storage_from_settings(settings: Settings) -> Storage:
         from posegen.storage.local import LocalStorage
 
         return LocalStorage(url.removeprefix("file://"))
-    raise ValueError(f"unsupported POSEGEN_STORAGE_URL {url!r}: use file://PATH or s3://BUCKET/PREFIX")
+    raise ValueError(
+        f"unsupported POSEGEN_STORAGE_URL {url!r}: use file://PATH or s3://BUCKET/PREFIX"
+    )
 
 
 __all__ = ["Storage", "storage_from_settings"]

@@ -50,7 +50,28 @@ def test_tier_and_availability(app, make_account):
 
 
 def test_disabled_model_is_409(app, make_account, session):
-    session.add(AiModel(model_key="test-disabled", name="x", provider="x", family="sd15", base_model="tiny-sd15", controlnet_model="tiny-sd15-controlnet", tier="free", credit_cost=1, resolution="128x128", quality="x", priority=5, default_steps=2, guidance_scale=7.0, default_prompt="x", negative_prompt="", processing_time="x", enabled=False, coming_soon=False))  # fmt: skip
+    session.add(
+        AiModel(
+            model_key="test-disabled",
+            name="x",
+            provider="x",
+            family="sd15",
+            base_model="tiny-sd15",
+            controlnet_model="tiny-sd15-controlnet",
+            tier="free",
+            credit_cost=1,
+            resolution="128x128",
+            quality="x",
+            priority=5,
+            default_steps=2,
+            guidance_scale=7.0,
+            default_prompt="x",
+            negative_prompt="",
+            processing_time="x",
+            enabled=False,
+            coming_soon=False,
+        )
+    )
     session.commit()
     response = submit(app, make_account(), model_key="test-disabled")
     assert response.status_code == 409 and _error(response) == "model_unavailable"
@@ -82,7 +103,9 @@ def test_invalid_requests_are_422(app, make_account, fields, files):
 
 def test_missing_image_is_422(app, make_account):
     account = make_account()
-    response = app.post("/v1/generations", headers=account.headers, data={"model_key": "tiny-sd15-openpose"})  # fmt: skip
+    response = app.post(
+        "/v1/generations", headers=account.headers, data={"model_key": "tiny-sd15-openpose"}
+    )
     assert response.status_code == 422 and _error(response) == "invalid_request"
 
 

@@ -30,11 +30,18 @@ def test_submit_records_charges_and_enqueues(app, make_account, session):
         "strength": 0.75, "seed": 7, "width": 128, "height": 128,
     }  # fmt: skip
     assert job["pose_source"] == "template" and job["credit_cost"] == 1
-    assert job["progress"] == {"step": 0, "total": 0} and job["outputs"] == [] and job["error"] is None
+    assert (
+        job["progress"] == {"step": 0, "total": 0} and job["outputs"] == [] and job["error"] is None
+    )
     # Charged in the same transaction, recorded in the ledger, message on the Redis queue.
     assert app.get("/v1/me", headers=account.headers).json()["credits"] == 4
     assert credits.ledger_sum(session, user_id=account.user_id) == 4
-    assert redis.Redis.from_url(REDIS_URL).llen("generation:9") + redis.Redis.from_url(REDIS_URL).llen("generation:4") + redis.Redis.from_url(REDIS_URL).llen("generation") >= 1  # fmt: skip
+    assert (
+        redis.Redis.from_url(REDIS_URL).llen("generation:9")
+        + redis.Redis.from_url(REDIS_URL).llen("generation:4")
+        + redis.Redis.from_url(REDIS_URL).llen("generation")
+        >= 1
+    )
     assert session.get(Generation, job["id"]).input_key == f"inputs/{job['id']}/image.png"
 
 
@@ -49,7 +56,10 @@ def test_defaults_come_from_the_model(app, make_account):
 def test_queue_position_counts_jobs_ahead(app, make_account):
     account = make_account()
     ids = [submit(app, account).json()["id"] for _ in range(3)]
-    positions = [app.get(f"/v1/generations/{i}", headers=account.headers).json()["queue_position"] for i in ids]  # fmt: skip
+    positions = [
+        app.get(f"/v1/generations/{i}", headers=account.headers).json()["queue_position"]
+        for i in ids
+    ]
     assert positions == [0, 1, 2]
 
 
@@ -57,13 +67,19 @@ def test_list_is_newest_first_and_paginates(app, make_account):
     account = make_account()
     ids = [submit(app, account).json()["id"] for _ in range(5)]
     page1 = app.get("/v1/generations?limit=2", headers=account.headers).json()
-    page2 = app.get(f"/v1/generations?limit=2&cursor={page1['next_cursor']}", headers=account.headers).json()  # fmt: skip
-    page3 = app.get(f"/v1/generations?limit=2&cursor={page2['next_cursor']}", headers=account.headers).json()  # fmt: skip
+    page2 = app.get(
+        f"/v1/generations?limit=2&cursor={page1['next_cursor']}", headers=account.headers
+    ).json()
+    page3 = app.get(
+        f"/v1/generations?limit=2&cursor={page2['next_cursor']}", headers=account.headers
+    ).json()
     seen = [j["id"] for j in page1["items"] + page2["items"] + page3["items"]]
     assert seen == list(reversed(ids)) and page3["next_cursor"] is None
     queued = app.get("/v1/generations?status=queued", headers=account.headers).json()
     assert len(queued["items"]) == 5
-    assert app.get("/v1/generations?status=completed", headers=account.headers).json()["items"] == []  # fmt: skip
+    assert (
+        app.get("/v1/generations?status=completed", headers=account.headers).json()["items"] == []
+    )
 
 
 def test_cancel_queued_job_refunds_once(app, make_account, session):
@@ -80,13 +96,22 @@ def test_cancel_queued_job_refunds_once(app, make_account, session):
 def test_bad_upload_is_415_with_the_error_body(app, make_account):
     response = submit(app, make_account(), image=b"this is not an image")
     assert response.status_code == 415
-    assert response.json() == {"error": {"code": "unsupported_image", "message": "The image is not a PNG, JPEG or WebP image."}}  # fmt: skip
+    assert response.json() == {
+        "error": {
+            "code": "unsupported_image",
+            "message": "The image is not a PNG, JPEG or WebP image.",
+        }
+    }
 
 
 def test_other_users_job_is_not_found(app, make_account):
     owner, other = make_account(), make_account()
     job = submit(app, owner).json()
-    for method, path in (("get", f"/v1/generations/{job['id']}"), ("post", f"/v1/generations/{job['id']}/cancel"), ("get", f"/v1/generations/{job['id']}/outputs/0")):  # fmt: skip
+    for method, path in (
+        ("get", f"/v1/generations/{job['id']}"),
+        ("post", f"/v1/generations/{job['id']}/cancel"),
+        ("get", f"/v1/generations/{job['id']}/outputs/0"),
+    ):
         response = getattr(app, method)(path, headers=other.headers)
         assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
     assert app.get(f"/v1/generations/{uuid.uuid4()}", headers=owner.headers).status_code == 404
@@ -95,10 +120,22 @@ def test_other_users_job_is_not_found(app, make_account):
 
 def test_catalog_templates_and_me(app, make_account):
     account = make_account(tier="basic", credits=42)
-    models = {m["model_key"]: m for m in app.get("/v1/models", headers=account.headers).json()["items"]}  # fmt: skip
-    assert set(models) == {"sd15-openpose", "sdxl-openpose", "sdxl-openpose-ultra", "sd35-canny", "tiny-sd15-openpose", "tiny-sdxl-openpose"}  # fmt: skip
+    models = {
+        m["model_key"]: m for m in app.get("/v1/models", headers=account.headers).json()["items"]
+    }
+    assert set(models) == {
+        "sd15-openpose",
+        "sdxl-openpose",
+        "sdxl-openpose-ultra",
+        "sd35-canny",
+        "tiny-sd15-openpose",
+        "tiny-sdxl-openpose",
+    }
     assert models["sd35-canny"]["coming_soon"] and not models["sd35-canny"]["enabled"]
-    assert models["sdxl-openpose"]["credit_cost"] == 5 and models["sdxl-openpose"]["resolution"] == "1024x1024"  # fmt: skip
+    assert (
+        models["sdxl-openpose"]["credit_cost"] == 5
+        and models["sdxl-openpose"]["resolution"] == "1024x1024"
+    )
     poses = app.get("/v1/pose-templates", headers=account.headers).json()["items"]
     assert {"standing", "arms-crossed", "waving", "hands-on-hips"} <= {p["key"] for p in poses}
     assert all(len(p["keypoints"]) == 18 for p in poses)
@@ -112,7 +149,12 @@ def test_template_by_id_and_pose_image(app, make_account):
     template = app.get("/v1/pose-templates", headers=account.headers).json()["items"][0]
     by_id = submit(app, account, pose_template_id=template["id"]).json()
     assert by_id["pose_template_id"] == template["id"]
-    with_pose = submit(app, account, pose_template_id=None, files={"pose_image": ("pose.png", png_bytes(), "image/png")}).json()  # fmt: skip
+    with_pose = submit(
+        app,
+        account,
+        pose_template_id=None,
+        files={"pose_image": ("pose.png", png_bytes(), "image/png")},
+    ).json()
     assert with_pose["pose_source"] == "pose_image"
 
 
@@ -120,7 +162,11 @@ def test_health_ready_metrics(app, make_account):
     assert app.get("/health").json() == {"status": "ok"}
     ready = app.get("/ready")
     assert ready.status_code == 200, ready.text
-    assert {k: v["ok"] for k, v in ready.json()["checks"].items()} == {"database": True, "broker": True, "storage": True}  # fmt: skip
+    assert {k: v["ok"] for k, v in ready.json()["checks"].items()} == {
+        "database": True,
+        "broker": True,
+        "storage": True,
+    }
     submit(app, make_account())
     text = app.get("/metrics").text
     assert 'posegen_submits_total{status="202"}' in text

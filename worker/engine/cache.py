@@ -26,7 +26,9 @@ def module_bytes(obj: Any) -> int:
     if isinstance(obj, torch.nn.Module):
         modules = [obj]
     else:
-        modules = [c for c in getattr(obj, "components", {}).values() if isinstance(c, torch.nn.Module)]
+        modules = [
+            c for c in getattr(obj, "components", {}).values() if isinstance(c, torch.nn.Module)
+        ]
     total = 0
     for module in modules:
         for tensor in (*module.parameters(), *module.buffers()):
@@ -78,9 +80,7 @@ class PipelineCache:
             self._evict(keep=(key, *pinned))
             return value
 
-    def composed(
-        self, base_key: str, controlnet_key: str, build: Callable[[], Any]
-    ) -> Any:
+    def composed(self, base_key: str, controlnet_key: str, build: Callable[[], Any]) -> Any:
         """The pipeline that joins a base and a ControlNet (shares their modules; no bytes)."""
         with self._lock:
             pair = (base_key, controlnet_key)
@@ -92,7 +92,10 @@ class PipelineCache:
         while self.used_bytes > self.budget_bytes:
             victim = next((k for k in self._entries if k not in keep), None)
             if victim is None:
-                log.warning("model cache over budget with only pinned entries", extra={"used": self.used_bytes})  # fmt: skip
+                log.warning(
+                    "model cache over budget with only pinned entries",
+                    extra={"used": self.used_bytes},
+                )
                 return
             self._entries.pop(victim)
             self._composed = {p: v for p, v in self._composed.items() if victim not in p}

@@ -101,17 +101,23 @@ class Engine:
                 keypoints = self.extractor.extract(source)
             except NoPoseDetected as exc:
                 where = "pose_image" if job.pose_image else "image"
-                raise JobError("no_pose_detected", f"No person was found in the {where}: {exc}") from exc
+                raise JobError(
+                    "no_pose_detected", f"No person was found in the {where}: {exc}"
+                ) from exc
         return draw_skeleton(keypoints, width=w, height=h)
 
     # -- models ---------------------------------------------------------------------------------
     def pipeline(self, job: EngineJob) -> Any:
         family = families.family(job.family)
         base_ref = resolve(job.base_model, model_dir=self.config.model_dir, model_key=job.model_key)
-        cn_ref = resolve(job.controlnet_model, model_dir=self.config.model_dir, model_key=job.model_key)
+        cn_ref = resolve(
+            job.controlnet_model, model_dir=self.config.model_dir, model_key=job.model_key
+        )
         base_key, cn_key = f"base:{family.name}:{base_ref.ref}", f"controlnet:{cn_ref.ref}"
         base = self.cache.get(base_key, lambda: self._load_base(family, base_ref), pinned=(cn_key,))
-        controlnet = self.cache.get(cn_key, lambda: self._load_controlnet(cn_ref), pinned=(base_key,))
+        controlnet = self.cache.get(
+            cn_key, lambda: self._load_controlnet(cn_ref), pinned=(base_key,)
+        )
 
         def build() -> Any:
             cls = families.pipeline_class(family.controlnet)

@@ -51,7 +51,9 @@ def run_pipeline(
     total, strength = denoising_steps(params)
     canceled = False
 
-    def on_step_end(pipeline: Any, step: int, _timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def on_step_end(
+        pipeline: Any, step: int, _timestep: Any, kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
         nonlocal canceled
         if on_step is not None:
             on_step(min(step + 1, total), total)

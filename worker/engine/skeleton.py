@@ -44,7 +44,12 @@ def draw_skeleton(keypoints: Keypoints, *, width: int, height: int) -> Image.Ima
         length = math.hypot(x1 - x2, y1 - y2)
         angle = math.degrees(math.atan2(y1 - y2, x1 - x2))
         polygon = cv2.ellipse2Poly(
-            (int((x1 + x2) / 2), int((y1 + y2) / 2)), (int(length / 2), stick), int(angle), 0, 360, 1
+            (int((x1 + x2) / 2), int((y1 + y2) / 2)),
+            (int(length / 2), stick),
+            int(angle),
+            0,
+            360,
+            1,
         )
         cv2.fillConvexPoly(canvas, polygon, [int(c * 0.6) for c in color])
     for point, color in zip(keypoints, COLORS, strict=False):
