@@ -280,3 +280,26 @@ def wait_for(
             return job
         time.sleep(0.1)
     raise AssertionError(f"job {job_id} still {job.get('status')} after {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def live_api(base_env: dict[str, str], db_engine: object, process_logs: Path) -> Iterator[str]:
+    """A real uvicorn server (its own process), for concurrent clients."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = Proc(["api", "--port", str(port)], base_env, process_logs / "api.log").start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    else:
+        raise RuntimeError(proc.tail())
+    yield base
+    proc.stop()

@@ -1,0 +1,124 @@
+"""Money under concurrency and failure, idempotency, priority, rate limits (real services)."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from db.models import AiModel, CreditLedger, Generation
+from posegen import credits, lifecycle
+from tests.conftest import png_bytes, settings_from, submit, wait_for
+
+IMAGE = png_bytes()
+
+
+def _post(base: str, headers: dict[str, str], **data: str) -> httpx.Response:
+    form = {"model_key": "tiny-sd15-openpose", "pose_template_id": "standing", **data}
+    files = {"image": ("p.png", IMAGE, "image/png")}
+    return httpx.post(f"{base}/v1/generations", headers=headers, data=form, files=files, timeout=60)  # fmt: skip
+
+
+def test_thirty_concurrent_submits_with_ten_credits(live_api, make_account, session):
+    account = make_account(credits=10)
+    with ThreadPoolExecutor(max_workers=30) as pool:
+        codes = sorted(r.status_code for r in pool.map(lambda _: _post(live_api, account.headers), range(30)))  # fmt: skip
+    assert codes.count(202) == 10 and codes.count(402) == 20, codes
+    me = httpx.get(f"{live_api}/v1/me", headers=account.headers).json()
+    assert me["credits"] == 0
+    assert credits.ledger_sum(session, user_id=account.user_id) == 0
+    jobs = session.scalar(select(func.count()).select_from(Generation).where(Generation.user_id == account.user_id))  # fmt: skip
+    assert jobs == 10
+
+
+def test_ten_concurrent_replays_make_one_job_one_charge(live_api, make_account, session):
+    account = make_account(credits=5)
+    headers = {**account.headers, "Idempotency-Key": "order-42"}
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        responses = list(pool.map(lambda _: _post(live_api, headers, seed="5"), range(10)))
+    assert {r.status_code for r in responses} <= {200, 202}
+    assert [r.status_code for r in responses].count(202) == 1
+    assert len({r.json()["id"] for r in responses}) == 1
+    assert httpx.get(f"{live_api}/v1/me", headers=account.headers).json()["credits"] == 4
+    different = _post(live_api, headers, seed="6")
+    assert different.status_code == 422
+    assert different.json()["error"]["code"] == "idempotency_key_reused"
+
+
+def test_failure_path_twice_refunds_once(app, make_account, sessions):
+    account = make_account(credits=3)
+    job = submit(app, account).json()
+    for _ in range(2):
+        with sessions() as s:
+            lifecycle.fail(s, job_id=job["id"], code="no_pose_detected", message="nobody there")
+            s.commit()
+    assert app.get("/v1/me", headers=account.headers).json()["credits"] == 3
+    with sessions() as s:
+        refunds = s.scalar(select(func.count()).select_from(CreditLedger).where(CreditLedger.generation_id == job["id"], CreditLedger.kind == "refund"))  # fmt: skip
+    assert refunds == 1
+    failed = app.get(f"/v1/generations/{job['id']}", headers=account.headers).json()
+    assert failed["error"] == {"code": "no_pose_detected", "message": "nobody there"}
+
+
+def test_cancel_then_fail_refunds_once(app, make_account, sessions):
+    account = make_account(credits=2)
+    job = submit(app, account).json()
+    app.post(f"/v1/generations/{job['id']}/cancel", headers=account.headers)
+    with sessions() as s:
+        assert lifecycle.fail(s, job_id=job["id"], code="internal_error", message="late") is None
+        s.commit()
+        assert credits.ledger_sum(s, user_id=account.user_id) == 2
+    assert app.get("/v1/me", headers=account.headers).json()["credits"] == 2
+
+
+def test_rate_limit_answers_429_with_retry_after(settings, db_engine, make_account):
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    limited = settings.model_copy(update={"rate_limit_per_minute": {"free": 2}})
+    account = make_account()
+    with TestClient(create_app(limited)) as client:
+        assert [submit(client, account).status_code for _ in range(2)] == [202, 202]
+        response = submit(client, account)
+    assert response.status_code == 429 and response.json()["error"]["code"] == "rate_limited"
+    assert 1 <= int(response.headers["retry-after"]) <= 60
+
+
+@pytest.mark.slow
+def test_higher_priority_starts_first_with_one_worker(app, make_account, gpu_worker, sessions):
+    with sessions() as s:
+        tiny = s.scalar(select(AiModel).where(AiModel.model_key == "tiny-sd15-openpose"))
+        fields = {c.key: getattr(tiny, c.key) for c in AiModel.__table__.columns if c.key not in ("id", "model_key", "priority")}  # fmt: skip
+        s.add(AiModel(model_key="test-urgent", priority=9, **fields))
+        s.add(AiModel(model_key="test-lazy", priority=1, **fields))
+        s.commit()
+    account = make_account()
+    blocker = submit(app, account, model_key="test-lazy", num_inference_steps=60, strength=1.0).json()  # fmt: skip
+    wait_for(app, account, blocker["id"], statuses=("processing",))
+    low = submit(app, account, model_key="test-lazy").json()
+    high = submit(app, account, model_key="test-urgent").json()
+    assert app.get(f"/v1/generations/{high['id']}", headers=account.headers).json()["queue_position"] == 0  # fmt: skip
+    done = {j: wait_for(app, account, j) for j in (blocker["id"], low["id"], high["id"])}
+    assert all(d["status"] == "completed" for d in done.values()), gpu_worker.tail()
+    assert done[high["id"]]["started_at"] < done[low["id"]]["started_at"]
+
+
+@pytest.mark.slow
+def test_eta_from_recent_run_times(app, make_account, gpu_worker):
+    account = make_account()
+    first = submit(app, account).json()
+    wait_for(app, account, first["id"])
+    blocker = submit(app, account, num_inference_steps=40, strength=1.0).json()
+    wait_for(app, account, blocker["id"], statuses=("processing",))
+    queued = submit(app, account).json()
+    assert queued["queue_position"] == 0 and queued["eta_seconds"] is not None
+    assert queued["eta_seconds"] > 0
+    wait_for(app, account, queued["id"])
+
+
+def test_settings_parse_contract_formats():
+    s = settings_from({"POSEGEN_WEBHOOK_RETRY_SCHEDULE": "5,30", "POSEGEN_RATE_LIMIT_PER_MINUTE": "free=1,pro=9"})  # fmt: skip
+    assert s.webhook_retry_schedule == [5.0, 30.0] and s.rate_limit_per_minute == {"free": 1, "pro": 9}  # fmt: skip

@@ -1,0 +1,182 @@
+"""The engine on the tiny models (CPU, 2-4 steps): families, pose, determinism, the cache."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from posegen.errors import JobError
+from posegen.seeding import SEEDS_DIR
+from tests.conftest import astronaut_png, png_bytes
+from worker.engine import families
+from worker.engine.engine import Engine, EngineConfig, EngineJob
+from worker.engine.fitting import fit
+from worker.engine.pose import NoPoseDetected
+from worker.engine.pose.mediapipe import MediaPipeExtractor
+from worker.engine.pose.openpose import WEIGHT_FILES, OpenPoseExtractor
+from worker.engine.resolve import WeightsMissing, resolve
+from worker.engine.run import RunParams
+from worker.engine.skeleton import COLORS, draw_skeleton
+
+STANDING = [
+    (0.5, 0.15), (0.5, 0.25), (0.4, 0.26), (0.37, 0.4), (0.36, 0.53), (0.6, 0.26), (0.63, 0.4),
+    (0.64, 0.53), (0.44, 0.55), (0.44, 0.72), (0.44, 0.9), (0.56, 0.55), (0.56, 0.72),
+    (0.56, 0.9), (0.48, 0.13), (0.52, 0.13), (0.46, 0.14), (0.54, 0.14),
+]  # fmt: skip
+
+
+def params(**overrides: object) -> RunParams:
+    base = dict(prompt="a person", negative_prompt="blurry", num_inference_steps=2, guidance_scale=7.5, controlnet_conditioning_scale=1.0, strength=1.0, seed=3, width=128, height=128)  # fmt: skip
+    base.update(overrides)
+    return RunParams(**base)  # type: ignore[arg-type]
+
+
+def job(family: str = "sd15", **overrides: object) -> EngineJob:
+    fields = dict(model_key=f"tiny-{family}-openpose", family=family, base_model=f"tiny-{family}", controlnet_model=f"tiny-{family}-controlnet", params=params(), image=astronaut_png(), pose_keypoints=STANDING)  # fmt: skip
+    fields.update(overrides)
+    return EngineJob(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir: Path) -> Engine:
+    return Engine(EngineConfig(model_dir=model_dir, pose_backend="mediapipe"))
+
+
+def test_every_enabled_seeded_family_has_pipelines():
+    seeded = yaml.safe_load((SEEDS_DIR / "ai_models.yaml").read_text())
+    for model in seeded:
+        if model["enabled"]:
+            family = families.family(model["family"])
+            assert families.pipeline_class(family.base) and families.pipeline_class(family.controlnet)  # fmt: skip
+        else:  # a family without pipelines may only appear disabled
+            assert model["coming_soon"] or model["family"] in families.FAMILIES
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_both_families_render_at_the_model_resolution(engine, family):
+    steps: list[tuple[int, int]] = []
+    result = engine.generate(job(family, params=params(num_inference_steps=3)), on_step=lambda s, t: steps.append((s, t)))  # fmt: skip
+    image = Image.open(io.BytesIO(result.png))
+    assert image.format == "PNG" and image.size == (128, 128)
+    assert steps[0] == (0, 3) and steps[-1] == (3, 3)
+
+
+def test_same_seed_same_pixels_other_seed_other_pixels(engine):
+    a = engine.generate(job()).png
+    b = engine.generate(job()).png
+    c = engine.generate(job(params=params(seed=4))).png
+    assert a == b and a != c
+
+
+def test_cancel_between_steps(engine):
+    from worker.engine.engine import Canceled
+
+    calls: list[int] = []
+    with pytest.raises(Canceled):
+        engine.generate(job(params=params(num_inference_steps=10)), on_step=lambda s, t: calls.append(s), should_cancel=lambda: len(calls) >= 3)  # fmt: skip
+    assert max(calls) < 10
+
+
+def test_tiny_strength_still_runs_one_step(engine):
+    steps: list[int] = []
+    engine.generate(job(params=params(num_inference_steps=4, strength=0.1)), on_step=lambda s, t: steps.append(t))  # fmt: skip
+    assert steps[-1] == 1
+
+
+def test_missing_weights_name_the_pull_command(tmp_path):
+    with pytest.raises(WeightsMissing) as err:
+        resolve("some-org/not-downloaded", model_dir=tmp_path, model_key="sd15-openpose")
+    assert err.value.code == "model_weights_missing"
+    assert "posegen models pull sd15-openpose" in err.value.message
+
+
+def test_single_file_checkpoints_resolve(tmp_path):
+    (tmp_path / "my-controlnet.safetensors").write_bytes(b"")
+    assert resolve("my-controlnet", model_dir=tmp_path, model_key="k").kind == "single_file"
+
+
+def test_fit_crops_instead_of_stretching():
+    wide = Image.new("RGB", (400, 100), (255, 0, 0))
+    wide.paste((0, 0, 255), (0, 0, 100, 100))  # a blue band on the left edge gets cropped off
+    fitted = fit(wide, width=128, height=128)
+    assert fitted.size == (128, 128)
+    assert np.asarray(fitted)[64, 0].tolist() == [255, 0, 0]
+
+
+def test_skeleton_uses_openpose_colours():
+    image = np.asarray(draw_skeleton(STANDING, width=512, height=512))
+    nose = STANDING[0]
+    assert image[int(nose[1] * 512), int(nose[0] * 512)].tolist() == list(COLORS[0])
+    assert image[0, 0].tolist() == [0, 0, 0]
+
+
+def test_mediapipe_finds_the_astronaut():
+    extractor = MediaPipeExtractor()
+    photo = fit(Image.open(io.BytesIO(astronaut_png())), width=512, height=512)
+    keypoints = extractor.extract(photo)
+    nose, neck, r_sh, l_sh = keypoints[0], keypoints[1], keypoints[2], keypoints[5]
+    assert nose and neck and r_sh and l_sh
+    # The face is in the upper half, between the shoulders; the neck sits below the nose.
+    assert nose[1] < 0.5 and r_sh[0] < nose[0] < l_sh[0] and neck[1] > nose[1]
+    with pytest.raises(NoPoseDetected):
+        extractor.extract(Image.open(io.BytesIO(png_bytes((256, 256)))))
+
+
+def test_no_person_is_a_job_error(engine):
+    with pytest.raises(JobError) as err:
+        engine.generate(job(pose_keypoints=None, image=png_bytes((128, 128))))
+    assert err.value.code == "no_pose_detected"
+
+
+def test_openpose_loads_weights_from_the_model_dir(tmp_path):
+    """A locally built file set with the lllyasviel/Annotators layout loads through controlnet-aux."""
+    from controlnet_aux.open_pose.body import bodypose_model
+    from controlnet_aux.open_pose.face import FaceNet
+    from controlnet_aux.open_pose.hand import handpose_model
+
+    folder = tmp_path / "lllyasviel" / "Annotators"
+    folder.mkdir(parents=True)
+    torch.manual_seed(0)
+    for name, model, strip in zip(WEIGHT_FILES, (bodypose_model(), handpose_model(), FaceNet()), (True, True, False), strict=True):  # fmt: skip
+        state = model.state_dict()
+        if strip:  # controlnet-aux's transfer() expects keys without the first component
+            state = {".".join(k.split(".")[1:]): v for k, v in state.items()}
+        torch.save(state, folder / name)
+    extractor = OpenPoseExtractor.load(model_dir=tmp_path)
+    assert extractor.name == "openpose"
+    # Random weights find nobody: the contract's error, not a crash.
+    with pytest.raises(NoPoseDetected):
+        extractor.extract(Image.open(io.BytesIO(png_bytes((64, 64)))))
+
+
+def test_cache_two_models_alternating_load_once_each(model_dir):
+    engine = Engine(EngineConfig(model_dir=model_dir, pose_backend="mediapipe", cache_bytes=1024**3))  # fmt: skip
+    for _ in range(3):
+        engine.pipeline(job("sd15"))
+        engine.pipeline(job("sdxl"))
+    assert set(engine.cache.stats.loads.values()) == {1} and len(engine.cache.stats.loads) == 4
+    assert engine.cache.stats.evictions == 0
+
+
+def test_cache_evicts_least_recently_used_over_budget(model_dir):
+    small = Engine(EngineConfig(model_dir=model_dir, pose_backend="mediapipe", cache_bytes=1))
+    small.pipeline(job("sd15"))
+    small.pipeline(job("sdxl"))
+    assert not any(k.endswith("tiny-sd15") for k in small.cache.keys())
+    small.pipeline(job("sd15"))
+    assert small.cache.stats.loads["base:sd15:tiny-sd15"] == 2 and small.cache.stats.evictions >= 2
+
+
+def test_two_controlnets_share_one_base(model_dir, tmp_path):
+    engine = Engine(EngineConfig(model_dir=model_dir, pose_backend="mediapipe"))
+    a = engine.pipeline(job("sd15"))
+    twin = job("sd15", controlnet_model=str(model_dir / "tiny-sd15-controlnet"))  # another ref
+    b = engine.pipeline(twin)
+    assert a is not b and a.unet is b.unet and a.controlnet is not b.controlnet
+    assert engine.cache.stats.loads["base:sd15:tiny-sd15"] == 1
