@@ -5,8 +5,11 @@
 
 from __future__ import annotations
 
-from celery import Celery
+from typing import Any
 
+from celery import Celery, signals
+
+from posegen.logs import configure_logging
 from posegen.queue import PURGE_TASK, RECONCILE_TASK, SWEEP_WEBHOOKS_TASK, configure_celery
 from posegen.settings import Settings, get_settings
 from worker.tasks import register
@@ -25,6 +28,12 @@ def create_celery(settings: Settings) -> Celery:
     }
     register(app)
     return app
+
+
+@signals.setup_logging.connect
+def _json_logs(**_: Any) -> None:
+    # Our structured logs (job ids in every line) instead of Celery's own format.
+    configure_logging(get_settings(), process="worker")
 
 
 # Celery's CLI and worker processes look the app up by module attribute. Building it
