@@ -64,7 +64,10 @@ class EngineResult:
 
 
 def _open(data: bytes) -> Image.Image:
-    return Image.open(io.BytesIO(data)).convert("RGB")
+    try:
+        return Image.open(io.BytesIO(data)).convert("RGB")
+    except (OSError, ValueError) as exc:  # the API re-encoded it; storage returned something else
+        raise JobError("invalid_input", "A stored input image could not be decoded.") from exc
 
 
 class Engine:
