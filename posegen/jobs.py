@@ -342,7 +342,7 @@ def job_json(session: Session, job: Generation) -> dict[str, Any]:
     eta = None
     if position is not None:
         per_job = recent_run_seconds(session, job.model_key)
-        eta = round(per_job * (position + 1), 1) if per_job is not None else None
+        eta = round(per_job * (position + 1), 3) if per_job is not None else None
     return render_job(job, queue_position=position, eta_seconds=eta)
 
 

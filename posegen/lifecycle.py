@@ -73,7 +73,7 @@ def heartbeat(
 
 
 def complete(
-    session: Session, *, job_id: str, worker_id: str, outputs: list[dict[str, Any]]
+    session: Session, *, job_id: str, worker_id: str, outputs: list[dict[str, Any]], steps: int
 ) -> Generation | None:
     """processing -> completed with its outputs; None if the job stopped being ours."""
     result = session.execute(
@@ -88,7 +88,9 @@ def complete(
             outputs=outputs,
             finished_at=utcnow(),
             lease_expires_at=None,
-            progress_step=Generation.progress_total,
+            # A fast job can finish before any heartbeat wrote progress: set it here.
+            progress_step=steps,
+            progress_total=steps,
         )
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]

@@ -78,7 +78,7 @@ class Heartbeat:
 def run_job(ctx: WorkerContext, job_id: str) -> str:
     """Claim, run and finish one job. Returns what happened, for logs and tests."""
     from worker.engine.engine import Canceled, EngineJob
-    from worker.engine.run import RunParams
+    from worker.engine.run import RunParams, steps_for
 
     settings = ctx.settings
     with ctx.session() as session:
@@ -145,6 +145,7 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
             job_id=job_id,
             worker_id=ctx.worker_id,
             outputs=[{"index": 0, "key": key, "width": result.width, "height": result.height}],
+            steps=steps_for(engine_job.params),
         )
     if done is None:  # canceled (or lease lost) just before the end: the output is not ours
         ctx.storage.delete(key)

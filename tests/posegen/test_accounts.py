@@ -122,3 +122,34 @@ def test_eta_from_recent_run_times(app, make_account, gpu_worker):
 def test_settings_parse_contract_formats():
     s = settings_from({"POSEGEN_WEBHOOK_RETRY_SCHEDULE": "5,30", "POSEGEN_RATE_LIMIT_PER_MINUTE": "free=1,pro=9"})  # fmt: skip
     assert s.webhook_retry_schedule == [5.0, 30.0] and s.rate_limit_per_minute == {"free": 1, "pro": 9}  # fmt: skip
+
+
+def test_expired_idempotency_keys_are_purged_and_reusable(app, make_account, sessions):
+    import datetime as dt
+
+    from sqlalchemy import update
+
+    from db.models import IdempotencyKey
+    from posegen.reconciler import purge_expired_idempotency_keys
+
+    account = make_account()
+    headers = {"Idempotency-Key": "k-1"}
+    first = submit(app, account, headers=headers).json()
+    with sessions() as s:
+        s.execute(
+            update(IdempotencyKey).values(
+                expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+            )
+        )
+        s.commit()
+    # An expired key is a new request: a new job, charged again.
+    second = submit(app, account, headers=headers)
+    assert second.status_code == 202 and second.json()["id"] != first["id"]
+    with sessions() as s:
+        s.execute(
+            update(IdempotencyKey).values(
+                expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+            )
+        )
+        assert purge_expired_idempotency_keys(s) == 1
+        s.commit()
