@@ -23,10 +23,11 @@ def make_engine(database_url: str, *, pool_size: int = 10) -> Engine:
     return create_engine(
         database_url,
         pool_size=pool_size,
-        max_overflow=pool_size,
+        max_overflow=2 * pool_size,
         pool_pre_ping=True,
-        # A database that does not answer must not hang a request: fail fast, answer 503.
-        pool_timeout=5,
+        # Waiting for a free connection is load, not an outage: allow it time. A database that
+        # does not answer is caught by the connect timeout instead (-> 503 unavailable).
+        pool_timeout=30,
         connect_args={"connect_timeout": 5},
     )
 
