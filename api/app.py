@@ -15,7 +15,6 @@ from api import errors
 from api.routes import catalog, generations, health
 from db.models import Generation
 from db.session import make_engine, make_session_factory
-from posegen.errors import PayloadTooLarge
 from posegen.logs import configure_logging
 from posegen.metrics import Metrics
 from posegen.queue import Dispatcher, make_producer
@@ -43,16 +42,26 @@ class BodyLimit:
                 await _send_413(send, self.max_bytes)
                 return
         received = 0
+        refused = False
 
         async def limited() -> Message:
-            nonlocal received
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.max_bytes:
-                raise PayloadTooLarge(f"The request body is larger than {self.max_bytes} bytes.")
+                # Answer 413 now and tell the app the client went away, so it stops reading.
+                refused = True
+                await _send_413(send, self.max_bytes)
+                return {"type": "http.disconnect"}
             return message
 
-        await self.app(scope, limited, send)
+        async def guarded_send(message: Message) -> None:
+            if not refused:  # the 413 went out already: drop whatever the app answers
+                await send(message)
+
+        await self.app(scope, limited, guarded_send)
 
 
 async def _send_413(send: Send, limit: int) -> None:

@@ -1,0 +1,170 @@
+"""Faults caused for real: a worker SIGKILLed mid-job, Redis flushed, Postgres unreachable."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import func, select
+
+from db.models import CreditLedger, Generation
+from tests.conftest import Proc, settings_from, submit, wait_for
+
+pytestmark = pytest.mark.slow
+FAULT_BROKER = "redis://127.0.0.1:6379/13"  # its own queue, consumed only by this module's workers
+
+
+@pytest.fixture
+def fault_env(base_env):
+    return {**base_env, "POSEGEN_BROKER_URL": FAULT_BROKER}
+
+
+@pytest.fixture
+def fault_app(fault_env, db_engine):
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    with TestClient(create_app(settings_from(fault_env))) as client:
+        yield client
+    redis.Redis.from_url(FAULT_BROKER).flushdb()
+
+
+@pytest.fixture
+def procs(fault_env, process_logs: Path):
+    started: list[Proc] = []
+
+    def start(*args: str, name: str) -> Proc:
+        proc = Proc(list(args), fault_env, process_logs / f"fault-{name}-{time.monotonic_ns()}.log").start()  # fmt: skip
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+def _ledger(sessions, job_id: str) -> dict[str, int]:
+    with sessions() as s:
+        rows = s.execute(select(CreditLedger.kind, func.count()).where(CreditLedger.generation_id == job_id).group_by(CreditLedger.kind)).all()  # fmt: skip
+    return dict(rows)  # type: ignore[arg-type]
+
+
+def test_worker_sigkilled_mid_job_completes_once_charged_once(fault_app, make_account, procs, sessions, fault_env):  # fmt: skip
+    account = make_account(credits=1)
+    worker = procs("worker", "--concurrency", "1", name="worker")
+    procs("beat", name="beat")
+    procs("worker", "--queues", "maintenance", "--concurrency", "1", name="housekeeping")
+    job = submit(fault_app, account, num_inference_steps=150, strength=1.0, seed=11).json()
+    wait_for(fault_app, account, job["id"], statuses=("processing",), timeout=60)
+    while fault_app.get(f"/v1/generations/{job['id']}", headers=account.headers).json()["progress"]["step"] < 2:  # fmt: skip
+        time.sleep(0.05)
+    worker.kill()  # SIGKILL to the Celery parent and its child at once
+    time.sleep(1)
+    assert fault_app.get(f"/v1/generations/{job['id']}", headers=account.headers).json()["status"] == "processing"  # fmt: skip
+    procs("worker", "--concurrency", "1", name="worker2")
+    done = wait_for(fault_app, account, job["id"], timeout=120)
+    assert done["status"] == "completed", done
+    assert done["attempts"] == 2 and len(done["outputs"]) == 1
+    storage = Path(settings_from(fault_env).storage_url.removeprefix("file://"))
+    assert [p.name for p in (storage / "outputs" / job["id"]).iterdir()] == ["0.png"]
+    assert _ledger(sessions, job["id"]) == {"charge": 1}
+    assert fault_app.get("/v1/me", headers=account.headers).json()["credits"] == 0
+
+
+def test_redis_flushed_with_jobs_queued_all_complete(fault_app, make_account, procs):
+    account = make_account()
+    ids = [submit(fault_app, account, seed=i).json()["id"] for i in range(3)]
+    redis.Redis.from_url(FAULT_BROKER).flushdb()  # every queued message is gone
+    procs("worker", "--concurrency", "1", name="worker")
+    procs("beat", name="beat")
+    procs("worker", "--queues", "maintenance", "--concurrency", "1", name="housekeeping")
+    for job_id in ids:
+        assert wait_for(fault_app, account, job_id, timeout=120)["status"] == "completed"
+
+
+class TcpProxy:
+    """127.0.0.1:<port> -> Postgres; `down()` refuses connections and cuts open ones."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self.listener: socket.socket | None = None
+
+    def up(self) -> None:
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", self.port))
+        self.listener.listen(64)
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def down(self) -> None:
+        if self.listener:
+            # shutdown() wakes the thread blocked in accept(); close() alone would not.
+            with contextlib.suppress(OSError):
+                self.listener.shutdown(socket.SHUT_RDWR)
+            self.listener.close()
+            self.listener = None
+        for conn in self.conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+        self.conns.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+
+def test_database_refusing_connections_is_503_then_recovers(base_env, db_engine, make_account, sessions):  # fmt: skip
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    proxy = TcpProxy(("127.0.0.1", 5432))
+    proxy.up()
+    url = base_env["POSEGEN_DATABASE_URL"].replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    account = make_account(credits=5)
+    with TestClient(create_app(settings_from({**base_env, "POSEGEN_DATABASE_URL": url}))) as client:  # fmt: skip
+        assert submit(client, account).status_code == 202
+        proxy.down()
+        started = time.monotonic()
+        response = submit(client, account)
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["code"] == "unavailable"
+        assert time.monotonic() - started < 10
+        assert client.get("/ready").status_code == 503
+        with sessions() as s:  # straight to Postgres: nothing charged, nothing recorded
+            assert s.scalar(select(func.count()).select_from(Generation).where(Generation.user_id == account.user_id)) == 1  # fmt: skip
+        proxy.up()
+        response = submit(client, account)
+        assert response.status_code == 202, response.text
+        assert client.get("/v1/me", headers=account.headers).json()["credits"] == 3
+    proxy.down()
