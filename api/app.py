@@ -17,7 +17,14 @@ from db.models import Generation
 from db.session import make_engine, make_session_factory
 from posegen.logs import configure_logging
 from posegen.metrics import Metrics
-from posegen.queue import Dispatcher, make_producer
+from posegen.queue import (
+    GENERATION_QUEUE,
+    MAINTENANCE_QUEUE,
+    PRIORITY_STEPS,
+    WEBHOOK_QUEUE,
+    Dispatcher,
+    make_producer,
+)
 from posegen.settings import Settings, get_settings
 from posegen.storage import storage_from_settings
 
@@ -102,7 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.storage = storage_from_settings(settings)
         app.state.dispatcher = Dispatcher(make_producer(settings))
         app.state.metrics = Metrics()
-        app.state.metrics.watch_queue(lambda: _active_counts(app))
+        app.state.metrics.watch_queue(lambda: _active_counts(app), lambda: _queue_depths(app))
         yield
         db_engine.dispose()
 
@@ -132,6 +139,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Image + pose image + the form fields.
     app.add_middleware(BodyLimit, max_bytes=2 * settings.max_upload_bytes + 64 * 1024)
     return app
+
+
+def _queue_depths(app: FastAPI) -> dict[str, int]:
+    """Messages waiting per queue on Redis (kombu keeps one list per priority step)."""
+    settings: Settings = app.state.settings
+    if settings.embedded_broker:
+        return {}
+    with app.state.dispatcher.celery.connection_for_read() as conn:
+        client = conn.default_channel.client
+        depths = {}
+        for queue in (GENERATION_QUEUE, WEBHOOK_QUEUE, MAINTENANCE_QUEUE):
+            keys = [queue, *(f"{queue}:{step}" for step in PRIORITY_STEPS if step)]
+            depths[queue] = sum(int(client.llen(key)) for key in keys)
+        return depths
 
 
 def _active_counts(app: FastAPI) -> Iterable[tuple[str, str, int]]:

@@ -1,4 +1,11 @@
-"""Prometheus metrics of the API process: requests, submits by status, the live queue."""
+"""Prometheus metrics.
+
+The API process: requests, submits by status code, cancellations, and (read at scrape time)
+jobs queued/processing per model and messages waiting per broker queue. Worker processes:
+jobs by final status and model, queue-wait and run-time histograms, webhook attempts by
+outcome — recorded in prometheus multiprocess mode and served by `posegen worker
+--metrics-port`.
+"""
 
 from __future__ import annotations
 
@@ -11,27 +18,83 @@ from prometheus_client.registry import Collector
 
 
 class QueueCollector(Collector):
-    """Jobs queued/processing per model, read from the database at scrape time."""
-
-    def __init__(self, counts: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
+    def __init__(
+        self,
+        counts: Callable[[], Iterable[tuple[str, str, int]]],
+        depths: Callable[[], dict[str, int]],
+    ) -> None:
         self.counts = counts
+        self.depths = depths
 
     def collect(self) -> Iterable[Any]:
-        family = GaugeMetricFamily(
+        active = GaugeMetricFamily(
             "posegen_jobs_active",
             "Jobs queued or processing, by model.",
             labels=["status", "model"],
         )
-        try:
-            rows = list(self.counts())
-        except Exception:  # noqa: BLE001 - a scrape must not fail because the database is down
-            rows = []
-        for status, model, count in rows:
-            family.add_metric([status, model], count)
-        yield family
+        for status, model, count in _safely(lambda: list(self.counts()), []):
+            active.add_metric([status, model], count)
+        yield active
+        depth = GaugeMetricFamily(
+            "posegen_queue_depth", "Messages waiting in each broker queue.", labels=["queue"]
+        )
+        for queue, count in _safely(self.depths, {}).items():
+            depth.add_metric([queue], count)
+        yield depth
+
+
+def _safely(read: Callable[[], Any], default: Any) -> Any:
+    try:
+        return read()
+    except Exception:  # noqa: BLE001 - a scrape must not fail because a dependency is down
+        return default
+
+
+class JobMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        kwargs: dict[str, Any] = {"registry": registry} if registry is not None else {}
+        self.finished = Counter(
+            "posegen_jobs_finished",
+            "Jobs by final status and model.",
+            ["status", "model"],
+            **kwargs,
+        )
+        self.queue_wait = Histogram(
+            "posegen_job_queue_wait_seconds",
+            "From submit to a worker starting the job.",
+            ["model"],
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 15, 60, 300, 1800),
+            **kwargs,
+        )
+        self.run_time = Histogram(
+            "posegen_job_run_seconds",
+            "From start to completion on the worker.",
+            ["model"],
+            buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900),
+            **kwargs,
+        )
+        self.webhook_attempts = Counter(
+            "posegen_webhook_attempts",
+            "Webhook delivery attempts by outcome.",
+            ["outcome"],
+            **kwargs,
+        )
+
+
+_job_metrics: JobMetrics | None = None
+
+
+def job_metrics() -> JobMetrics:
+    """This worker process's job metrics, in the default (multiprocess-aware) registry."""
+    global _job_metrics
+    if _job_metrics is None:
+        _job_metrics = JobMetrics()
+    return _job_metrics
 
 
 class Metrics:
+    """The API process's registry."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -53,6 +116,20 @@ class Metrics:
             ["status"],
             registry=self.registry,
         )
+        self.jobs = JobMetrics(self.registry)
 
-    def watch_queue(self, counts: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
-        self.registry.register(QueueCollector(counts))
+    def watch_queue(
+        self,
+        counts: Callable[[], Iterable[tuple[str, str, int]]],
+        depths: Callable[[], dict[str, int]],
+    ) -> None:
+        self.registry.register(QueueCollector(counts, depths))
+
+
+def serve_multiprocess(port: int, host: str = "0.0.0.0") -> None:
+    """Serve the metrics that every process under PROMETHEUS_MULTIPROC_DIR recorded."""
+    from prometheus_client import multiprocess, start_http_server
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    start_http_server(port, addr=host, registry=registry)

@@ -206,6 +206,7 @@ class Proc:
     def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
         self.args, self.env, self.log = args, env, log
         self.proc: subprocess.Popen[bytes] | None = None
+        self.metrics_url = ""
 
     def start(self) -> Proc:
         self.log.parent.mkdir(parents=True, exist_ok=True)
@@ -244,22 +245,43 @@ def process_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("logs")
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @pytest.fixture(scope="session")
 def gpu_worker(base_env: dict[str, str], db_engine: object, process_logs: Path) -> Iterator[Proc]:
-    proc = Proc(["worker", "--concurrency", "1"], base_env, process_logs / "gpu-worker.log").start()
+    port = free_port()
+    args = ["worker", "--concurrency", "1", "--metrics-port", str(port)]
+    proc = Proc(args, base_env, process_logs / "gpu-worker.log").start()
+    proc.metrics_url = f"http://127.0.0.1:{port}/metrics"
     yield proc
     proc.stop()
 
 
 @pytest.fixture(scope="session")
-def housekeeping(base_env: dict[str, str], db_engine: object, process_logs: Path) -> Iterator[None]:
+def housekeeping(base_env: dict[str, str], db_engine: object, process_logs: Path) -> Iterator[Proc]:
+    port = free_port()
     worker = Proc(
-        ["worker", "--queues", "webhooks,maintenance", "--concurrency", "2"],
+        [
+            "worker",
+            "--queues",
+            "webhooks,maintenance",
+            "--concurrency",
+            "2",
+            "--metrics-port",
+            str(port),
+        ],
         base_env,
         process_logs / "housekeeping.log",
     ).start()
+    worker.metrics_url = f"http://127.0.0.1:{port}/metrics"
     beat = Proc(["beat"], base_env, process_logs / "beat.log").start()
-    yield
+    yield worker
     beat.stop()
     worker.stop()
 
@@ -285,11 +307,7 @@ def wait_for(
 @pytest.fixture(scope="session")
 def live_api(base_env: dict[str, str], db_engine: object, process_logs: Path) -> Iterator[str]:
     """A real uvicorn server (its own process), for concurrent clients."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     proc = Proc(["api", "--port", str(port)], base_env, process_logs / "api.log").start()
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60

@@ -119,3 +119,20 @@ def test_demo_runs_end_to_end(tmp_path):
     image = Image.open(match.group(1))
     assert image.size == (128, 128)
     assert (tmp_path / "var" / "posegen.db").exists()
+
+
+def test_metrics_from_api_and_worker(app, make_account, gpu_worker):
+    import httpx
+
+    account = make_account()
+    job = submit(app, account).json()
+    assert wait_for(app, account, job["id"])["status"] == "completed"
+    worker = httpx.get(gpu_worker.metrics_url).text
+    assert 'posegen_jobs_finished_total{model="tiny-sd15-openpose",status="completed"}' in worker
+    assert 'posegen_job_queue_wait_seconds_count{model="tiny-sd15-openpose"}' in worker
+    assert 'posegen_job_run_seconds_bucket{le="1.0",model="tiny-sd15-openpose"}' in worker
+    canceled = submit(app, account, num_inference_steps=150, strength=1.0).json()
+    app.post(f"/v1/generations/{canceled['id']}/cancel", headers=account.headers)
+    api = app.get("/metrics").text
+    assert 'posegen_jobs_finished_total{model="tiny-sd15-openpose",status="canceled"} 1.0' in api
+    assert 'posegen_queue_depth{queue="generation"}' in api

@@ -16,6 +16,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from db.models import AiModel, Generation, PoseTemplate
 from posegen import lifecycle
 from posegen.errors import JobError
+from posegen.metrics import job_metrics
 from worker.context import WorkerContext
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,10 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
         template = session.get(PoseTemplate, job.pose_template_id) if job.pose_template_id else None
         model_fields = (model.family, model.base_model, model.controlnet_model)
         keypoints = template.keypoints if template else None
+    metrics = job_metrics()
+    metrics.queue_wait.labels(job.model_key).observe(
+        (job.started_at - job.created_at).total_seconds()
+    )  # type: ignore[operator]
     log.info("job started", extra={"job_id": job_id, "attempt": claim.attempt})
 
     heartbeat = Heartbeat(ctx, job_id)
@@ -150,6 +155,8 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
     if done is None:  # canceled (or lease lost) just before the end: the output is not ours
         ctx.storage.delete(key)
         return "canceled"
+    metrics.finished.labels("completed", job.model_key).inc()
+    metrics.run_time.labels(job.model_key).observe(result.seconds)
     if ctx.engine.leaked_bytes() > 256 * 1024**2:
         log.warning("GPU memory did not return to its baseline; this process will be replaced")
         ctx.restart_requested = True
@@ -160,5 +167,9 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
 def _fail(ctx: WorkerContext, job_id: str, code: str, message: str) -> str:
     log.info("job failed", extra={"job_id": job_id, "code": code})
     with ctx.session() as session:
-        lifecycle.fail(session, job_id=job_id, code=code, message=message, worker_id=ctx.worker_id)
+        job = lifecycle.fail(
+            session, job_id=job_id, code=code, message=message, worker_id=ctx.worker_id
+        )
+    if job is not None:
+        job_metrics().finished.labels("failed", job.model_key).inc()
     return "failed"

@@ -8,6 +8,7 @@ import os
 from celery import Celery
 
 from posegen import reconciler, webhooks
+from posegen.metrics import job_metrics
 from posegen.queue import (
     DELIVER_WEBHOOK_TASK,
     GENERATE_TASK,
@@ -43,6 +44,8 @@ def register(app: Celery) -> None:
             message = webhooks.outgoing(session, delivery_id=delivery_id)
         # The HTTP call happens outside any transaction.
         attempt = webhooks.post_signed(message, settings=ctx.settings)
+        outcome = "success" if attempt.ok else ("http_error" if attempt.status_code else "error")
+        job_metrics().webhook_attempts.labels(outcome).inc()
         with ctx.session() as session:
             webhooks.record_attempt(
                 session, delivery_id=delivery_id, attempt=attempt, settings=ctx.settings

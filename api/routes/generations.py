@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile
+from fastapi import APIRouter, File, Form, Header, Query, Request, Response, UploadFile
 from fastapi.responses import FileResponse, RedirectResponse
 
 from api.deps import CurrentUser, DispatcherDep, SessionDep, SettingsDep, StorageDep
@@ -101,10 +101,15 @@ def get_generation(job_id: str, user: CurrentUser, session: SessionDep) -> dict[
 
 @router.post("/{job_id}/cancel", response_model=Job, responses=ERRORS)
 def cancel_generation(
-    job_id: str, user: CurrentUser, session: SessionDep, dispatcher: DispatcherDep
+    job_id: str,
+    user: CurrentUser,
+    session: SessionDep,
+    dispatcher: DispatcherDep,
+    request: Request,
 ) -> dict[str, Any]:
     job = jobs.cancel(session, job_id=job_id, user=user)
     dispatcher.commit(session)
+    request.app.state.metrics.jobs.finished.labels("canceled", job.model_key).inc()
     return jobs.job_json(session, job)
 
 

@@ -27,6 +27,30 @@ def gpu_count() -> int:
     return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
 
 
+def _multiprocess_metrics(port: int) -> None:
+    """Prefork children record into files that the parent serves. Must run before anything
+    imports prometheus_client: it picks its value class from this variable at import."""
+    import shutil
+    import sys
+
+    assert "prometheus_client" not in sys.modules, "prometheus_client imported too early"
+    folder = (settings().var_dir / "metrics" / f"worker-{os.getpid()}").resolve()
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)  # noqa: TID251 - for prometheus_client
+
+    from celery import signals
+    from prometheus_client import multiprocess
+
+    from posegen.metrics import serve_multiprocess
+
+    @signals.worker_process_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
+    def _child_gone(pid: int | None = None, **_: object) -> None:
+        multiprocess.mark_process_dead(pid or os.getpid(), str(folder))
+
+    serve_multiprocess(port)
+
+
 def register_processes(app: typer.Typer) -> None:
     @app.command("api")
     def api(
@@ -49,9 +73,14 @@ def register_processes(app: typer.Typer) -> None:
             int | None, typer.Option(help="processes; default: one per GPU")
         ] = None,
         loglevel: str = "INFO",
+        metrics_port: Annotated[
+            int, typer.Option(help="serve Prometheus metrics of all its processes; 0: off")
+        ] = 0,
     ) -> None:
         """Run a Celery worker: the GPU worker by default; the housekeeping worker with
         --queues webhooks,maintenance."""
+        if metrics_port:
+            _multiprocess_metrics(metrics_port)
         from worker.celery_app import app as celery_app
 
         if concurrency is None:

@@ -90,6 +90,11 @@ def test_500_twice_then_200_is_three_attempts_with_one_id(app, make_account, gpu
         delivery = s.scalar(select(WebhookDelivery).where(WebhookDelivery.generation_id == job["id"]))  # fmt: skip
         assert delivery.status == "delivered" and delivery.attempts == 3
         assert [a["status_code"] for a in delivery.attempt_log] == [500, 500, 200]
+    import httpx
+
+    metrics = httpx.get(housekeeping.metrics_url).text
+    assert 'posegen_webhook_attempts_total{outcome="http_error"}' in metrics
+    assert 'posegen_webhook_attempts_total{outcome="success"}' in metrics
 
 
 def test_failed_job_sends_generation_failed(app, make_account, gpu_worker, housekeeping, receiver):  # fmt: skip
