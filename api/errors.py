@@ -7,7 +7,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException
 
@@ -61,6 +61,13 @@ def install(app: FastAPI) -> None:
         return error_response(
             503, "unavailable", "The database is unavailable; retry shortly.", {"Retry-After": "5"}
         )
+
+    @app.exception_handler(DataError)
+    async def unstorable_value(_: Request, exc: DataError) -> JSONResponse:
+        # A value the database refuses (a NUL byte, an out-of-range number) is the caller's.
+        log.info("database refused a value: %s", exc.orig)
+        message = "The request contains a value that cannot be stored."
+        return error_response(422, "invalid_request", message)
 
     @app.exception_handler(DBAPIError)
     async def database_error(_: Request, exc: DBAPIError) -> JSONResponse:

@@ -147,6 +147,14 @@ class Generation(Base):
             postgresql_where=text("status IN ('queued', 'processing')"),
             sqlite_where=text("status IN ('queued', 'processing')"),
         ),
+        # The ETA reads a model's latest completed jobs.
+        Index(
+            "ix_generations_model_finished",
+            "model_key",
+            "finished_at",
+            postgresql_where=text("status = 'completed'"),
+            sqlite_where=text("status = 'completed'"),
+        ),
     )
 
     id: Mapped[str] = _uuid_pk()

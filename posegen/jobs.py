@@ -54,6 +54,10 @@ class GenerationRequest:
     webhook_url: str | None = None
 
     def validate(self) -> None:
+        for name in ("model_key", "prompt", "negative_prompt", "pose_template_id", "webhook_url"):
+            value = getattr(self, name)
+            if value is not None and "\x00" in value:
+                raise InvalidRequest(f"{name} contains a NUL character.")
         for name in ("prompt", "negative_prompt"):
             value = getattr(self, name)
             if value is not None and len(value) > MAX_PROMPT_CHARS:
@@ -212,7 +216,7 @@ def generate_message(job: Generation) -> Message:
 
 
 def _replay(session: Session, *, user_id: str, key: str, fingerprint: str) -> Generation | None:
-    if len(key) > 255 or not key.strip():
+    if len(key) > 255 or not key.strip() or "\x00" in key:
         raise InvalidRequest("Idempotency-Key must be 1 to 255 characters.")
     row = session.scalar(
         select(IdempotencyKey).where(IdempotencyKey.user_id == user_id, IdempotencyKey.key == key)
@@ -281,9 +285,12 @@ def _decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         created, _, job_id = raw.partition("|")
-        return dt.datetime.fromisoformat(created), job_id
+        created_at = dt.datetime.fromisoformat(created)
     except (ValueError, UnicodeDecodeError):
         raise InvalidRequest("Invalid cursor.") from None
+    if not catalog.is_uuid(job_id) or created_at.tzinfo is None:
+        raise InvalidRequest("Invalid cursor.")
+    return created_at, job_id
 
 
 def cancel(session: Session, *, job_id: str, user: User) -> Generation:

@@ -112,3 +112,17 @@ def test_missing_image_is_422(app, make_account):
 def test_unknown_route_has_the_error_body(app):
     response = app.get("/v1/nothing-here")
     assert response.status_code == 404 and _error(response) == "not_found"
+
+
+@pytest.mark.parametrize("field", ["model_key", "prompt", "negative_prompt", "pose_template_id"])
+def test_nul_bytes_are_422_not_500(app, make_account, field):
+    response = submit(app, make_account(), **{field: "a\x00b"})
+    assert response.status_code == 422 and _error(response) == "invalid_request"
+
+
+def test_forged_cursor_is_422(app, make_account):
+    import base64
+
+    forged = base64.urlsafe_b64encode(b"2026-01-01T00:00:00+00:00|\x00nope").decode()
+    response = app.get(f"/v1/generations?cursor={forged}", headers=make_account().headers)
+    assert response.status_code == 422 and _error(response) == "invalid_request"

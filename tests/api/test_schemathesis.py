@@ -20,7 +20,7 @@ def test_no_server_errors(app, make_account):
     for operation in operations:
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)  # fmt: skip
+        @settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck), database=None)  # fmt: skip
         def check(case):
             response = case.call_and_validate(headers=account.headers, checks=[not_a_server_error])
             statuses.append(response.status_code)

@@ -1,0 +1,1 @@
+"""Benchmarks: each prints one JSON document (and a short summary on stderr)."""

@@ -1,0 +1,210 @@
+"""The engine's run versus a bare diffusers call on the same model and params.
+
+    python -m bench.engine [--family sd15|sdxl] [--full] [--size 128] [--steps 4] [--repeats 15]
+
+Reports medians (seconds) of: the engine's whole run (fit, skeleton from a template, pipeline
+from the cache, the call, PNG encode) and the bare pipeline call with the same prepared
+images; their ratio (goal <= 1.03); pose extraction ms per image for each backend; model load
+seconds cold vs cached. `--full` uses full-size SD1.5/SDXL configs with random weights (same
+compute as the real models) - for a GPU; on a CPU keep --size and --steps small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+STANDING = [
+    (0.5, 0.15),
+    (0.5, 0.25),
+    (0.4, 0.26),
+    (0.37, 0.4),
+    (0.36, 0.53),
+    (0.6, 0.26),
+    (0.63, 0.4),
+    (0.64, 0.53),
+    (0.44, 0.55),
+    (0.44, 0.72),
+    (0.44, 0.9),
+    (0.56, 0.55),
+    (0.56, 0.72),
+    (0.56, 0.9),
+    (0.48, 0.13),
+    (0.52, 0.13),
+    (0.46, 0.14),
+    (0.54, 0.14),
+]
+
+
+def astronaut() -> bytes:
+    import skimage.data
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(skimage.data.astronaut()).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--family", default="sd15", choices=["sd15", "sdxl"])
+    parser.add_argument("--full", action="store_true", help="full-size random-weight configs")
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--model-dir", type=Path, default=None)
+    args = parser.parse_args()
+
+    import torch
+
+    from worker.engine.engine import Engine, EngineConfig, EngineJob
+    from worker.engine.fitting import fit
+    from worker.engine.run import RunParams, run_pipeline
+    from worker.engine.skeleton import draw_skeleton
+    from worker.engine.tiny import build_tiny
+
+    model_dir = args.model_dir or Path(tempfile.mkdtemp(prefix="posegen-bench-"))
+    if args.full:
+        from bench.full_models import build_full
+
+        base, controlnet = build_full(args.family, model_dir)
+    else:
+        build_tiny(model_dir)
+        base, controlnet = f"tiny-{args.family}", f"tiny-{args.family}-controlnet"
+
+    config = EngineConfig(
+        model_dir=model_dir,
+        device=args.device,
+        dtype=args.dtype,
+        pose_backend="mediapipe",
+        compile=args.compile,
+    )
+    params = RunParams(
+        prompt="a portrait avatar of a person",
+        negative_prompt="blurry",
+        num_inference_steps=args.steps,
+        guidance_scale=7.5,
+        controlnet_conditioning_scale=1.0,
+        strength=1.0,
+        seed=0,
+        width=args.size,
+        height=args.size,
+    )
+    photo = astronaut()
+    job = EngineJob(
+        model_key="bench",
+        family=args.family,
+        base_model=base,
+        controlnet_model=controlnet,
+        params=params,
+        image=photo,
+        pose_keypoints=STANDING,
+    )
+
+    # Model load: cold (from disk, a fresh engine) versus cached (the same engine again).
+    started = time.perf_counter()
+    engine = Engine(config)
+    pipe = engine.pipeline(job)
+    cold = time.perf_counter() - started
+    cached_times = []
+    for _ in range(5):
+        started = time.perf_counter()
+        engine.pipeline(job)
+        cached_times.append(time.perf_counter() - started)
+
+    from PIL import Image
+
+    subject = fit(Image.open(io.BytesIO(photo)), width=args.size, height=args.size)
+    control = draw_skeleton(STANDING, width=args.size, height=args.size)
+    micro = args.family == "sdxl"
+
+    def sync() -> None:
+        if engine.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    for _ in range(2):  # warm-up (allocator, kernels, compile)
+        engine.generate(job)
+    sync()
+    engine_times, bare_times = [], []
+    for _ in range(args.repeats):  # interleaved, so drift hits both alike
+        started = time.perf_counter()
+        engine.generate(job)
+        sync()
+        engine_times.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        run_pipeline(
+            pipe, init_image=subject, control_image=control, params=params, micro_conditioning=micro
+        )
+        sync()
+        bare_times.append(time.perf_counter() - started)
+
+    pose_ms: dict[str, Any] = {}
+    from worker.engine.pose import make_extractor
+    from worker.engine.pose.openpose import openpose_weights_dir
+
+    pose_photo = fit(Image.open(io.BytesIO(photo)), width=512, height=512)
+    for backend in ("mediapipe", "openpose"):
+        if backend == "openpose" and openpose_weights_dir(model_dir) is None:
+            pose_ms[backend] = "weights absent (posegen models pull sd15-openpose)"
+            continue
+        extractor = make_extractor(backend, model_dir=model_dir, device=engine.device)
+        extractor.extract(pose_photo)
+        times = []
+        for _ in range(10):
+            started = time.perf_counter()
+            extractor.extract(pose_photo)
+            times.append(time.perf_counter() - started)
+        pose_ms[backend] = round(statistics.median(times) * 1000, 2)
+
+    engine_median, bare_median = statistics.median(engine_times), statistics.median(bare_times)
+    steps_run = max(1, int(args.steps * params.strength))
+    result = {
+        "benchmark": "engine",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "device": engine.device,
+            "gpu": torch.cuda.get_device_name() if engine.device.startswith("cuda") else None,
+        },
+        "model": {
+            "family": args.family,
+            "full_size": args.full,
+            "size": args.size,
+            "steps": args.steps,
+            "dtype": str(engine.dtype),
+            "compile": args.compile,
+        },
+        "repeats": args.repeats,
+        "engine_run_s_median": round(engine_median, 5),
+        "bare_pipeline_s_median": round(bare_median, 5),
+        "ratio_engine_over_bare": round(engine_median / bare_median, 4),
+        "bare_it_per_s": round(steps_run / bare_median, 2),
+        "pose_extraction_ms_median": pose_ms,
+        "model_load_s": {
+            "cold": round(cold, 3),
+            "cached_median": round(statistics.median(cached_times), 6),
+        },
+    }
+    print(json.dumps(result, indent=2))
+    print(
+        f"engine {engine_median * 1000:.1f} ms vs bare {bare_median * 1000:.1f} ms"
+        f" -> ratio {result['ratio_engine_over_bare']}",
+        file=sys.stderr,
+    )
+
+
+if __name__ == "__main__":
+    main()
