@@ -97,3 +97,25 @@ def build_full(family: str, out: Path) -> tuple[str, str]:
     pipe.save_pretrained(out / base, safe_serialization=True)
     controlnet.save_pretrained(out / cn, safe_serialization=True)
     return base, cn
+
+
+def write_random_annotators(model_dir: Path) -> Path:
+    """lllyasviel/Annotators' three OpenPose files with random weights (same layout and
+    compute as the real ones), under model_dir, for loading tests and timing."""
+    import torch
+    from controlnet_aux.open_pose.body import bodypose_model
+    from controlnet_aux.open_pose.face import FaceNet
+    from controlnet_aux.open_pose.hand import handpose_model
+
+    from worker.engine.pose.openpose import ANNOTATORS_REPO, WEIGHT_FILES
+
+    folder = model_dir / ANNOTATORS_REPO
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    models = (bodypose_model(), handpose_model(), FaceNet())
+    for name, model, strip in zip(WEIGHT_FILES, models, (True, True, False), strict=True):
+        state = model.state_dict()
+        if strip:  # controlnet-aux's transfer() expects keys without the first component
+            state = {".".join(k.split(".")[1:]): v for k, v in state.items()}
+        torch.save(state, folder / name)
+    return folder

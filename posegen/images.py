@@ -20,12 +20,39 @@ class CheckedImage:
     height: int
 
 
-def check_upload(data: bytes, *, max_pixels: int, field: str = "image") -> CheckedImage:
-    """Decode an upload safely and return it re-encoded as PNG (RGB).
+def fit(image: Image.Image, *, width: int, height: int) -> Image.Image:
+    """Fit a photo of any aspect ratio to width x height without stretching.
+
+    Center-crop to the target aspect ratio, then resize. Cropping (not padding) keeps the
+    subject large and gives img2img real pixels everywhere. A tall photo keeps its upper part,
+    where faces usually are.
+    """
+    image = image.convert("RGB")
+    if image.size == (width, height):
+        return image
+    src_w, src_h = image.size
+    target = width / height
+    if src_w / src_h > target:  # too wide: crop the sides
+        new_w = round(src_h * target)
+        left = (src_w - new_w) // 2
+        box = (left, 0, left + new_w, src_h)
+    else:  # too tall: crop top and bottom, keeping more of the top
+        new_h = round(src_w / target)
+        top = min((src_h - new_h) // 4, src_h - new_h)
+        box = (0, top, src_w, top + new_h)
+    return image.crop(box).resize((width, height), Image.Resampling.LANCZOS)
+
+
+def check_upload(
+    data: bytes, *, max_pixels: int, field: str = "image", fit_to: tuple[int, int] | None = None
+) -> CheckedImage:
+    """Decode an upload safely and return it re-encoded as PNG (RGB), fitted to `fit_to`.
 
     The size is read from the header before any pixel is decoded, so a small file that
     claims 30000x30000 pixels (a decompression bomb) is refused without allocating it.
     Re-encoding drops whatever else the file carried (metadata, trailing bytes, polyglots).
+    Fitting here, once, to the model's resolution keeps stored inputs small and saves the
+    worker a full-size decode per job.
     """
     if not data:
         raise UnsupportedImage(f"The {field} upload is empty.")
@@ -48,6 +75,8 @@ def check_upload(data: bytes, *, max_pixels: int, field: str = "image") -> Check
         raise UnsupportedImage(f"The {field} is corrupt or truncated.") from None
     if fmt not in ALLOWED_FORMATS:  # pragma: no cover - formats= already restricts
         raise UnsupportedImage(f"The {field} is {fmt}; PNG, JPEG or WebP are accepted.")
+    if fit_to is not None:
+        image = fit(image, width=fit_to[0], height=fit_to[1])
     out = io.BytesIO()
-    image.save(out, format="PNG")
+    image.save(out, format="PNG", compress_level=1)
     return CheckedImage(png=out.getvalue(), width=image.width, height=image.height)

@@ -130,9 +130,15 @@ def submit(
     )
     if request.webhook_url:
         webhooks.check_url(request.webhook_url, allow_private=settings.webhook_allow_private)
-    image = check_upload(request.image, max_pixels=settings.max_image_pixels)
+    size = (model.width, model.height)
+    image = check_upload(request.image, max_pixels=settings.max_image_pixels, fit_to=size)
     pose = (
-        check_upload(request.pose_image, max_pixels=settings.max_image_pixels, field="pose_image")
+        check_upload(
+            request.pose_image,
+            max_pixels=settings.max_image_pixels,
+            field="pose_image",
+            fit_to=size,
+        )
         if request.pose_image is not None
         else None
     )

@@ -7,19 +7,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from PIL import Image
 
 from posegen.errors import JobError
+from posegen.images import fit
 from posegen.seeding import SEEDS_DIR
 from tests.conftest import astronaut_png, png_bytes
 from worker.engine import families
 from worker.engine.engine import Engine, EngineConfig, EngineJob
-from worker.engine.fitting import fit
 from worker.engine.pose import NoPoseDetected
 from worker.engine.pose.mediapipe import MediaPipeExtractor
-from worker.engine.pose.openpose import WEIGHT_FILES, OpenPoseExtractor
+from worker.engine.pose.openpose import OpenPoseExtractor
 from worker.engine.resolve import WeightsMissing, resolve
 from worker.engine.run import RunParams
 from worker.engine.skeleton import COLORS, draw_skeleton
@@ -135,19 +134,10 @@ def test_no_person_is_a_job_error(engine):
 
 
 def test_openpose_loads_weights_from_the_model_dir(tmp_path):
-    """A locally built file set with the lllyasviel/Annotators layout loads through controlnet-aux."""
-    from controlnet_aux.open_pose.body import bodypose_model
-    from controlnet_aux.open_pose.face import FaceNet
-    from controlnet_aux.open_pose.hand import handpose_model
+    """Locally built files with the lllyasviel/Annotators layout load through controlnet-aux."""
+    from bench.full_models import write_random_annotators
 
-    folder = tmp_path / "lllyasviel" / "Annotators"
-    folder.mkdir(parents=True)
-    torch.manual_seed(0)
-    for name, model, strip in zip(WEIGHT_FILES, (bodypose_model(), handpose_model(), FaceNet()), (True, True, False), strict=True):  # fmt: skip
-        state = model.state_dict()
-        if strip:  # controlnet-aux's transfer() expects keys without the first component
-            state = {".".join(k.split(".")[1:]): v for k, v in state.items()}
-        torch.save(state, folder / name)
+    write_random_annotators(tmp_path)
     extractor = OpenPoseExtractor.load(model_dir=tmp_path)
     assert extractor.name == "openpose"
     # Random weights find nobody: the contract's error, not a crash.
