@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI
 from sqlalchemy import func, select
@@ -71,6 +70,37 @@ class BodyLimit:
         await self.app(scope, limited, guarded_send)
 
 
+class Observe:
+    """Request counts and latency by route (a plain ASGI middleware: Starlette's
+    BaseHTTPMiddleware would add a task and two streams to every request)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            metrics: Metrics = scope["app"].state.metrics
+            metrics.requests.labels(route, scope["method"], str(status)).inc()
+            metrics.latency.labels(route).observe(time.perf_counter() - started)
+            if route == "/v1/generations" and scope["method"] == "POST":
+                metrics.submits.labels(str(status)).inc()
+
+
 async def _send_413(send: Send, limit: int) -> None:
     import json
 
@@ -124,19 +154,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(generations.router)
     app.include_router(catalog.router)
 
-    @app.middleware("http")
-    async def observe(request: Any, call_next: Any) -> Any:
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = getattr(request.scope.get("route"), "path", "unmatched")
-        metrics: Metrics = request.app.state.metrics
-        metrics.requests.labels(route, request.method, str(response.status_code)).inc()
-        metrics.latency.labels(route).observe(time.perf_counter() - started)
-        if route == "/v1/generations" and request.method == "POST":
-            metrics.submits.labels(str(response.status_code)).inc()
-        return response
-
     # Image + pose image + the form fields.
+    app.add_middleware(Observe)
     app.add_middleware(BodyLimit, max_bytes=2 * settings.max_upload_bytes + 64 * 1024)
     return app
 

@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import secrets
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -333,8 +334,24 @@ def queue_position(session: Session, job: Generation) -> int | None:
     return int(ahead or 0)
 
 
+_RUN_SECONDS: dict[str, tuple[float, float | None]] = {}
+RUN_SECONDS_TTL = 5.0
+
+
 def recent_run_seconds(session: Session, model_key: str, *, sample: int = 20) -> float | None:
-    """Median run time of the model's latest completed jobs, for the ETA."""
+    """Median run time of the model's latest completed jobs, for the ETA. An estimate, so
+    each process keeps it for a few seconds instead of asking on every poll."""
+    now = time.monotonic()
+    cached = _RUN_SECONDS.get(model_key)
+    if cached is not None and now - cached[0] < RUN_SECONDS_TTL:
+        return cached[1]
+    value = _median_run_seconds(session, model_key, sample=sample)
+    if value is not None:  # no history yet: ask again next time
+        _RUN_SECONDS[model_key] = (now, value)
+    return value
+
+
+def _median_run_seconds(session: Session, model_key: str, *, sample: int) -> float | None:
     rows = session.execute(
         select(Generation.started_at, Generation.finished_at)
         .where(Generation.model_key == model_key, Generation.status == "completed")

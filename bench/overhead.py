@@ -1,0 +1,185 @@
+"""What the queue adds to one job, and what it costs a busy worker.
+
+    python -m bench.overhead [--jobs 50]        # dispatch latency and added cost per job
+    python -m bench.overhead --throughput 100   # 100 jobs through one worker vs a bare loop
+
+One idle worker (`posegen worker --concurrency 1`) with a warm tiny model, on Postgres +
+Redis. Dispatch = started_at - created_at (commit, publish, pick-up, claim). Added cost =
+median(finished_at - created_at) - median(bare pipeline call, same model and params, in
+this process). Throughput: wall time of 100 jobs through the worker (first submit to last
+finish) against 100 bare calls in one loop. Goals: dispatch <= 20 ms median; added cost
+<= 50 ms and <= 3 %; throughput ratio >= 0.95.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import io
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.stack import Stack, stack
+
+STEPS, SIZE = 4, 128
+FIELDS = {
+    "model_key": "tiny-sd15-openpose",
+    "pose_template_id": "standing",
+    "num_inference_steps": str(STEPS),
+    "strength": "1.0",
+    "seed": "7",
+}
+
+
+def _ts(value: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def photo() -> bytes:
+    import skimage.data
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(skimage.data.astronaut()).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def bare_runs(model_dir: Path, n: int) -> list[float]:
+    """The same job as a bare diffusers call in this process: model warm, images prepared."""
+    from PIL import Image
+
+    from posegen.images import check_upload
+    from worker.engine.engine import Engine, EngineConfig, EngineJob
+    from worker.engine.run import RunParams, run_pipeline
+    from worker.engine.skeleton import draw_skeleton
+
+    stored = check_upload(photo(), max_pixels=10**8, fit_to=(SIZE, SIZE)).png
+    params = RunParams(
+        prompt="a portrait avatar of a person", negative_prompt="blurry",
+        num_inference_steps=STEPS, guidance_scale=7.5, controlnet_conditioning_scale=1.0,
+        strength=1.0, seed=7, width=SIZE, height=SIZE,
+    )  # fmt: skip
+    engine = Engine(EngineConfig(model_dir=model_dir, pose_backend="mediapipe"))
+    job = EngineJob(
+        model_key="tiny-sd15-openpose",
+        family="sd15",
+        base_model="tiny-sd15",
+        controlnet_model="tiny-sd15-controlnet",
+        params=params,
+        image=stored,
+    )
+    pipe = engine.pipeline(job)
+    subject = Image.open(io.BytesIO(stored)).convert("RGB")
+    from bench.engine import STANDING
+
+    control = draw_skeleton(STANDING, width=SIZE, height=SIZE)
+    for _ in range(3):
+        run_pipeline(pipe, init_image=subject, control_image=control, params=params)
+    times = []
+    for _ in range(n):
+        started = time.perf_counter()
+        run_pipeline(pipe, init_image=subject, control_image=control, params=params)
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def _submit(base: str, headers: dict[str, str], image: bytes) -> str:
+    response = httpx.post(
+        f"{base}/v1/generations", headers=headers, data=FIELDS,
+        files={"image": ("a.png", image, "image/png")}, timeout=30,
+    )  # fmt: skip
+    response.raise_for_status()
+    return str(response.json()["id"])
+
+
+def _wait(base: str, headers: dict[str, str], job_id: str) -> dict[str, Any]:
+    while True:
+        job: dict[str, Any] = httpx.get(f"{base}/v1/generations/{job_id}", headers=headers).json()
+        if job["status"] in ("completed", "failed", "canceled"):
+            if job["status"] != "completed":
+                raise RuntimeError(f"job {job_id} {job['status']}: {job['error']}")
+            return job
+        time.sleep(0.005)
+
+
+def _start(s: Stack) -> tuple[str, dict[str, str]]:
+    s.cli("models", "build-tiny")
+    base = s.api()
+    headers = {"Authorization": f"Bearer {s.user_key()}"}
+    s.start("worker", "--concurrency", "1", log="worker")
+    image = photo()
+    for _ in range(3):  # warm: the worker loads torch and the model on its first job
+        _wait(base, headers, _submit(base, headers, image))
+    return base, headers
+
+
+def latency(jobs: int) -> dict[str, Any]:
+    with stack() as s:
+        base, headers = _start(s)
+        image = photo()
+        dispatch, total = [], []
+        for _ in range(jobs):
+            job = _wait(base, headers, _submit(base, headers, image))
+            created = _ts(job["created_at"])
+            dispatch.append((_ts(job["started_at"]) - created).total_seconds())
+            total.append((_ts(job["finished_at"]) - created).total_seconds())
+        bare = bare_runs(Path(s.env["POSEGEN_MODEL_DIR"]), jobs)
+    bare_median, total_median = statistics.median(bare), statistics.median(total)
+    added = total_median - bare_median
+    return {
+        "benchmark": "overhead",
+        "jobs": jobs,
+        "dispatch_ms_median": round(statistics.median(dispatch) * 1000, 2),
+        "submit_to_completed_ms_median": round(total_median * 1000, 2),
+        "bare_pipeline_ms_median": round(bare_median * 1000, 2),
+        "added_ms_per_job": round(added * 1000, 2),
+        "added_fraction": round(added / bare_median, 4),
+        "goals": {
+            "dispatch_ms<=20": statistics.median(dispatch) * 1000 <= 20,
+            "added_ms<=50": added * 1000 <= 50,
+            "added_fraction<=0.03": added / bare_median <= 0.03,
+        },
+    }
+
+
+def throughput(jobs: int) -> dict[str, Any]:
+    with stack() as s:
+        base, headers = _start(s)
+        image = photo()
+        ids = [_submit(base, headers, image) for _ in range(jobs)]
+        done = [_wait(base, headers, job_id) for job_id in ids]
+        first = min(_ts(j["created_at"]) for j in done)
+        last = max(_ts(j["finished_at"]) for j in done)
+        queue_wall = (last - first).total_seconds()
+        s.stop()  # the worker must not compete with the bare loop
+        bare = sum(bare_runs(Path(s.env["POSEGEN_MODEL_DIR"]), jobs))
+    return {
+        "benchmark": "throughput",
+        "jobs": jobs,
+        "queue_wall_s": round(queue_wall, 3),
+        "bare_loop_s": round(bare, 3),
+        "ratio_bare_over_queue": round(bare / queue_wall, 4),
+        "goals": {"ratio>=0.95": bare / queue_wall >= 0.95},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--jobs", type=int, default=50)
+    parser.add_argument("--throughput", type=int, default=0, metavar="N")
+    args = parser.parse_args()
+    result = throughput(args.throughput) if args.throughput else latency(args.jobs)
+    result.update(date=time.strftime("%Y-%m-%d"), machine=platform.platform())
+    print(json.dumps(result, indent=2))
+    print({k: v for k, v in result.items() if k not in ("machine",)}, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
