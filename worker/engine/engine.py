@@ -81,6 +81,10 @@ class Engine:
         self._extractor: PoseExtractor | None = None
         self._torch = torch
         self.memory_baseline = self._gpu_allocated()
+        log.info(
+            "engine ready",
+            extra={"device": self.device, "dtype": str(self.dtype), "torch_threads": torch.get_num_threads()},  # fmt: skip
+        )
         if self.device.startswith("cuda"):
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
