@@ -50,6 +50,7 @@ class Job(BaseModel):
     credit_cost: int
     progress: Progress
     queue_position: int | None
+    queue_position_capped: bool
     eta_seconds: float | None
     outputs: list[Output]
     error: ErrorBody | None

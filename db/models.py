@@ -147,6 +147,14 @@ class Generation(Base):
             postgresql_where=text("status IN ('queued', 'processing')"),
             sqlite_where=text("status IN ('queued', 'processing')"),
         ),
+        # The queue in run order (priority high to low, then oldest): position and reconciler.
+        Index(
+            "ix_generations_queue",
+            text("(9 - priority)"),
+            "created_at",
+            postgresql_where=text("status = 'queued'"),
+            sqlite_where=text("status = 'queued'"),
+        ),
         # The ETA reads a model's latest completed jobs.
         Index(
             "ix_generations_model_finished",

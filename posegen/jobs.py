@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, func, literal_column, or_, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -316,22 +316,29 @@ def cancel(session: Session, *, job_id: str, user: User) -> Generation:
     return job
 
 
+# The queue's run order as the index `ix_generations_queue` spells it (a literal 9, not a bound
+# parameter, so the planner matches the indexed expression).
+QUEUE_ORDER: tuple[Any, ...] = (literal_column("9 - generations.priority"), Generation.created_at)
+# Past this many jobs ahead, the position is reported as this number: counting a queue of
+# 100,000 on every poll would make status cost grow with the queue.
+POSITION_CAP = 1000
+
+
 def queue_position(session: Session, job: Generation) -> int | None:
-    """How many queued jobs will start before this one (0: next)."""
+    """How many queued jobs will start before this one (0: next), counted up to POSITION_CAP."""
     if job.status != "queued":
         return None
-    ahead = session.scalar(
-        select(func.count())
+    ahead = (
+        select(literal_column("1"))
         .select_from(Generation)
         .where(
             Generation.status == "queued",
-            or_(
-                Generation.priority > job.priority,
-                and_(Generation.priority == job.priority, Generation.created_at < job.created_at),
-            ),
+            tuple_(*QUEUE_ORDER) < tuple_(literal_column(str(9 - job.priority)), job.created_at),
         )
+        .limit(POSITION_CAP)
+        .subquery()
     )
-    return int(ahead or 0)
+    return int(session.scalar(select(func.count()).select_from(ahead)) or 0)
 
 
 _RUN_SECONDS: dict[str, tuple[float, float | None]] = {}
@@ -391,6 +398,8 @@ def render_job(
         "credit_cost": job.credit_cost,
         "progress": {"step": job.progress_step, "total": job.progress_total},
         "queue_position": queue_position,
+        # True when the job has POSITION_CAP or more jobs ahead (the position is a lower bound).
+        "queue_position_capped": queue_position is not None and queue_position >= POSITION_CAP,
         "eta_seconds": eta_seconds,
         "outputs": [
             {

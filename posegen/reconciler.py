@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from db.models import Generation, IdempotencyKey
 from db.types import utcnow
 from posegen import lifecycle
-from posegen.jobs import generate_message
+from posegen.jobs import QUEUE_ORDER, generate_message
 from posegen.queue import defer
 from posegen.settings import Settings
 
@@ -37,7 +37,7 @@ def reconcile(session: Session, *, settings: Settings, batch: int = 1000) -> Swe
     queued = session.scalars(
         select(Generation)
         .where(Generation.status == "queued", Generation.published_at < stale)
-        .order_by(Generation.priority.desc(), Generation.created_at)
+        .order_by(*QUEUE_ORDER)
         .limit(batch)
     ).all()
     for job in queued:

@@ -12,7 +12,8 @@ from tests.conftest import REDIS_URL, png_bytes, submit
 
 JOB_KEYS = {
     "id", "status", "model_key", "prompt", "negative_prompt", "params", "pose_source",
-    "pose_template_id", "credit_cost", "progress", "queue_position", "eta_seconds", "outputs",
+    "pose_template_id", "credit_cost", "progress", "queue_position", "queue_position_capped",
+    "eta_seconds", "outputs",
     "error", "webhook_url", "attempts", "created_at", "started_at", "finished_at",
 }  # fmt: skip
 

@@ -83,7 +83,11 @@ class Engine:
         self.memory_baseline = self._gpu_allocated()
         log.info(
             "engine ready",
-            extra={"device": self.device, "dtype": str(self.dtype), "torch_threads": torch.get_num_threads()},  # fmt: skip
+            extra={
+                "device": self.device,
+                "dtype": str(self.dtype),
+                "torch_threads": torch.get_num_threads(),
+            },
         )
         if self.device.startswith("cuda"):
             torch.backends.cuda.matmul.allow_tf32 = True

@@ -1,0 +1,146 @@
+"""Hot paths against a big table: submit and status medians with an empty jobs table versus
+100,000 queued and 1,000,000 finished jobs (bulk-inserted), side by side in one run.
+
+    python -m bench.scale [--queued 100000] [--finished 1000000] [--requests 200]
+
+Goal: each ratio <= 1.2 (every hot query uses an index). Prints the EXPLAIN of each hot query.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import Any
+
+import httpx
+from sqlalchemy import create_engine, text
+
+from bench.stack import small_png, stack
+
+FORM = {"model_key": "tiny-sd15-openpose", "pose_template_id": "standing"}
+
+
+def measure(base: str, headers: dict[str, str], n: int) -> dict[str, float]:
+    image = small_png()
+    client = httpx.Client(base_url=base, headers=headers, timeout=30)
+
+    def submit() -> str:
+        response = client.post(
+            "/v1/generations", data=FORM, files={"image": ("p.png", image, "image/png")}
+        )
+        response.raise_for_status()
+        return str(response.json()["id"])
+
+    submit_times = []
+    for _ in range(max(20, n // 4)):
+        started = time.perf_counter()
+        job_id = submit()
+        submit_times.append(time.perf_counter() - started)
+    status_times = []
+    for _ in range(n):
+        started = time.perf_counter()
+        client.get(f"/v1/generations/{job_id}").raise_for_status()
+        status_times.append(time.perf_counter() - started)
+    client.close()
+    return {
+        "submit_ms_median": round(statistics.median(submit_times) * 1000, 2),
+        "status_ms_median": round(statistics.median(status_times) * 1000, 2),
+    }
+
+
+BULK = """
+INSERT INTO generations (id, user_id, model_id, model_key, status, prompt, negative_prompt,
+    params, pose_source, input_key, credit_cost, priority, progress_step, progress_total,
+    outputs, attempts, created_at, published_at, started_at, finished_at)
+SELECT gen_random_uuid(), :user_id, :model_id, 'tiny-sd15-openpose', CAST(:status AS varchar), 'p', '',
+    '{}'::json, 'template', 'inputs/x/image.png', 1, 5, 0, 0, '[]'::json, 1,
+    now() - make_interval(secs => g), now() - make_interval(secs => g),
+    CASE WHEN CAST(:status AS varchar) = 'completed' THEN now() - make_interval(secs => g) END,
+    CASE WHEN CAST(:status AS varchar) = 'completed' THEN now() - make_interval(secs => g) + interval '2 seconds' END
+FROM generate_series(1, :n) AS g
+"""
+
+HOT_QUERIES = {
+    "auth": "SELECT users.* FROM users JOIN api_keys ON api_keys.user_id = users.id WHERE api_keys.key_hash = 'x'",
+    "get_by_id": "SELECT * FROM generations WHERE id = :job_id",
+    "queue_position": "SELECT count(*) FROM (SELECT 1 FROM generations WHERE status = 'queued' AND (9 - generations.priority, created_at) < (4, now()) LIMIT 1000) AS ahead",
+    "eta_recent_runs": "SELECT started_at, finished_at FROM generations WHERE model_key = 'tiny-sd15-openpose' AND status = 'completed' ORDER BY finished_at DESC LIMIT 20",
+    "list_for_user": "SELECT * FROM generations WHERE user_id = :user_id ORDER BY created_at DESC, id DESC LIMIT 21",
+    "rate_limit": "SELECT count(*), min(created_at) FROM generations WHERE user_id = :user_id AND created_at > now() - interval '60 seconds'",
+    "reconcile_stale_queued": "SELECT * FROM generations WHERE status = 'queued' AND published_at < now() - interval '120 seconds' ORDER BY 9 - generations.priority, created_at LIMIT 1000",
+    "reconcile_expired_leases": "SELECT * FROM generations WHERE status = 'processing' AND lease_expires_at < now() LIMIT 1000",
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--queued", type=int, default=100_000)
+    parser.add_argument("--finished", type=int, default=1_000_000)
+    parser.add_argument("--requests", type=int, default=200)
+    args = parser.parse_args()
+    with stack() as s:
+        base = s.api()
+        headers = {"Authorization": f"Bearer {s.user_key()}"}
+        measure(base, headers, 20)  # warm-up
+        empty = measure(base, headers, args.requests)
+        engine = create_engine(s.database_url)
+        started = time.perf_counter()
+        with engine.begin() as conn:
+            filler = s.user_key  # a second user owns the bulk rows
+            filler(credits=1)
+            user_id = conn.execute(
+                text("SELECT id FROM users ORDER BY created_at DESC LIMIT 1")
+            ).scalar_one()
+            model_id = conn.execute(
+                text("SELECT id FROM ai_models WHERE model_key = 'tiny-sd15-openpose'")
+            ).scalar_one()
+            for status, n in (("completed", args.finished), ("queued", args.queued)):
+                conn.execute(
+                    text(BULK), {"user_id": user_id, "model_id": model_id, "status": status, "n": n}
+                )
+        with engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT").execute(
+                text("ANALYZE generations")
+            )
+        load_s = time.perf_counter() - started
+        full = measure(base, headers, args.requests)
+        plans: dict[str, list[str]] = {}
+        with engine.connect() as conn:
+            bench_user = conn.execute(
+                text("SELECT id FROM users ORDER BY created_at LIMIT 1")
+            ).scalar_one()
+            job_id = conn.execute(
+                text(
+                    "SELECT id FROM generations WHERE user_id = :u ORDER BY created_at DESC LIMIT 1"
+                ),
+                {"u": bench_user},
+            ).scalar_one()
+            for name, sql in HOT_QUERIES.items():
+                rows = conn.execute(
+                    text("EXPLAIN (ANALYZE, COSTS OFF, SUMMARY OFF) " + sql),
+                    {"user_id": bench_user, "job_id": job_id},
+                )
+                plans[name] = [r[0] for r in rows]
+        engine.dispose()
+    result: dict[str, Any] = {
+        "benchmark": "scale",
+        "date": time.strftime("%Y-%m-%d"),
+        "rows": {"queued": args.queued, "finished": args.finished, "bulk_load_s": round(load_s, 1)},
+        "empty": empty,
+        "full": full,
+        "ratios": {
+            "submit": round(full["submit_ms_median"] / empty["submit_ms_median"], 3),
+            "status": round(full["status_ms_median"] / empty["status_ms_median"], 3),
+        },
+        "plans": plans,
+    }
+    result["goals"] = {f"{k}<=1.2": v <= 1.2 for k, v in result["ratios"].items()}
+    print(json.dumps(result, indent=2))
+    print(f"empty {empty} | full {full} | ratios {result['ratios']}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
