@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
@@ -14,8 +14,12 @@ from posegen.queue import Dispatcher
 from posegen.settings import Settings
 from posegen.storage import Storage
 
+# The dependencies that do no I/O are `async def`: FastAPI runs a plain `def` dependency in
+# its thread pool, and each hop costs more than what these functions do.
 
-def get_session(request: Request) -> Iterator[Session]:
+
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    # Creating a Session does no I/O (it connects on first use, in the route's thread).
     session: Session = request.app.state.sessions()
     try:
         yield session
@@ -25,17 +29,17 @@ def get_session(request: Request) -> Iterator[Session]:
         session.close()
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_storage(request: Request) -> Storage:
+async def get_storage(request: Request) -> Storage:
     storage: Storage = request.app.state.storage
     return storage
 
 
-def get_dispatcher(request: Request) -> Dispatcher:
+async def get_dispatcher(request: Request) -> Dispatcher:
     dispatcher: Dispatcher = request.app.state.dispatcher
     return dispatcher
 

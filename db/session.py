@@ -24,7 +24,9 @@ def make_engine(database_url: str, *, pool_size: int = 10) -> Engine:
         database_url,
         pool_size=pool_size,
         max_overflow=2 * pool_size,
-        pool_pre_ping=True,
+        # No pre-ping (a round trip on every checkout): a connection found dead fails its
+        # request with 503 and SQLAlchemy then discards the whole pool, so the next request
+        # connects afresh.
         # Waiting for a free connection is load, not an outage: allow it time. A database that
         # does not answer is caught by the connect timeout instead (-> 503 unavailable).
         pool_timeout=30,
