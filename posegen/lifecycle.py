@@ -18,6 +18,15 @@ from db.types import utcnow
 from posegen import credits, webhooks
 
 
+def _ours(job_id: str, worker_id: str) -> tuple[Any, ...]:
+    """The job is still running on this worker (not canceled, not taken over)."""
+    return (
+        Generation.id == job_id,
+        Generation.status == "processing",
+        Generation.worker_id == worker_id,
+    )
+
+
 @dataclass(frozen=True)
 class Claim:
     job: Generation
@@ -62,11 +71,7 @@ def heartbeat(
         values["progress_total"] = total
     result = session.execute(
         update(Generation)
-        .where(
-            Generation.id == job_id,
-            Generation.status == "processing",
-            Generation.worker_id == worker_id,
-        )
+        .where(*_ours(job_id, worker_id))
         .values(**values)
     )
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
@@ -78,11 +83,7 @@ def complete(
     """processing -> completed with its outputs; None if the job stopped being ours."""
     result = session.execute(
         update(Generation)
-        .where(
-            Generation.id == job_id,
-            Generation.status == "processing",
-            Generation.worker_id == worker_id,
-        )
+        .where(*_ours(job_id, worker_id))
         .values(
             status="completed",
             outputs=outputs,
@@ -131,11 +132,7 @@ def release(session: Session, *, job_id: str, worker_id: str) -> bool:
     """processing -> queued (a retryable interruption, e.g. worker shutdown)."""
     result = session.execute(
         update(Generation)
-        .where(
-            Generation.id == job_id,
-            Generation.status == "processing",
-            Generation.worker_id == worker_id,
-        )
+        .where(*_ours(job_id, worker_id))
         .values(status="queued", worker_id=None, lease_expires_at=None, published_at=utcnow())
     )
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from sqlalchemy import select
@@ -56,15 +56,7 @@ def seed_models(session: Session, path: Path | None = None) -> SeedReport:
     for raw in entries:
         entry = _check_model_entry(raw)
         key = entry.pop("model_key")
-        model = session.scalar(select(AiModel).where(AiModel.model_key == key))
-        if model is None:
-            session.add(AiModel(model_key=key, **entry))
-            report.created.append(key)
-        elif _apply(model, entry):
-            model.updated_at = utcnow()
-            report.updated.append(key)
-        else:
-            report.unchanged.append(key)
+        _upsert(session, AiModel, "model_key", key, entry, report)
     session.flush()
     return report
 
@@ -79,17 +71,31 @@ def seed_poses(session: Session, directory: Path | None = None) -> SeedReport:
             "description": str(data.get("description", "")),
             "keypoints": validate_keypoints(data.get("keypoints")),
         }
-        template = session.scalar(select(PoseTemplate).where(PoseTemplate.key == key))
-        if template is None:
-            session.add(PoseTemplate(key=key, **fields))
-            report.created.append(key)
-        elif _apply(template, fields):
-            template.updated_at = utcnow()
-            report.updated.append(key)
-        else:
-            report.unchanged.append(key)
+        _upsert(session, PoseTemplate, "key", key, fields, report)
     session.flush()
     return report
+
+
+def _upsert(
+    session: Session,
+    table: type[AiModel] | type[PoseTemplate],
+    key_column: str,
+    key: str,
+    fields: dict[str, Any],
+    report: SeedReport,
+) -> None:
+    existing = cast(
+        "AiModel | PoseTemplate | None",
+        session.scalar(select(table).where(getattr(table, key_column) == key)),
+    )
+    if existing is None:
+        session.add(table(**{key_column: key}, **fields))
+        report.created.append(key)
+    elif _apply(existing, fields):
+        existing.updated_at = utcnow()
+        report.updated.append(key)
+    else:
+        report.unchanged.append(key)
 
 
 def _apply(row: object, fields: dict[str, Any]) -> bool:

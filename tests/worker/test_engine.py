@@ -170,3 +170,18 @@ def test_two_controlnets_share_one_base(model_dir, tmp_path):
     b = engine.pipeline(twin)
     assert a is not b and a.unet is b.unet and a.controlnet is not b.controlnet
     assert engine.cache.stats.loads["base:sd15:tiny-sd15"] == 1
+
+
+def test_tiny_models_build_deterministically(tmp_path):
+    import hashlib
+
+    from worker.engine.tiny import build_tiny
+
+    def digest(folder: Path) -> str:
+        files = sorted(folder.rglob("*.safetensors"))
+        assert len(files) >= 8  # unet, vae, text encoder(s), controlnet, for both families
+        return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
+
+    build_tiny(tmp_path / "a")
+    build_tiny(tmp_path / "b")
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")

@@ -90,91 +90,81 @@ def _scheduler() -> Any:
     )
 
 
-def build_sd15(out: Path) -> None:
+# The UNet both tiny families share; each adds its conditioning on top.
+_TINY_UNET = {
+    "block_out_channels": (32, 64),
+    "layers_per_block": 2,
+    "sample_size": 16,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+}
+
+
+def _build(out: Path, name: str, unet_config: dict[str, Any], make_pipe: Any) -> None:
+    """Seeded, in a fixed order, so a build is the same bytes every time."""
     import torch
-    from diffusers import ControlNetModel, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from diffusers import ControlNetModel, UNet2DConditionModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=4,
-    )
+    unet = UNet2DConditionModel(**_TINY_UNET, **unet_config)
     torch.manual_seed(1)
     controlnet = ControlNetModel.from_unet(
         unet, conditioning_embedding_out_channels=(16, 32, 48, 64)
     )
     torch.manual_seed(2)
     vae = _vae()
-    tokenizer = _tokenizer()
     torch.manual_seed(3)
-    text_encoder = CLIPTextModel(_text_config(len(tokenizer)))
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(out / "tiny-sd15", safe_serialization=True)
-    controlnet.save_pretrained(out / "tiny-sd15-controlnet", safe_serialization=True)
+    pipe = make_pipe(unet=unet, vae=vae, scheduler=_scheduler())
+    pipe.save_pretrained(out / name, safe_serialization=True)
+    controlnet.save_pretrained(out / f"{name}-controlnet", safe_serialization=True)
+
+
+def build_sd15(out: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    def make_pipe(**components: Any) -> Any:
+        tokenizer = _tokenizer()
+        return StableDiffusionPipeline(
+            text_encoder=CLIPTextModel(_text_config(len(tokenizer))),
+            tokenizer=tokenizer,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            **components,
+        )
+
+    _build(out, "tiny-sd15", {"cross_attention_dim": 32, "attention_head_dim": 4}, make_pipe)
 
 
 def build_sdxl(out: Path) -> None:
-    import torch
-    from diffusers import ControlNetModel, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=80,  # 6 * 8 (time ids) + 32 (pooled text)
-        cross_attention_dim=64,  # 32 + 32: both text encoders' hidden states, concatenated
-    )
-    torch.manual_seed(1)
-    controlnet = ControlNetModel.from_unet(
-        unet, conditioning_embedding_out_channels=(16, 32, 48, 64)
-    )
-    torch.manual_seed(2)
-    vae = _vae()
-    tokenizer = _tokenizer()
-    tokenizer_2 = _tokenizer()
-    torch.manual_seed(3)
-    text_encoder = CLIPTextModel(_text_config(len(tokenizer)))
-    torch.manual_seed(4)
-    text_encoder_2 = CLIPTextModelWithProjection(_text_config(len(tokenizer_2)))
-    pipe = StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        unet=unet,
-        scheduler=_scheduler(),
-    )
-    pipe.save_pretrained(out / "tiny-sdxl", safe_serialization=True)
-    controlnet.save_pretrained(out / "tiny-sdxl-controlnet", safe_serialization=True)
+    def make_pipe(**components: Any) -> Any:
+        tokenizer, tokenizer_2 = _tokenizer(), _tokenizer()
+        text_encoder = CLIPTextModel(_text_config(len(tokenizer)))
+        text_encoder_2 = CLIPTextModelWithProjection(_text_config(len(tokenizer_2)))
+        return StableDiffusionXLPipeline(
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            **components,
+        )
+
+    unet_config = {
+        "attention_head_dim": (2, 4),
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 8,
+        "transformer_layers_per_block": (1, 2),
+        "projection_class_embeddings_input_dim": 80,  # 6 * 8 (time ids) + 32 (pooled text)
+        "cross_attention_dim": 64,  # 32 + 32: both text encoders' hidden states, concatenated
+    }
+    _build(out, "tiny-sdxl", unet_config, make_pipe)
 
 
 def build_tiny(model_dir: Path, *, force: bool = False) -> list[Path]:
