@@ -136,3 +136,21 @@ def test_metrics_from_api_and_worker(app, make_account, gpu_worker):
     api = app.get("/metrics").text
     assert 'posegen_jobs_finished_total{model="tiny-sd15-openpose",status="canceled"} 1.0' in api
     assert 'posegen_queue_depth{queue="generation"}' in api
+
+
+def test_the_celery_parent_never_loads_torch(app, make_account, gpu_worker):
+    """CUDA must not be initialised before fork: the parent process has no torch at all."""
+    import subprocess as sp
+
+    account = make_account()
+    assert wait_for(app, account, submit(app, account).json()["id"])["status"] == "completed"
+    parent = gpu_worker.proc.pid
+    children = sp.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout.split()
+    assert children, "the prefork pool has a child"
+
+    def loaded_torch(pid: int | str) -> bool:
+        with open(f"/proc/{pid}/maps") as maps:
+            return "libtorch" in maps.read()
+
+    assert not loaded_torch(parent)
+    assert any(loaded_torch(child) for child in children)

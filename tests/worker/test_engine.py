@@ -185,3 +185,33 @@ def test_tiny_models_build_deterministically(tmp_path):
     build_tiny(tmp_path / "a")
     build_tiny(tmp_path / "b")
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
+
+
+def test_out_of_memory_retries_once_with_slicing_then_fails(model_dir):
+    """A CUDA OOM raised between steps: the engine frees memory, retries with attention
+    slicing and VAE tiling, and reports `out_of_memory` if the retry runs out too."""
+    import torch
+    from diffusers.models.attention_processor import SlicedAttnProcessor
+
+    engine = Engine(EngineConfig(model_dir=model_dir, pose_backend="mediapipe"))
+    calls = {"n": 0}
+
+    def oom_once(step: int, total: int) -> None:
+        if step == 1 and calls["n"] == 0:
+            calls["n"] += 1
+            raise torch.OutOfMemoryError("CUDA out of memory (raised by the test)")
+
+    pipe = engine.pipeline(job())
+    assert not any(isinstance(p, SlicedAttnProcessor) for p in pipe.unet.attn_processors.values())
+    result = engine.generate(job(), on_step=oom_once)
+    assert calls["n"] == 1 and Image.open(io.BytesIO(result.png)).size == (128, 128)
+    # The retry ran with attention slicing (kept: memory pressure tends to come back).
+    assert any(isinstance(p, SlicedAttnProcessor) for p in pipe.unet.attn_processors.values())
+
+    def oom_always(step: int, total: int) -> None:
+        if step == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (raised by the test)")
+
+    with pytest.raises(JobError) as err:
+        engine.generate(job(), on_step=oom_always)
+    assert err.value.code == "out_of_memory"
