@@ -209,16 +209,30 @@ def submit(
     storage.put(job.input_key, image.png)
     if pose is not None and job.pose_image_key:
         storage.put(job.pose_image_key, pose.png)
-    defer(session, generate_message(job))
+    defer(session, generate_message(job, settings))
     return Submitted(job=job, created=True)
 
 
-def generate_message(job: Generation) -> Message:
+def time_limits(job: Generation, settings: Settings) -> tuple[float, float]:
+    """(soft, hard) seconds for this job: a generous allowance from its steps and pixels
+    (2 s per step at 512x512, some twenty times a slow GPU's pace, plus a minute for a cold
+    model load), never above the configured limits. The soft limit fails the job with
+    `timeout`; the hard one kills the process (Celery replaces it)."""
+    pixels = job.params["width"] * job.params["height"] / (512 * 512)
+    soft = min(settings.job_soft_time_limit, 60 + 2.0 * job.params["num_inference_steps"] * pixels)
+    hard = min(settings.job_hard_time_limit, soft + 60)
+    return soft, max(hard, soft + 1)
+
+
+def generate_message(job: Generation, settings: Settings) -> Message:
+    soft, hard = time_limits(job, settings)
     return Message(
         task=GENERATE_TASK,
         args=(job.id,),
         queue=GENERATION_QUEUE,
         priority=celery_priority(job.priority),
+        soft_time_limit=soft,
+        time_limit=hard,
     )
 
 

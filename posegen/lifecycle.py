@@ -69,11 +69,7 @@ def heartbeat(
         values["progress_step"] = step
     if total is not None:
         values["progress_total"] = total
-    result = session.execute(
-        update(Generation)
-        .where(*_ours(job_id, worker_id))
-        .values(**values)
-    )
+    result = session.execute(update(Generation).where(*_ours(job_id, worker_id)).values(**values))
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 

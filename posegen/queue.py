@@ -111,6 +111,9 @@ def configure_celery(app: Celery, settings: Settings) -> None:
         # Soft limit raises inside the task (it records `timeout`); the hard limit kills.
         task_soft_time_limit=settings.job_soft_time_limit,
         task_time_limit=settings.job_hard_time_limit,
+        # A GPU worker's child imports torch and diffusers when it starts (see `posegen worker`):
+        # give it time before Celery decides the child is stuck (default 4 s).
+        worker_proc_alive_timeout=120,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         task_send_sent_event=False,
@@ -130,6 +133,8 @@ class Message:
     args: tuple[Any, ...]
     queue: str
     priority: int | None = None
+    soft_time_limit: float | None = None
+    time_limit: float | None = None
 
 
 def defer(session: Session, message: Message) -> None:
@@ -151,6 +156,10 @@ class Dispatcher:
         options: dict[str, Any] = {"queue": message.queue}
         if message.priority is not None:
             options["priority"] = message.priority
+        if message.soft_time_limit is not None:
+            options["soft_time_limit"] = message.soft_time_limit
+        if message.time_limit is not None:
+            options["time_limit"] = message.time_limit
         self.celery.send_task(message.task, args=list(message.args), **options)
 
     def flush(self, session: Session) -> int:
@@ -163,7 +172,7 @@ class Dispatcher:
             except Exception:
                 log.warning(
                     "publish failed; the reconciler will retry",
-                    extra={"task": message.task, "args": message.args},
+                    extra={"task": message.task, "task_args": message.args},
                     exc_info=True,
                 )
         return sent

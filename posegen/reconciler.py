@@ -42,7 +42,7 @@ def reconcile(session: Session, *, settings: Settings, batch: int = 1000) -> Swe
     ).all()
     for job in queued:
         job.published_at = now
-        defer(session, generate_message(job))
+        defer(session, generate_message(job, settings))
 
     expired = session.scalars(
         select(Generation)
@@ -71,7 +71,7 @@ def reconcile(session: Session, *, settings: Settings, batch: int = 1000) -> Swe
         )
         if result.rowcount == 1:  # type: ignore[attr-defined]
             session.refresh(job)
-            defer(session, generate_message(job))
+            defer(session, generate_message(job, settings))
             requeued += 1
     session.flush()
     return Sweep(republished=len(queued), requeued=requeued, failed=failed)

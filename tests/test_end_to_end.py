@@ -154,3 +154,55 @@ def test_the_celery_parent_never_loads_torch(app, make_account, gpu_worker):
 
     assert not loaded_torch(parent)
     assert any(loaded_torch(child) for child in children)
+
+
+def test_a_job_past_its_soft_time_limit_fails_with_timeout(app, settings, make_account, gpu_worker):
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    strict = settings.model_copy(update={"job_soft_time_limit": 0.5, "job_hard_time_limit": 60})
+    account = make_account(credits=2)
+    with TestClient(create_app(strict)) as client:
+        job = submit(client, account, num_inference_steps=150, strength=1.0).json()
+        done = wait_for(client, account, job["id"])
+        assert done["status"] == "failed", gpu_worker.tail()
+        assert done["error"]["code"] == "timeout"
+        assert client.get("/v1/me", headers=account.headers).json()["credits"] == 2  # refunded
+    # The worker survived and takes the next job (published with the normal limits).
+    follow = submit(app, account).json()
+    assert wait_for(app, account, follow["id"])["status"] == "completed", gpu_worker.tail()
+
+
+def test_time_limits_grow_with_steps_and_pixels(settings):
+    from db.models import Generation
+    from posegen.jobs import time_limits
+
+    def job(steps: int, size: int) -> Generation:
+        return Generation(params={"num_inference_steps": steps, "width": size, "height": size})
+
+    tiny_soft, tiny_hard = time_limits(job(2, 128), settings)
+    xl_soft, xl_hard = time_limits(job(40, 1024), settings)
+    assert 60 <= tiny_soft < xl_soft <= settings.job_soft_time_limit
+    assert tiny_hard > tiny_soft and xl_hard <= settings.job_hard_time_limit
+
+
+def test_structured_logs_carry_the_job_id_across_api_and_worker(
+    app, make_account, gpu_worker, caplog
+):
+    import json
+    import logging
+
+    caplog.set_level(logging.INFO, logger="api")
+    account = make_account()
+    job = submit(app, account).json()
+    assert wait_for(app, account, job["id"])["status"] == "completed"
+    assert any(
+        getattr(r, "job_id", None) == job["id"] and r.getMessage() == "job submitted"
+        for r in caplog.records
+    )
+    worker_lines = [
+        json.loads(line) for line in gpu_worker.log.read_text().splitlines() if line.startswith("{")
+    ]
+    mine = {line["msg"] for line in worker_lines if line.get("job_id") == job["id"]}
+    assert {"job started", "job completed"} <= mine

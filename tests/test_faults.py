@@ -168,3 +168,34 @@ def test_database_refusing_connections_is_503_then_recovers(base_env, db_engine,
         assert response.status_code == 202, response.text
         assert client.get("/v1/me", headers=account.headers).json()["credits"] == 3
     proxy.down()
+
+
+def test_broker_down_at_submit_loses_nothing(fault_env, db_engine, make_account, procs):
+    """Redis unreachable from the API: the job is recorded and answered 202 without hanging,
+    /ready says the broker is down, and the reconciler publishes the job once it is back."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    proxy = TcpProxy(("127.0.0.1", 6379))
+    proxy.up()
+    api_env = {**fault_env, "POSEGEN_BROKER_URL": FAULT_BROKER.replace("6379", str(proxy.port))}
+    account = make_account(credits=1)
+    with TestClient(create_app(settings_from(api_env))) as client:
+        proxy.down()
+        started = time.monotonic()
+        response = submit(client, account)
+        assert response.status_code == 202, response.text
+        assert time.monotonic() - started < 8
+        ready = client.get("/ready")
+        assert ready.status_code == 503 and not ready.json()["checks"]["broker"]["ok"]
+        assert ready.json()["checks"]["database"]["ok"]
+        proxy.up()
+        # Nothing was published; the reconciler (beat + maintenance worker) finds the job.
+        procs("worker", "--concurrency", "1", name="worker")
+        procs("beat", name="beat")
+        procs("worker", "--queues", "maintenance", "--concurrency", "1", name="housekeeping")
+        done = wait_for(client, account, response.json()["id"], timeout=120)
+        assert done["status"] == "completed"
+        assert client.get("/ready").status_code == 200
+    proxy.down()

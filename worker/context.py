@@ -51,6 +51,12 @@ class WorkerContext:
             )
         )
 
+    def warm(self) -> None:
+        """Import the inference stack and build the engine now (a worker child's start)."""
+        import diffusers  # noqa: F401 - the import is the point: seconds, paid once
+
+        _ = self.engine
+
     @contextmanager
     def session(self) -> Iterator[Session]:
         """A unit of work: commit then publish what the domain deferred; roll back on error."""

@@ -135,9 +135,13 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
     except JobError as exc:
         return _fail(ctx, job_id, exc.code, exc.message)
     except SoftTimeLimitExceeded:
+        # The limit interrupts at any bytecode, possibly mid-way through torch or the model:
+        # fail the job, then let Celery replace this process before it takes another.
+        ctx.restart_requested = True
         return _fail(ctx, job_id, "timeout", "The job ran past its time limit.")
     except Exception as exc:  # the last resort: record the failure, then let the worker go on
         log.exception("job crashed", extra={"job_id": job_id})
+        ctx.restart_requested = True  # state after an unknown error is not to be trusted
         return _fail(ctx, job_id, "internal_error", f"The worker failed: {type(exc).__name__}.")
     finally:
         heartbeat.stop()

@@ -27,9 +27,10 @@ def register(app: Celery) -> None:
     def generate(job_id: str) -> str:
         ctx = context()
         if ctx.restart_requested:
-            # GPU memory leaked in an earlier job: leave before claiming. The message is not
-            # acked (late acks), so Celery redelivers it to the replacement process.
-            log.warning("exiting so that Celery replaces this process (GPU memory leak)")
+            # An earlier job leaked GPU memory, timed out or crashed: leave before claiming.
+            # The message is not acked (late acks), so Celery redelivers it to the
+            # replacement process.
+            log.warning("exiting so that Celery replaces this process (GPU memory or state)")
             os._exit(1)
         from worker.runner import run_job
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Header, Query, Request, Response, UploadFile
@@ -13,6 +14,7 @@ from posegen import jobs
 from posegen.errors import NotFound, PayloadTooLarge
 from posegen.settings import Settings
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (401, 402, 403, 404, 409, 413, 415, 422, 429, 503)
@@ -77,6 +79,14 @@ async def submit_generation(
         idempotency_key=idempotency_key,
     )
     dispatcher.commit(session)
+    log.info(
+        "job submitted" if submitted.created else "job replayed (idempotency key)",
+        extra={
+            "job_id": submitted.job.id,
+            "model_key": submitted.job.model_key,
+            "user_id": user.id,
+        },
+    )
     return JSONResponse(
         jobs.job_json(session, submitted.job),
         status_code=202 if submitted.created else 200,
@@ -116,6 +126,7 @@ def cancel_generation(
     job = jobs.cancel(session, job_id=job_id, user=user)
     dispatcher.commit(session)
     request.app.state.metrics.jobs.finished.labels("canceled", job.model_key).inc()
+    log.info("job canceled", extra={"job_id": job.id, "user_id": user.id})
     return JSONResponse(jobs.job_json(session, job))
 
 

@@ -51,6 +51,19 @@ def _multiprocess_metrics(port: int) -> None:
     serve_multiprocess(port)
 
 
+def _preload_engine() -> None:
+    """Each GPU child imports torch and diffusers as it starts, after the fork, never inside
+    a task: a time limit that fired in the middle of `import torch` would leave the process
+    broken, and the first job would pay seconds of imports."""
+    from celery import signals
+
+    @signals.worker_process_init.connect(weak=False)  # type: ignore[untyped-decorator]
+    def _warm(**_: object) -> None:
+        from worker.context import context
+
+        context().warm()
+
+
 def register_processes(app: typer.Typer) -> None:
     @app.command("api")
     def api(
@@ -82,6 +95,9 @@ def register_processes(app: typer.Typer) -> None:
         if metrics_port:
             _multiprocess_metrics(metrics_port)
         from worker.celery_app import app as celery_app
+
+        if GENERATION_QUEUE in queues.split(","):
+            _preload_engine()
 
         if concurrency is None:
             gpu_queue = GENERATION_QUEUE in queues.split(",")
