@@ -69,6 +69,11 @@ def test_seed_cli_reports_and_keys_cli_prints_the_key_last(tmp_path):
     key = cli("keys", "create", "a@example.com", "--name", "ci").strip().splitlines()[-1]
     assert key.startswith("pg_live_") and len(key) > 40
     assert "balance 10" in cli("credits", "grant", "a@example.com", "3")
-    assert "tier=pro credits=10" in cli("users", "show", "a@example.com")
+    shown = cli("users", "show", "a@example.com")
+    assert "tier=pro credits=10" in shown
+    old_secret = shown.split("webhook_secret ")[1].strip()
+    new_secret = cli("users", "rotate-webhook-secret", "a@example.com").strip()
+    assert new_secret.startswith("whsec_") and new_secret != old_secret
+    assert "tier=free" in cli("users", "set-tier", "a@example.com", "free")
     assert "active" in cli("keys", "list", "a@example.com")
     assert "revoked" in cli("keys", "revoke", key[:14])

@@ -58,7 +58,9 @@ def receiver():
 pytestmark = pytest.mark.slow
 
 
-def test_completed_event_is_signed_with_the_users_secret(app, make_account, gpu_worker, housekeeping, receiver):  # fmt: skip
+def test_completed_event_is_signed_with_the_users_secret(
+    app, make_account, gpu_worker, housekeeping, receiver
+):
     hook = receiver()
     account = make_account()
     secret = app.get("/v1/me", headers=account.headers).json()["webhook_secret"]
@@ -73,7 +75,9 @@ def test_completed_event_is_signed_with_the_users_secret(app, make_account, gpu_
     assert event["data"]["status"] == "completed" and event["data"]["outputs"]
 
 
-def test_500_twice_then_200_is_three_attempts_with_one_id(app, make_account, gpu_worker, housekeeping, receiver, sessions):  # fmt: skip
+def test_500_twice_then_200_is_three_attempts_with_one_id(
+    app, make_account, gpu_worker, housekeeping, receiver, sessions
+):
     from sqlalchemy import select
 
     from db.models import WebhookDelivery
@@ -87,7 +91,9 @@ def test_500_twice_then_200_is_three_attempts_with_one_id(app, make_account, gpu
     assert len(hook.requests) == 3
     assert len({h["webhook-id"] for h, _ in hook.requests}) == 1
     with sessions() as s:
-        delivery = s.scalar(select(WebhookDelivery).where(WebhookDelivery.generation_id == job["id"]))  # fmt: skip
+        delivery = s.scalar(
+            select(WebhookDelivery).where(WebhookDelivery.generation_id == job["id"])
+        )
         assert delivery.status == "delivered" and delivery.attempts == 3
         assert [a["status_code"] for a in delivery.attempt_log] == [500, 500, 200]
     import httpx
@@ -97,7 +103,7 @@ def test_500_twice_then_200_is_three_attempts_with_one_id(app, make_account, gpu
     assert 'posegen_webhook_attempts_total{outcome="success"}' in metrics
 
 
-def test_failed_job_sends_generation_failed(app, make_account, gpu_worker, housekeeping, receiver):  # fmt: skip
+def test_failed_job_sends_generation_failed(app, make_account, gpu_worker, housekeeping, receiver):
     hook = receiver()
     account = make_account()
     job = submit(app, account, pose_template_id=None, webhook_url=hook.url).json()  # blank photo
@@ -122,7 +128,9 @@ def test_410_stops_retrying(app, make_account, housekeeping, receiver, sessions)
     assert len(hook.requests) == 1
     assert json.loads(hook.requests[0][1])["type"] == "generation.canceled"
     with sessions() as s:
-        delivery = s.scalar(select(WebhookDelivery).where(WebhookDelivery.generation_id == job["id"]))  # fmt: skip
+        delivery = s.scalar(
+            select(WebhookDelivery).where(WebhookDelivery.generation_id == job["id"])
+        )
         assert delivery.status == "failed"
 
 
@@ -164,3 +172,55 @@ def test_private_url_refused_at_submit(settings, db_engine, make_account):
     with TestClient(create_app(strict)) as client:
         response = submit(client, make_account(), webhook_url="https://127.0.0.1/hook")
     assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_request"
+
+
+def test_send_checks_the_url_again(settings):
+    strict = settings.model_copy(update={"webhook_allow_private": False})
+    message = webhooks.Outgoing(
+        url="https://127.0.0.1/hook", msg_id="m", secret=accounts.new_webhook_secret(), body=b"{}"
+    )
+    attempt = webhooks.post_signed(message, settings=strict)
+    assert attempt.status_code is None and attempt.error.startswith("refused")
+
+
+def test_connection_goes_to_the_checked_address_with_the_name_in_host(settings, receiver):
+    hook = receiver()
+    port = hook.server.server_address[1]
+    message = webhooks.Outgoing(
+        url=f"http://localhost:{port}/hook",
+        msg_id="m-1",
+        secret=accounts.new_webhook_secret(),
+        body=b'{"a":1}',
+    )
+    attempt = webhooks.post_signed(message, settings=settings)
+    assert attempt.ok, attempt
+    headers, body = hook.requests[0]
+    assert headers["host"] == f"localhost:{port}" and body == b'{"a":1}'
+    assert headers["webhook-id"] == "m-1"
+
+
+def test_redirects_are_not_followed(settings):
+    import http.server
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.send_response(307)
+            self.send_header("Location", "http://169.254.169.254/")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        message = webhooks.Outgoing(
+            url=f"http://127.0.0.1:{server.server_address[1]}/",
+            msg_id="m",
+            secret=accounts.new_webhook_secret(),
+            body=b"{}",
+        )
+        attempt = webhooks.post_signed(message, settings=settings)
+    finally:
+        server.shutdown()
+    assert attempt.status_code == 307 and not attempt.ok
