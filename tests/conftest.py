@@ -3,6 +3,7 @@ worker processes, the tiny models. Each test leaves the tables and the queue emp
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -34,8 +35,9 @@ REDIS_URL = os.environ.get("POSEGEN_TEST_REDIS", "redis://127.0.0.1:6379/15")
 DATA_TABLES = "api_keys, credit_ledger, webhook_deliveries, idempotency_keys, generations, users"
 
 
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
+@contextlib.contextmanager
+def fresh_database() -> Iterator[str]:
+    """A new Postgres database built by the Alembic migrations, dropped afterwards."""
     name = f"posegen_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
@@ -49,6 +51,12 @@ def pg_url() -> Iterator[str]:
         )
         conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
     admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    with fresh_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -93,15 +101,20 @@ def settings(base_env: dict[str, str]) -> Settings:
     return settings_from(base_env)
 
 
-@pytest.fixture(scope="session")
-def db_engine(settings: Settings) -> Iterator[object]:
-    engine = make_engine(settings.database_url)
+def seeded_engine(database_url: str) -> object:
+    engine = make_engine(database_url)
     with Session(engine) as session:
         seeding.seed_models(session)
         seeding.seed_poses(session)
         session.commit()
+    return engine
+
+
+@pytest.fixture(scope="session")
+def db_engine(settings: Settings) -> Iterator[object]:
+    engine = seeded_engine(settings.database_url)
     yield engine
-    engine.dispose()
+    engine.dispose()  # type: ignore[attr-defined]
 
 
 @pytest.fixture

@@ -13,15 +13,30 @@ import redis
 from sqlalchemy import func, select
 
 from db.models import CreditLedger, Generation
-from tests.conftest import Proc, settings_from, submit, wait_for
+from tests.conftest import Proc, fresh_database, seeded_engine, settings_from, submit, wait_for
 
 pytestmark = pytest.mark.slow
 FAULT_BROKER = "redis://127.0.0.1:6379/13"  # its own queue, consumed only by this module's workers
 
 
+# This module runs on its own database and Redis DB: the session's workers and reconciler
+# must not touch the jobs whose faults are staged here.
+@pytest.fixture(scope="module")
+def fault_db():
+    with fresh_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def db_engine(fault_db):
+    engine = seeded_engine(fault_db)
+    yield engine
+    engine.dispose()
+
+
 @pytest.fixture
-def fault_env(base_env):
-    return {**base_env, "POSEGEN_BROKER_URL": FAULT_BROKER}
+def fault_env(base_env, fault_db):
+    return {**base_env, "POSEGEN_DATABASE_URL": fault_db, "POSEGEN_BROKER_URL": FAULT_BROKER}
 
 
 @pytest.fixture
@@ -146,16 +161,18 @@ class TcpProxy:
                     s.shutdown(socket.SHUT_RDWR)
 
 
-def test_database_refusing_connections_is_503_then_recovers(base_env, db_engine, make_account, sessions):  # fmt: skip
+def test_database_refusing_connections_is_503_then_recovers(
+    fault_env, db_engine, make_account, sessions
+):
     from fastapi.testclient import TestClient
 
     from api.app import create_app
 
     proxy = TcpProxy(("127.0.0.1", 5432))
     proxy.up()
-    url = base_env["POSEGEN_DATABASE_URL"].replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    url = fault_env["POSEGEN_DATABASE_URL"].replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
     account = make_account(credits=5)
-    with TestClient(create_app(settings_from({**base_env, "POSEGEN_DATABASE_URL": url}))) as client:  # fmt: skip
+    with TestClient(create_app(settings_from({**fault_env, "POSEGEN_DATABASE_URL": url}))) as client:  # fmt: skip
         assert submit(client, account).status_code == 202
         proxy.down()
         started = time.monotonic()
