@@ -36,6 +36,8 @@ class WorkerContext:
 
     @cached_property
     def engine(self) -> Engine:
+        from billiard.process import current_process
+
         from worker.engine.engine import Engine, EngineConfig
 
         s = self.settings
@@ -48,6 +50,8 @@ class WorkerContext:
                 cache_bytes=s.model_cache_bytes,
                 compile=s.compile,
                 cpu_offload=s.cpu_offload,
+                # billiard numbers the pool's processes 0..concurrency-1 (0 outside a pool).
+                process_index=getattr(current_process(), "index", 0) or 0,
             )
         )
 

@@ -155,3 +155,67 @@ def test_expired_idempotency_keys_are_purged_and_reusable(app, make_account, ses
         )
         assert purge_expired_idempotency_keys(s) == 1
         s.commit()
+
+
+def test_reconciler_fails_a_job_past_its_attempts_with_a_refund(
+    app, make_account, sessions, settings
+):
+    import datetime as dt
+
+    from sqlalchemy import update
+
+    from posegen import reconciler
+
+    account = make_account(credits=1)
+    job = submit(app, account).json()
+    stale = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5)
+    with sessions() as s:  # a worker claimed it max_attempts times and died each time
+        s.execute(
+            update(Generation)
+            .where(Generation.id == job["id"])
+            .values(
+                status="processing",
+                worker_id="dead:1",
+                attempts=settings.max_attempts,
+                lease_expires_at=stale,
+            )
+        )
+        s.commit()
+        sweep = reconciler.reconcile(s, settings=settings)
+        s.commit()
+    assert sweep.failed == 1
+    failed = app.get(f"/v1/generations/{job['id']}", headers=account.headers).json()
+    assert failed["status"] == "failed" and failed["error"]["code"] == "internal_error"
+    assert app.get("/v1/me", headers=account.headers).json()["credits"] == 1
+
+
+def test_reconciler_requeues_an_expired_lease_and_republishes_stale_queued(
+    app, make_account, sessions, settings
+):
+    import datetime as dt
+
+    from sqlalchemy import update
+
+    from posegen import reconciler
+
+    account = make_account()
+    running = submit(app, account).json()
+    waiting = submit(app, account).json()
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    with sessions() as s:
+        s.execute(
+            update(Generation)
+            .where(Generation.id == running["id"])
+            .values(status="processing", worker_id="dead:1", attempts=1, lease_expires_at=long_ago)
+        )
+        s.execute(
+            update(Generation).where(Generation.id == waiting["id"]).values(published_at=long_ago)
+        )
+        s.commit()
+        sweep = reconciler.reconcile(s, settings=settings)
+        sent = [m.args[0] for m in s.info.get("outbox", [])]
+        s.commit()
+    assert (sweep.requeued, sweep.republished) == (1, 1)
+    assert sorted(sent) == sorted([running["id"], waiting["id"]])
+    again = app.get(f"/v1/generations/{running['id']}", headers=account.headers).json()
+    assert again["status"] == "queued" and again["queue_position"] is not None

@@ -215,3 +215,11 @@ def test_out_of_memory_retries_once_with_slicing_then_fails(model_dir):
     with pytest.raises(JobError) as err:
         engine.generate(job(), on_step=oom_always)
     assert err.value.code == "out_of_memory"
+
+
+def test_device_choice_per_process():
+    from worker.engine.engine import _pick_device
+
+    assert _pick_device("cpu", 3) == "cpu"
+    assert _pick_device("auto", 0) == "cpu"  # no GPU on this machine
+    assert _pick_device("cuda:1", 5) == "cuda:1"  # an explicit device is kept

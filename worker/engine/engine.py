@@ -41,6 +41,9 @@ class EngineConfig:
     cache_bytes: int = 24 * 1024**3
     compile: bool = False
     cpu_offload: bool = False
+    # This process's slot among the worker's processes: with several GPUs, process i uses
+    # GPU i (mod the count) - one process per GPU.
+    process_index: int = 0
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,7 @@ class Engine:
         import torch
 
         self.config = config
-        self.device = _pick_device(config.device)
+        self.device = _pick_device(config.device, config.process_index)
         self.dtype = _pick_dtype(config.dtype, self.device)
         self.cache = PipelineCache(budget_bytes=config.cache_bytes)
         self._extractor: PoseExtractor | None = None
@@ -255,11 +258,13 @@ def w_h(job: EngineJob) -> str:
     return f"{job.params.width}x{job.params.height}"
 
 
-def _pick_device(setting: str) -> str:
+def _pick_device(setting: str, process_index: int) -> str:
     import torch
 
     if setting == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        setting = "cuda" if torch.cuda.is_available() else "cpu"
+    if setting == "cuda" and torch.cuda.device_count() > 1:
+        return f"cuda:{process_index % torch.cuda.device_count()}"
     return setting
 
 
