@@ -45,7 +45,7 @@ class BodyLimit:
             return
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await _send_413(send, self.max_bytes)
+                await _send_413(scope, receive, send, self.max_bytes)
                 return
         received = 0
         refused = False
@@ -59,7 +59,7 @@ class BodyLimit:
             if received > self.max_bytes:
                 # Answer 413 now and tell the app the client went away, so it stops reading.
                 refused = True
-                await _send_413(send, self.max_bytes)
+                await _send_413(scope, receive, send, self.max_bytes)
                 return {"type": "http.disconnect"}
             return message
 
@@ -101,29 +101,10 @@ class Observe:
                 metrics.submits.labels(str(status)).inc()
 
 
-async def _send_413(send: Send, limit: int) -> None:
-    import json
-
-    body = json.dumps(
-        {
-            "error": {
-                "code": "payload_too_large",
-                "message": f"The request body is larger than {limit} bytes.",
-            }
-        }
-    ).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+async def _send_413(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+    message = f"The request body is larger than {limit} bytes."
+    response = errors.error_response(413, "payload_too_large", message, {"connection": "close"})
+    await response(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
