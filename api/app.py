@@ -117,6 +117,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.db_engine = db_engine
         app.state.sessions = make_session_factory(db_engine)
+        app.state.read_sessions = make_session_factory(
+            db_engine.execution_options(isolation_level="AUTOCOMMIT")
+        )
         app.state.storage = storage_from_settings(settings)
         app.state.dispatcher = Dispatcher(make_producer(settings))
         app.state.metrics = Metrics()

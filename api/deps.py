@@ -29,6 +29,16 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
         session.close()
 
 
+async def get_read_session(request: Request) -> AsyncIterator[Session]:
+    """A session for reads only, on an autocommit connection: no BEGIN and no ROLLBACK round
+    trips around the queries of a poll."""
+    session: Session = request.app.state.read_sessions()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
 async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
@@ -45,13 +55,14 @@ async def get_dispatcher(request: Request) -> Dispatcher:
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
+ReadSessionDep = Annotated[Session, Depends(get_read_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
 
 
 def current_user(
-    session: SessionDep,
+    session: ReadSessionDep,
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> User:
     return authenticate(session, authorization)

@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from api.deps import CurrentUser, SessionDep
+from api.deps import CurrentUser, ReadSessionDep
 from api.schemas import ErrorResponse, Me, ModelList, PoseTemplateList
 from posegen import catalog
 from posegen.seeding import MODEL_FIELDS
@@ -15,7 +15,7 @@ router = APIRouter(prefix="/v1", tags=["catalog"], responses={401: {"model": Err
 
 
 @router.get("/models", response_model=ModelList)
-def list_models(_: CurrentUser, session: SessionDep) -> dict[str, Any]:
+def list_models(_: CurrentUser, session: ReadSessionDep) -> dict[str, Any]:
     return {
         "items": [
             {"model_key": m.model_key, **{f: getattr(m, f) for f in MODEL_FIELDS}}
@@ -25,7 +25,7 @@ def list_models(_: CurrentUser, session: SessionDep) -> dict[str, Any]:
 
 
 @router.get("/pose-templates", response_model=PoseTemplateList)
-def list_pose_templates(_: CurrentUser, session: SessionDep) -> dict[str, Any]:
+def list_pose_templates(_: CurrentUser, session: ReadSessionDep) -> dict[str, Any]:
     return {
         "items": [
             {

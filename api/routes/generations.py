@@ -8,7 +8,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Form, Header, Query, Request, Response, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 
-from api.deps import CurrentUser, DispatcherDep, SessionDep, SettingsDep, StorageDep
+from api.deps import (
+    CurrentUser,
+    DispatcherDep,
+    ReadSessionDep,
+    SessionDep,
+    SettingsDep,
+    StorageDep,
+)
 from api.schemas import ErrorResponse, Job, JobPage
 from posegen import jobs
 from posegen.errors import NotFound, PayloadTooLarge
@@ -97,8 +104,7 @@ async def submit_generation(
 @router.get("", response_model=JobPage, responses=ERRORS)
 def list_generations(
     user: CurrentUser,
-    session: SessionDep,
-    settings: SettingsDep,
+    session: ReadSessionDep,
     status: Annotated[str | None, Query(max_length=100)] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
@@ -109,7 +115,7 @@ def list_generations(
 
 
 @router.get("/{job_id}", response_model=Job, responses=ERRORS)
-def get_generation(job_id: str, user: CurrentUser, session: SessionDep) -> JSONResponse:
+def get_generation(job_id: str, user: CurrentUser, session: ReadSessionDep) -> JSONResponse:
     return JSONResponse(
         jobs.job_json(session, jobs.get_for_user(session, job_id=job_id, user=user))
     )
@@ -140,7 +146,7 @@ def cancel_generation(
     response_class=Response,
 )
 def get_output(
-    job_id: str, index: int, user: CurrentUser, session: SessionDep, storage: StorageDep
+    job_id: str, index: int, user: CurrentUser, session: ReadSessionDep, storage: StorageDep
 ) -> Response:
     key = jobs.output_key(session, job_id=job_id, index=index, user=user)
     url = storage.presigned_url(key)
