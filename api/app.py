@@ -19,10 +19,10 @@ from posegen.metrics import Metrics
 from posegen.queue import (
     GENERATION_QUEUE,
     MAINTENANCE_QUEUE,
-    PRIORITY_STEPS,
     WEBHOOK_QUEUE,
     Dispatcher,
     make_producer,
+    priority_keys,
 )
 from posegen.settings import Settings, get_settings
 from posegen.storage import storage_from_settings
@@ -153,8 +153,7 @@ def _queue_depths(app: FastAPI) -> dict[str, int]:
         client = conn.default_channel.client
         depths = {}
         for queue in (GENERATION_QUEUE, WEBHOOK_QUEUE, MAINTENANCE_QUEUE):
-            keys = [queue, *(f"{queue}:{step}" for step in PRIORITY_STEPS if step)]
-            depths[queue] = sum(int(client.llen(key)) for key in keys)
+            depths[queue] = sum(int(client.llen(key)) for key in priority_keys(queue))
         return depths
 
 

@@ -27,7 +27,8 @@ def fit(image: Image.Image, *, width: int, height: int) -> Image.Image:
     subject large and gives img2img real pixels everywhere. A tall photo keeps its upper part,
     where faces usually are.
     """
-    image = image.convert("RGB")
+    if image.mode != "RGB":  # uploads arrive converted already: no full-size copy for them
+        image = image.convert("RGB")
     if image.size == (width, height):
         return image
     src_w, src_h = image.size

@@ -32,6 +32,12 @@ PURGE_TASK = "posegen.purge_expired"
 # Redis priority steps: kombu keeps one list per step and pops them in order, lowest number
 # first. Our model priorities are "higher runs first", so the Celery priority is 9 - priority.
 PRIORITY_STEPS = list(range(10))
+PRIORITY_SEP = ":"
+
+
+def priority_keys(queue: str) -> list[str]:
+    """The Redis lists kombu keeps for one queue: the bare name for step 0, then name:step."""
+    return [queue, *(f"{queue}{PRIORITY_SEP}{step}" for step in PRIORITY_STEPS if step)]
 
 
 def celery_priority(model_priority: int) -> int:
@@ -58,7 +64,7 @@ def configure_celery(app: Celery, settings: Settings) -> None:
     else:
         transport_options = {
             "priority_steps": PRIORITY_STEPS,
-            "sep": ":",
+            "sep": PRIORITY_SEP,
             "queue_order_strategy": "priority",
             # An unacked message (a worker died mid-job) is redelivered after this long. It
             # must stay well above the hard time limit, or a long job would run twice.
