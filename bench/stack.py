@@ -62,9 +62,9 @@ class Stack:
         self.procs.append(proc)
         return proc
 
-    def api(self) -> str:
+    def api(self, *, workers: int = 1) -> str:
         port = free_port()
-        self.start("api", "--port", str(port), log="api")
+        self.start("api", "--port", str(port), "--workers", str(workers), log="api")
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -110,21 +110,33 @@ def revoke_key(session: Session, *, key_id_or_prefix: str) -> ApiKey:
     return key
 
 
-def authenticate(session: Session, authorization: str | None) -> User:
-    """The user behind an `Authorization: Bearer <key>` header, or 401."""
+def bearer_key_hash(authorization: str | None) -> str:
+    """The stored hash of the key in an `Authorization: Bearer <key>` header, or 401."""
     if not authorization:
         raise Unauthorized("Missing API key: send `Authorization: Bearer <key>`.")
     scheme, _, raw = authorization.partition(" ")
     if scheme.lower() != "bearer" or not raw.strip():
         raise Unauthorized("Malformed Authorization header: expected `Bearer <key>`.")
+    return hash_key(raw.strip())
+
+
+def check_key(found: bool, revoked_at: object) -> None:
+    """401 for a key that matched no row or was revoked."""
+    if not found:
+        raise Unauthorized("Invalid API key.")
+    if revoked_at is not None:
+        raise Unauthorized("This API key has been revoked.")
+
+
+def authenticate(session: Session, authorization: str | None) -> User:
+    """The user behind an `Authorization: Bearer <key>` header, or 401."""
+    key_hash = bearer_key_hash(authorization)
     row = session.execute(
         select(User, ApiKey.revoked_at)
         .join(ApiKey, ApiKey.user_id == User.id)
-        .where(ApiKey.key_hash == hash_key(raw.strip()))
+        .where(ApiKey.key_hash == key_hash)
     ).first()
-    if row is None:
-        raise Unauthorized("Invalid API key.")
-    user, revoked_at = row
-    if revoked_at is not None:
-        raise Unauthorized("This API key has been revoked.")
+    check_key(row is not None, row[1] if row is not None else None)
+    assert row is not None
+    user: User = row[0]
     return user

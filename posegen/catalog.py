@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 
-from sqlalchemy import or_, select
+from sqlalchemy import bindparam, or_, select
 from sqlalchemy.orm import Session
 
 from db.models import AiModel, PoseTemplate
@@ -35,20 +35,43 @@ def model_by_key(session: Session, model_key: str) -> AiModel:
     return model
 
 
+# A submit's model and pose template in one round trip; built once (see `submit_choices`).
+_CHOICES = (
+    select(AiModel, PoseTemplate)
+    .select_from(AiModel)
+    .outerjoin(
+        PoseTemplate,
+        or_(PoseTemplate.key == bindparam("ref"), PoseTemplate.id == bindparam("ref_id")),
+    )
+    .where(AiModel.model_key == bindparam("model_key"))
+    .limit(1)
+)
+
+
+def submit_choices(
+    session: Session, model_key: str, template_ref: str | None
+) -> tuple[AiModel, PoseTemplate | None]:
+    """The model and, when one is named (by key or id), the pose template of a submit."""
+    row = session.execute(
+        _CHOICES,
+        {
+            "model_key": model_key,
+            "ref": template_ref,
+            "ref_id": template_ref if template_ref and is_uuid(template_ref) else None,
+        },
+    ).first()
+    if row is None:
+        raise InvalidRequest(f"Unknown model_key {model_key!r}; GET /v1/models lists them.")
+    model, template = row
+    if template_ref and template is None:
+        raise InvalidRequest(
+            f"Unknown pose_template_id {template_ref!r}; GET /v1/pose-templates lists them."
+        )
+    return model, template
+
+
 def pose_templates(session: Session) -> Sequence[PoseTemplate]:
     return session.scalars(select(PoseTemplate).order_by(PoseTemplate.key)).all()
-
-
-def pose_template_by_ref(session: Session, ref: str) -> PoseTemplate:
-    """A template by its key (`waving`) or its id."""
-    template = session.scalar(select(PoseTemplate).where(PoseTemplate.key == ref))
-    if template is None and is_uuid(ref):
-        template = session.get(PoseTemplate, ref)
-    if template is None:
-        raise InvalidRequest(
-            f"Unknown pose_template_id {ref!r}; GET /v1/pose-templates lists them."
-        )
-    return template
 
 
 def validate_keypoints(keypoints: object) -> list[list[float] | None]:

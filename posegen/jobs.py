@@ -12,14 +12,33 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlalchemy import and_, func, literal_column, or_, select, tuple_, update
+from sqlalchemy import (
+    Integer,
+    and_,
+    bindparam,
+    case,
+    func,
+    literal_column,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
-from db.models import TERMINAL_STATUSES, AiModel, Generation, IdempotencyKey, User, new_id
+from db.models import (
+    TERMINAL_STATUSES,
+    AiModel,
+    ApiKey,
+    Generation,
+    IdempotencyKey,
+    User,
+    new_id,
+)
 from db.types import utcnow
 from posegen import catalog, credits, webhooks
-from posegen.accounts import tier_rank
+from posegen.accounts import authenticate, bearer_key_hash, check_key, tier_rank
 from posegen.errors import (
     AlreadyFinished,
     IdempotencyKeyReused,
@@ -122,13 +141,8 @@ def submit(
         replay = _replay(session, user_id=user.id, key=idempotency_key, fingerprint=fingerprint)
         if replay is not None:
             return Submitted(job=replay, created=False)
-    model = catalog.model_by_key(session, request.model_key)
+    model, template = catalog.submit_choices(session, request.model_key, request.pose_template_id)
     check_model_access(model, user)
-    template = (
-        catalog.pose_template_by_ref(session, request.pose_template_id)
-        if request.pose_template_id
-        else None
-    )
     if request.webhook_url:
         webhooks.check_url(request.webhook_url, allow_private=settings.webhook_allow_private)
     size = (model.width, model.height)
@@ -180,12 +194,13 @@ def submit(
     )
     job.input_key = f"inputs/{job.id}/image.png"
     job.pose_image_key = f"inputs/{job.id}/pose.png" if pose else None
-    try:
-        with session.begin_nested():
-            session.add(job)
-            session.flush()
-            credits.charge(session, user_id=user.id, generation_id=job.id, amount=job.credit_cost)
-            if idempotency_key is not None:
+    if idempotency_key is None:
+        _record(session, job)
+    else:
+        try:
+            # A savepoint only where a concurrent twin can collide (the key's unique index).
+            with session.begin_nested():
+                _record(session, job)
                 session.add(
                     IdempotencyKey(
                         user_id=user.id,
@@ -197,20 +212,25 @@ def submit(
                     )
                 )
                 session.flush()
-    except IntegrityError:
-        # A concurrent request with the same Idempotency-Key won: answer with its job.
-        if idempotency_key is None:
-            raise
-        replay = _replay(session, user_id=user.id, key=idempotency_key, fingerprint=fingerprint)
-        if replay is None:
-            raise
-        return Submitted(job=replay, created=False)
+        except IntegrityError:
+            # A concurrent request with the same Idempotency-Key won: answer with its job.
+            replay = _replay(session, user_id=user.id, key=idempotency_key, fingerprint=fingerprint)
+            if replay is None:
+                raise
+            return Submitted(job=replay, created=False)
 
     storage.put(job.input_key, image.png)
     if pose is not None and job.pose_image_key:
         storage.put(job.pose_image_key, pose.png)
     defer(session, generate_message(job, settings))
     return Submitted(job=job, created=True)
+
+
+def _record(session: Session, job: Generation) -> None:
+    """Insert the job and charge its cost, in the caller's transaction."""
+    session.add(job)
+    session.flush()
+    credits.charge(session, user_id=job.user_id, generation_id=job.id, amount=job.credit_cost)
 
 
 def time_limits(job: Generation, settings: Settings) -> tuple[float, float]:
@@ -338,21 +358,28 @@ QUEUE_ORDER: tuple[Any, ...] = (literal_column("9 - generations.priority"), Gene
 POSITION_CAP = 1000
 
 
+_AHEAD = select(func.count()).select_from(
+    select(literal_column("1"))
+    .select_from(Generation)
+    .where(
+        Generation.status == "queued",
+        tuple_(*QUEUE_ORDER)
+        < tuple_(
+            bindparam("order", type_=Integer),
+            bindparam("created_at", type_=Generation.__table__.c.created_at.type),
+        ),
+    )
+    .limit(POSITION_CAP)
+    .subquery()
+)
+
+
 def queue_position(session: Session, job: Generation) -> int | None:
     """How many queued jobs will start before this one (0: next), counted up to POSITION_CAP."""
     if job.status != "queued":
         return None
-    ahead = (
-        select(literal_column("1"))
-        .select_from(Generation)
-        .where(
-            Generation.status == "queued",
-            tuple_(*QUEUE_ORDER) < tuple_(literal_column(str(9 - job.priority)), job.created_at),
-        )
-        .limit(POSITION_CAP)
-        .subquery()
-    )
-    return int(session.scalar(select(func.count()).select_from(ahead)) or 0)
+    ahead = session.scalar(_AHEAD, {"order": 9 - job.priority, "created_at": job.created_at})
+    return int(ahead or 0)
 
 
 _RUN_SECONDS: dict[str, tuple[float, float | None]] = {}
@@ -387,9 +414,58 @@ def _median_run_seconds(session: Session, model_key: str, *, sample: int) -> flo
     return durations[len(durations) // 2]
 
 
+def _poll_statement() -> Any:
+    """Key, job and queue position in one statement, built once (building an expression this
+    size costs more than running it). `job` aliases the jobs table; the position counts
+    from the table itself, as the index `ix_generations_queue` spells it, capped as in
+    `queue_position`, and is NULL unless the job is queued."""
+    job = aliased(Generation, name="job")
+    ahead = (
+        select(literal_column("1"))
+        .select_from(Generation.__table__)
+        .where(
+            Generation.status == "queued",
+            tuple_(*QUEUE_ORDER) < tuple_(literal_column("9") - job.priority, job.created_at),
+        )
+        .correlate_except(Generation.__table__)
+        .limit(POSITION_CAP)
+        .subquery()
+    )
+    counted = select(func.count()).select_from(ahead).correlate_except(ahead).scalar_subquery()
+    position = case((job.status == "queued", counted), else_=None)
+    return (
+        select(ApiKey.revoked_at, job, position)
+        .select_from(ApiKey)
+        .outerjoin(job, and_(job.id == bindparam("job_id"), job.user_id == ApiKey.user_id))
+        .where(ApiKey.key_hash == bindparam("key_hash"))
+    )
+
+
+_POLL = _poll_statement()
+
+
+def poll(session: Session, *, authorization: str | None, job_id: str) -> dict[str, Any]:
+    """A status poll in one round trip: the key, the caller's job and its queue position.
+    Polls are the hottest route; auth, fetch and position as separate queries cost three."""
+    key_hash = bearer_key_hash(authorization)
+    if not catalog.is_uuid(job_id):
+        authenticate(session, authorization)
+        raise NotFound(f"No generation {job_id!r}.")
+    row = session.execute(_POLL, {"job_id": job_id, "key_hash": key_hash}).first()
+    check_key(row is not None, row[0] if row is not None else None)
+    assert row is not None
+    _, found, position = row
+    if found is None:  # another user's job is indistinguishable from a missing one
+        raise NotFound(f"No generation {job_id!r}.")
+    return _with_eta(session, found, None if position is None else int(position))
+
+
 def job_json(session: Session, job: Generation) -> dict[str, Any]:
     """The contract's job object (also the `data` of webhook events)."""
-    position = queue_position(session, job)
+    return _with_eta(session, job, queue_position(session, job))
+
+
+def _with_eta(session: Session, job: Generation, position: int | None) -> dict[str, Any]:
     eta = None
     if position is not None:
         per_job = recent_run_seconds(session, job.model_key)

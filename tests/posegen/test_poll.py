@@ -1,0 +1,96 @@
+"""The one-query status poll agrees with the plain reads, on Postgres and on SQLite (demo)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.models import AiModel, Generation, new_id
+from db.session import make_session_factory
+from db.types import utcnow
+from posegen import accounts, jobs
+from posegen.cli.common import upgrade_database
+from posegen.errors import NotFound, Unauthorized
+from tests.conftest import seeded_engine
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def any_session(request: pytest.FixtureRequest, tmp_path) -> Iterator[Session]:
+    if request.param == "postgresql":
+        s: Session = request.getfixturevalue("session")
+        yield s
+        return
+    url = f"sqlite:///{tmp_path / 'poll.db'}"
+    upgrade_database(url)
+    engine = seeded_engine(url)
+    with make_session_factory(engine)() as s:  # type: ignore[arg-type]
+        yield s
+    engine.dispose()  # type: ignore[attr-defined]
+
+
+def _job(session: Session, user_id: str, *, priority: int, age_s: float, status: str) -> str:
+    model = session.scalars(select(AiModel).where(AiModel.model_key == "tiny-sd15-openpose")).one()
+    job = Generation(
+        id=new_id(),
+        user_id=user_id,
+        model_id=model.id,
+        model_key=model.model_key,
+        status=status,
+        prompt="p",
+        params={"num_inference_steps": 2, "width": 128, "height": 128},
+        pose_source="image",
+        input_key="inputs/x.png",
+        credit_cost=1,
+        priority=priority,
+        outputs=[],
+        created_at=utcnow() - dt.timedelta(seconds=age_s),
+    )
+    session.add(job)
+    session.flush()
+    return job.id
+
+
+def test_poll_matches_plain_reads(any_session: Session) -> None:
+    s = any_session
+    user = accounts.create_user(s, email="poll@example.com", credits=10)
+    new_key = accounts.create_key(s, email="poll@example.com")
+    key = new_key.raw
+    other = accounts.create_user(s, email="other@example.com")
+    auth = f"Bearer {key}"
+    # Run order: priority high to low, then oldest first.
+    ids = {
+        "old_low": _job(s, user.id, priority=1, age_s=30, status="queued"),
+        "new_high": _job(s, user.id, priority=9, age_s=1, status="queued"),
+        "old_high": _job(s, user.id, priority=9, age_s=20, status="queued"),
+        "running": _job(s, user.id, priority=9, age_s=60, status="processing"),
+        "theirs": _job(s, other.id, priority=5, age_s=10, status="queued"),
+    }
+    s.commit()
+    positions = {
+        name: jobs.poll(s, authorization=auth, job_id=job_id)["queue_position"]
+        for name, job_id in ids.items()
+        if name != "theirs"
+    }
+    assert positions == {"old_high": 0, "new_high": 1, "old_low": 3, "running": None}
+    for name, job_id in ids.items():
+        if name != "theirs":
+            polled = jobs.poll(s, authorization=auth, job_id=job_id)
+            assert polled == jobs.job_json(s, s.get(Generation, job_id))  # type: ignore[arg-type]
+
+    with pytest.raises(NotFound):  # another user's job looks missing
+        jobs.poll(s, authorization=auth, job_id=ids["theirs"])
+    with pytest.raises(NotFound):
+        jobs.poll(s, authorization=auth, job_id=new_id())
+    with pytest.raises(NotFound):
+        jobs.poll(s, authorization=auth, job_id="not-a-uuid")
+    for bad in (None, "Basic abc", "Bearer nope"):
+        with pytest.raises(Unauthorized):
+            jobs.poll(s, authorization=bad, job_id=ids["old_high"])
+    accounts.revoke_key(s, key_id_or_prefix=new_key.key.id)
+    s.commit()
+    with pytest.raises(Unauthorized, match="revoked"):
+        jobs.poll(s, authorization=auth, job_id=ids["old_high"])
