@@ -6,6 +6,7 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
+from anyio import to_thread
 from fastapi import FastAPI
 from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -113,7 +114,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        db_engine = make_engine(settings.database_url)
+        # Sync routes run on anyio's thread pool: as many threads as connections kept open,
+        # so no request waits for a connection and none is opened and closed per request.
+        to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
+        db_engine = make_engine(
+            settings.database_url,
+            pool_size=settings.api_threads + 2,  # + /metrics and /ready
+            max_overflow=settings.api_threads,
+        )
         app.state.settings = settings
         app.state.db_engine = db_engine
         app.state.sessions = make_session_factory(db_engine)

@@ -9,7 +9,9 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 
-def make_engine(database_url: str, *, pool_size: int = 10) -> Engine:
+def make_engine(
+    database_url: str, *, pool_size: int = 10, max_overflow: int | None = None
+) -> Engine:
     if database_url.startswith("sqlite"):
         path = database_url.split(":///", 1)[-1]
         if path and path != ":memory:":
@@ -23,7 +25,7 @@ def make_engine(database_url: str, *, pool_size: int = 10) -> Engine:
     return create_engine(
         database_url,
         pool_size=pool_size,
-        max_overflow=2 * pool_size,
+        max_overflow=2 * pool_size if max_overflow is None else max_overflow,
         # No pre-ping (a round trip on every checkout): a connection found dead fails its
         # request with 503 and SQLAlchemy then discards the whole pool, so the next request
         # connects afresh.

@@ -29,8 +29,26 @@ def grant(session: Session, *, user_id: str, amount: int, note: str = "grant") -
     return int(balance)
 
 
+def check_balance(user: User, amount: int) -> None:
+    """402 when a balance read earlier is short; `charge` decides under concurrency."""
+    if user.credits < amount:
+        raise InsufficientCredits(_short(amount))
+
+
+def _short(amount: int) -> str:
+    return f"This model costs {amount} credits and your balance is lower."
+
+
 def charge(session: Session, *, user_id: str, generation_id: str, amount: int) -> None:
-    """Take `amount` credits for a job, in the caller's transaction, or raise 402."""
+    """Take `amount` credits for a job, in the caller's transaction, or raise 402.
+
+    The ledger row goes first and the balance last: the UPDATE locks the user's row until the
+    commit, and a user's concurrent submits queue on that lock, so the caller should commit
+    right after this."""
+    session.add(
+        CreditLedger(user_id=user_id, generation_id=generation_id, kind="charge", amount=-amount)
+    )
+    session.flush()
     if amount > 0:
         result = session.execute(
             update(User)
@@ -38,13 +56,7 @@ def charge(session: Session, *, user_id: str, generation_id: str, amount: int) -
             .values(credits=User.credits - amount)
         )
         if result.rowcount != 1:  # type: ignore[attr-defined]
-            raise InsufficientCredits(
-                f"This model costs {amount} credits and your balance is lower."
-            )
-    session.add(
-        CreditLedger(user_id=user_id, generation_id=generation_id, kind="charge", amount=-amount)
-    )
-    session.flush()
+            raise InsufficientCredits(_short(amount))
 
 
 def refund(session: Session, *, user_id: str, generation_id: str, amount: int) -> bool:

@@ -143,6 +143,8 @@ def submit(
             return Submitted(job=replay, created=False)
     model, template = catalog.submit_choices(session, request.model_key, request.pose_template_id)
     check_model_access(model, user)
+    # A quick refusal from the balance read with the key; the charge below is what decides.
+    credits.check_balance(user, model.credit_cost)
     if request.webhook_url:
         webhooks.check_url(request.webhook_url, allow_private=settings.webhook_allow_private)
     size = (model.width, model.height)
@@ -194,13 +196,12 @@ def submit(
     )
     job.input_key = f"inputs/{job.id}/image.png"
     job.pose_image_key = f"inputs/{job.id}/pose.png" if pose else None
-    if idempotency_key is None:
-        _record(session, job)
-    else:
+    session.add(job)
+    if idempotency_key is not None:
         try:
             # A savepoint only where a concurrent twin can collide (the key's unique index).
             with session.begin_nested():
-                _record(session, job)
+                session.flush()
                 session.add(
                     IdempotencyKey(
                         user_id=user.id,
@@ -218,19 +219,16 @@ def submit(
             if replay is None:
                 raise
             return Submitted(job=replay, created=False)
-
+    else:
+        session.flush()
     storage.put(job.input_key, image.png)
     if pose is not None and job.pose_image_key:
         storage.put(job.pose_image_key, pose.png)
+    # Last: the charge locks the user's balance row until the caller commits, and one user's
+    # concurrent submits queue on that lock; nothing slow (storage) may come after it.
+    credits.charge(session, user_id=user.id, generation_id=job.id, amount=job.credit_cost)
     defer(session, generate_message(job, settings))
     return Submitted(job=job, created=True)
-
-
-def _record(session: Session, job: Generation) -> None:
-    """Insert the job and charge its cost, in the caller's transaction."""
-    session.add(job)
-    session.flush()
-    credits.charge(session, user_id=job.user_id, generation_id=job.id, amount=job.credit_cost)
 
 
 def time_limits(job: Generation, settings: Settings) -> tuple[float, float]:

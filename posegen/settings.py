@@ -34,6 +34,10 @@ class Settings(BaseSettings):
     cpu_offload: bool = False
 
     # -- API limits ---------------------------------------------------------------------------
+    # Requests one API process works on at once (its thread pool), and the database
+    # connections it keeps for them. Past a few, threads only contend for the GIL: more
+    # throughput comes from more processes (`posegen api --workers N`).
+    api_threads: int = Field(default=8, ge=1, le=256)
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(default=40_000_000, ge=1)
     rate_limit_per_minute: Annotated[dict[str, int], NoDecode] = Field(
