@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     model_cache_bytes: int = Field(default=24 * 1024**3, ge=0)
     compile: bool = False
     cpu_offload: bool = False
+    # Threads for torch's CPU operators per worker process; 0 is torch's default (one per
+    # core). On a machine that also runs the API and the database, leave them a core: two
+    # threads on two busy cores wait for each other at every operator.
+    torch_threads: int = Field(default=0, ge=0, le=512)
 
     # -- API limits ---------------------------------------------------------------------------
     # Requests one API process works on at once (its thread pool), and the database

@@ -50,6 +50,7 @@ class WorkerContext:
                 cache_bytes=s.model_cache_bytes,
                 compile=s.compile,
                 cpu_offload=s.cpu_offload,
+                torch_threads=s.torch_threads,
                 # billiard numbers the pool's processes 0..concurrency-1 (0 outside a pool).
                 process_index=getattr(current_process(), "index", 0) or 0,
             )

@@ -223,3 +223,16 @@ def test_device_choice_per_process():
     assert _pick_device("cpu", 3) == "cpu"
     assert _pick_device("auto", 0) == "cpu"  # no GPU on this machine
     assert _pick_device("cuda:1", 5) == "cuda:1"  # an explicit device is kept
+
+
+def test_torch_threads_setting_sets_the_operator_threads(model_dir):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        Engine(EngineConfig(model_dir=model_dir, pose_backend="mediapipe", torch_threads=1))
+        assert torch.get_num_threads() == 1
+        Engine(EngineConfig(model_dir=model_dir, pose_backend="mediapipe"))  # 0: left alone
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -41,6 +41,8 @@ class EngineConfig:
     cache_bytes: int = 24 * 1024**3
     compile: bool = False
     cpu_offload: bool = False
+    # CPU threads for torch's operators (0: torch's default, one per core).
+    torch_threads: int = 0
     # This process's slot among the worker's processes: with several GPUs, process i uses
     # GPU i (mod the count) - one process per GPU.
     process_index: int = 0
@@ -78,6 +80,8 @@ class Engine:
         import torch
 
         self.config = config
+        if config.torch_threads > 0:
+            torch.set_num_threads(config.torch_threads)
         self.device = _pick_device(config.device, config.process_index)
         self.dtype = _pick_dtype(config.dtype, self.device)
         self.cache = PipelineCache(budget_bytes=config.cache_bytes)
