@@ -9,6 +9,7 @@ Goal: each ratio <= 1.2 (every hot query uses an index). Prints the EXPLAIN of e
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import statistics
 import sys
@@ -63,16 +64,40 @@ SELECT gen_random_uuid(), :user_id, :model_id, 'tiny-sd15-openpose', CAST(:statu
 FROM generate_series(1, :n) AS g
 """
 
-HOT_QUERIES = {
-    "auth": "SELECT users.* FROM users JOIN api_keys ON api_keys.user_id = users.id WHERE api_keys.key_hash = 'x'",
-    "get_by_id": "SELECT * FROM generations WHERE id = :job_id",
-    "queue_position": "SELECT count(*) FROM (SELECT 1 FROM generations WHERE status = 'queued' AND (9 - generations.priority, created_at) < (4, now()) LIMIT 1000) AS ahead",
-    "eta_recent_runs": "SELECT started_at, finished_at FROM generations WHERE model_key = 'tiny-sd15-openpose' AND status = 'completed' ORDER BY finished_at DESC LIMIT 20",
-    "list_for_user": "SELECT * FROM generations WHERE user_id = :user_id ORDER BY created_at DESC, id DESC LIMIT 21",
-    "rate_limit": "SELECT count(*), min(created_at) FROM generations WHERE user_id = :user_id AND created_at > now() - interval '60 seconds'",
-    "reconcile_stale_queued": "SELECT * FROM generations WHERE status = 'queued' AND published_at < now() - interval '120 seconds' ORDER BY 9 - generations.priority, created_at LIMIT 1000",
-    "reconcile_expired_leases": "SELECT * FROM generations WHERE status = 'processing' AND lease_expires_at < now() LIMIT 1000",
-}
+
+# The hot queries the code runs, as it builds them; EXPLAIN ANALYZE of each at full size.
+def hot_queries(user_id: str, job_id: str, key: str) -> dict[str, tuple[Any, dict[str, Any]]]:
+    from posegen import catalog, jobs
+    from posegen.accounts import hash_key
+    from posegen.ratelimit import blocking_job
+
+    now = dt.datetime.now(dt.UTC)
+    text_queries = {
+        "eta_recent_runs": "SELECT started_at, finished_at FROM generations WHERE model_key = 'tiny-sd15-openpose' AND status = 'completed' ORDER BY finished_at DESC LIMIT 20",
+        "list_for_user": "SELECT * FROM generations WHERE user_id = :user_id ORDER BY created_at DESC, id DESC LIMIT 21",
+        "reconcile_stale_queued": "SELECT * FROM generations WHERE status = 'queued' AND published_at < now() - interval '120 seconds' ORDER BY 9 - generations.priority, created_at LIMIT 1000",
+        "reconcile_expired_leases": "SELECT * FROM generations WHERE status = 'processing' AND lease_expires_at < now() LIMIT 1000",
+    }
+    return {
+        "poll (key + job + queue position, one query)": (
+            jobs._POLL,
+            {"job_id": job_id, "key_hash": hash_key(key)},
+        ),
+        "submit: model + template": (
+            catalog._CHOICES,
+            {"model_key": "tiny-sd15-openpose", "ref": "standing", "ref_id": None},
+        ),
+        "submit: rate limit (enterprise, 3000/min)": (blocking_job(user_id, 3000), {}),
+        "submit: queue position of the new job": (jobs._AHEAD, {"order": 4, "created_at": now}),
+        **{name: (text(sql), {"user_id": user_id}) for name, sql in text_queries.items()},
+    }
+
+
+def explain(conn: Any, statement: Any, params: dict[str, Any]) -> list[str]:
+    compiled = statement.compile(dialect=conn.dialect)
+    values = {**compiled.params, **params}
+    sql = "EXPLAIN (ANALYZE, COSTS OFF, SUMMARY OFF) " + str(compiled)
+    return [r[0] for r in conn.exec_driver_sql(sql, values)]
 
 
 def main() -> None:
@@ -118,12 +143,9 @@ def main() -> None:
                 ),
                 {"u": bench_user},
             ).scalar_one()
-            for name, sql in HOT_QUERIES.items():
-                rows = conn.execute(
-                    text("EXPLAIN (ANALYZE, COSTS OFF, SUMMARY OFF) " + sql),
-                    {"user_id": bench_user, "job_id": job_id},
-                )
-                plans[name] = [r[0] for r in rows]
+            key = headers["Authorization"].removeprefix("Bearer ")
+            for name, (statement, params) in hot_queries(bench_user, job_id, key).items():
+                plans[name] = explain(conn, statement, params)
         engine.dispose()
     result: dict[str, Any] = {
         "benchmark": "scale",

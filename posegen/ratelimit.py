@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
 from db.models import Generation, User
@@ -20,19 +20,24 @@ from posegen.settings import Settings
 WINDOW = dt.timedelta(seconds=60)
 
 
-def check_rate_limit(session: Session, *, user: User, settings: Settings) -> None:
-    limit = settings.rate_limit_per_minute.get(user.tier)
-    if limit is None or limit <= 0:
-        return
-    # The limit-th newest job in the window, if there is one: reading at most `limit` index
-    # entries, however busy the caller is. The caller may submit again once it leaves.
-    blocking = session.scalar(
+def blocking_job(user_id: str, limit: int) -> Select[dt.datetime]:
+    """The creation time of the caller's limit-th newest job in the window, if there is one:
+    the caller may submit again once it leaves. Reads at most `limit` index entries, however
+    busy the caller is."""
+    return (
         select(Generation.created_at)
-        .where(Generation.user_id == user.id, Generation.created_at > utcnow() - WINDOW)
+        .where(Generation.user_id == user_id, Generation.created_at > utcnow() - WINDOW)
         .order_by(Generation.created_at.desc())
         .offset(limit - 1)
         .limit(1)
     )
+
+
+def check_rate_limit(session: Session, *, user: User, settings: Settings) -> None:
+    limit = settings.rate_limit_per_minute.get(user.tier)
+    if limit is None or limit <= 0:
+        return
+    blocking = session.scalar(blocking_job(user.id, limit))
     if blocking is None:
         return
     retry_after = max(1, math.ceil((blocking + WINDOW - utcnow()).total_seconds()))
