@@ -53,12 +53,14 @@ def configure_celery(app: Celery, settings: Settings) -> None:
     transport_options: dict[str, Any]
     if settings.embedded_broker:
         folder = settings.broker_dir.resolve()
-        for sub in ("queue", "processed"):
+        for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         transport_options = {
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),
             "processed_folder": str(folder / "processed"),
+            # kombu's default is ./control, in whatever folder the process started in.
+            "control_folder": str(folder / "control"),
             "store_processed": False,
         }
     else:

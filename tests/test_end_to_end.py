@@ -119,6 +119,8 @@ def test_demo_runs_end_to_end(tmp_path):
     image = Image.open(match.group(1))
     assert image.size == (128, 128)
     assert (tmp_path / "var" / "posegen.db").exists()
+    # Everything it writes is under ./var (the embedded broker's control folder included).
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["var"]
 
 
 def test_metrics_from_api_and_worker(app, make_account, gpu_worker):
