@@ -42,6 +42,7 @@ from posegen.accounts import authenticate, bearer_key_hash, check_key, tier_rank
 from posegen.errors import (
     AlreadyFinished,
     IdempotencyKeyReused,
+    InsufficientCredits,
     InvalidRequest,
     ModelUnavailable,
     NotFound,
@@ -226,7 +227,13 @@ def submit(
         storage.put(job.pose_image_key, pose.png)
     # Last: the charge locks the user's balance row until the caller commits, and one user's
     # concurrent submits queue on that lock; nothing slow (storage) may come after it.
-    credits.charge(session, user_id=user.id, generation_id=job.id, amount=job.credit_cost)
+    try:
+        credits.charge(session, user_id=user.id, generation_id=job.id, amount=job.credit_cost)
+    except InsufficientCredits:  # lost a race the balance check above did not see
+        for key in (job.input_key, job.pose_image_key):
+            if key:
+                storage.delete(key)
+        raise
     defer(session, generate_message(job, settings))
     return Submitted(job=job, created=True)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -21,8 +22,10 @@ def _post(base: str, headers: dict[str, str], **data: str) -> httpx.Response:
     return httpx.post(f"{base}/v1/generations", headers=headers, data=form, files=files, timeout=60)  # fmt: skip
 
 
-def test_thirty_concurrent_submits_with_ten_credits(live_api, make_account, session):
+def test_thirty_concurrent_submits_with_ten_credits(live_api, make_account, session, base_env):
     account = make_account(credits=10)
+    inputs = Path(base_env["POSEGEN_STORAGE_URL"].removeprefix("file://")) / "inputs"
+    before = {p.name for p in inputs.iterdir()} if inputs.exists() else set()
     with ThreadPoolExecutor(max_workers=30) as pool:
         responses = list(pool.map(lambda _: _post(live_api, account.headers), range(30)))
     codes = sorted(r.status_code for r in responses)
@@ -31,8 +34,12 @@ def test_thirty_concurrent_submits_with_ten_credits(live_api, make_account, sess
     me = httpx.get(f"{live_api}/v1/me", headers=account.headers).json()
     assert me["credits"] == 0
     assert credits.ledger_sum(session, user_id=account.user_id) == 0
-    jobs = session.scalar(select(func.count()).select_from(Generation).where(Generation.user_id == account.user_id))  # fmt: skip
-    assert jobs == 10
+    job_ids = set(session.scalars(select(Generation.id).where(Generation.user_id == account.user_id)))  # fmt: skip
+    assert len(job_ids) == 10
+    # The refused submits left no stored input behind (whether the quick balance check or the
+    # charge itself refused them); an empty folder of a deleted input does not count.
+    added = {p.name for p in inputs.iterdir() if any(p.iterdir())} - before
+    assert added == job_ids
 
 
 def test_ten_concurrent_replays_make_one_job_one_charge(live_api, make_account, session):
