@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -132,6 +133,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.dispatcher = Dispatcher(make_producer(settings))
         app.state.metrics = Metrics()
         app.state.metrics.watch_queue(lambda: _active_counts(app), lambda: _queue_depths(app))
+        # What start-up made lives as long as the process: out of the collector's way, so a
+        # full collection under load scans only what requests allocate (status p99 at 4
+        # clients: see the README).
+        gc.collect()
+        gc.freeze()
         yield
         db_engine.dispose()
 
