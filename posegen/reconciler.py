@@ -29,6 +29,11 @@ class Sweep:
     republished: int
     requeued: int
     failed: int
+    # The model of each job failed, for the job metrics (counted once the sweep commits).
+    failed_models: tuple[str, ...] = ()
+
+    def counts(self) -> dict[str, int]:
+        return {"republished": self.republished, "requeued": self.requeued, "failed": self.failed}
 
 
 def reconcile(session: Session, *, settings: Settings, batch: int = 1000) -> Sweep:
@@ -49,7 +54,8 @@ def reconcile(session: Session, *, settings: Settings, batch: int = 1000) -> Swe
         .where(Generation.status == "processing", Generation.lease_expires_at < now)
         .limit(batch)
     ).all()
-    requeued = failed = 0
+    requeued = 0
+    failed_models: list[str] = []
     for job in expired:
         if job.attempts >= settings.max_attempts:
             done = lifecycle.fail(
@@ -58,7 +64,8 @@ def reconcile(session: Session, *, settings: Settings, batch: int = 1000) -> Swe
                 code="internal_error",
                 message=f"The job was interrupted {job.attempts} times (worker lost); giving up.",
             )
-            failed += done is not None
+            if done is not None:
+                failed_models.append(job.model_key)
             continue
         result = session.execute(
             update(Generation)
@@ -74,7 +81,12 @@ def reconcile(session: Session, *, settings: Settings, batch: int = 1000) -> Swe
             defer(session, generate_message(job, settings))
             requeued += 1
     session.flush()
-    return Sweep(republished=len(queued), requeued=requeued, failed=failed)
+    return Sweep(
+        republished=len(queued),
+        requeued=requeued,
+        failed=len(failed_models),
+        failed_models=tuple(failed_models),
+    )
 
 
 def purge_expired_idempotency_keys(session: Session) -> int:

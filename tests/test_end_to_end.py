@@ -140,6 +140,57 @@ def test_metrics_from_api_and_worker(app, make_account, gpu_worker):
     assert 'posegen_queue_depth{queue="generation"}' in api
 
 
+def test_jobs_the_reconciler_fails_are_counted(app, make_account, sessions, settings, housekeeping):
+    """A job whose worker died too often is failed by the reconciler on the housekeeping
+    worker, and counted in that worker's metrics like any other failed job."""
+    import datetime as dt
+    import time
+
+    import httpx
+    from sqlalchemy import update
+
+    from db.models import Generation
+
+    sample = 'posegen_jobs_finished_total{model="tiny-sd15-openpose",status="failed"} '
+
+    def failed_count() -> float:
+        deadline = time.monotonic() + 30  # the worker may still be starting
+        while True:
+            try:
+                page = httpx.get(housekeeping.metrics_url).text
+                break
+            except httpx.ConnectError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+        for line in page.splitlines():
+            if line.startswith(sample):
+                return float(line.removeprefix(sample))
+        return 0.0
+
+    before = failed_count()
+    account = make_account()
+    job = submit(app, account).json()
+    with sessions() as s:  # claimed max_attempts times, the last worker gone
+        s.execute(
+            update(Generation)
+            .where(Generation.id == job["id"])
+            .values(
+                status="processing",
+                worker_id="dead:1",
+                attempts=settings.max_attempts,
+                lease_expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5),
+            )
+        )
+        s.commit()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and failed_count() < before + 1:
+        time.sleep(0.3)
+    assert failed_count() == before + 1
+    final = app.get(f"/v1/generations/{job['id']}", headers=account.headers).json()
+    assert final["status"] == "failed" and final["error"]["code"] == "internal_error"
+
+
 def test_the_celery_parent_never_loads_torch(app, make_account, gpu_worker):
     """CUDA must not be initialised before fork: the parent process has no torch at all."""
     import subprocess as sp

@@ -67,9 +67,11 @@ def register(app: Celery) -> None:
         ctx = context()
         with ctx.session() as session:
             sweep = reconciler.reconcile(session, settings=ctx.settings)
+        for model_key in sweep.failed_models:
+            job_metrics().finished.labels("failed", model_key).inc()
         if sweep.republished or sweep.requeued or sweep.failed:
-            log.info("reconciled", extra=sweep.__dict__)
-        return sweep.__dict__
+            log.info("reconciled", extra=sweep.counts())
+        return sweep.counts()
 
     @app.task(name=PURGE_TASK)
     def purge_expired() -> int:

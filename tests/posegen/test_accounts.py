@@ -190,7 +190,7 @@ def test_reconciler_fails_a_job_past_its_attempts_with_a_refund(
         s.commit()
         sweep = reconciler.reconcile(s, settings=settings)
         s.commit()
-    assert sweep.failed == 1
+    assert sweep.failed == 1 and sweep.failed_models == ("tiny-sd15-openpose",)
     failed = app.get(f"/v1/generations/{job['id']}", headers=account.headers).json()
     assert failed["status"] == "failed" and failed["error"]["code"] == "internal_error"
     assert app.get("/v1/me", headers=account.headers).json()["credits"] == 1
