@@ -51,11 +51,6 @@ def photo() -> bytes:
     return buf.getvalue()
 
 
-def bare_runs(model_dir: Path, n: int) -> list[float]:
-    call = bare_runner(model_dir)
-    return [call() for _ in range(n)]
-
-
 def fitted_photo() -> bytes:
     from posegen.images import check_upload
 

@@ -7,6 +7,7 @@ import hashlib
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -18,6 +19,7 @@ from posegen.catalog import is_uuid
 from posegen.errors import InvalidRequest, NotFound, Unauthorized
 
 KEY_PREFIX = "pg_live_"
+RowT = TypeVar("RowT", bound=Sequence[Any])
 
 
 def tier_rank(tier: str) -> int:
@@ -120,23 +122,22 @@ def bearer_key_hash(authorization: str | None) -> str:
     return hash_key(raw.strip())
 
 
-def check_key(found: bool, revoked_at: object) -> None:
-    """401 for a key that matched no row or was revoked."""
-    if not found:
+def live_key(row: RowT | None) -> RowT:
+    """The row of a key lookup whose first column is the key's `revoked_at`, or 401 when the
+    key matched no row or was revoked."""
+    if row is None:
         raise Unauthorized("Invalid API key.")
-    if revoked_at is not None:
+    if row[0] is not None:
         raise Unauthorized("This API key has been revoked.")
+    return row
 
 
 def authenticate(session: Session, authorization: str | None) -> User:
     """The user behind an `Authorization: Bearer <key>` header, or 401."""
-    key_hash = bearer_key_hash(authorization)
     row = session.execute(
-        select(User, ApiKey.revoked_at)
+        select(ApiKey.revoked_at, User)
         .join(ApiKey, ApiKey.user_id == User.id)
-        .where(ApiKey.key_hash == key_hash)
+        .where(ApiKey.key_hash == bearer_key_hash(authorization))
     ).first()
-    check_key(row is not None, row[1] if row is not None else None)
-    assert row is not None
-    user: User = row[0]
+    user: User = live_key(row)[1]
     return user

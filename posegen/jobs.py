@@ -38,7 +38,7 @@ from db.models import (
 )
 from db.types import utcnow
 from posegen import catalog, credits, webhooks
-from posegen.accounts import authenticate, bearer_key_hash, check_key, tier_rank
+from posegen.accounts import authenticate, bearer_key_hash, live_key, tier_rank
 from posegen.errors import (
     AlreadyFinished,
     IdempotencyKeyReused,
@@ -363,19 +363,22 @@ QUEUE_ORDER: tuple[Any, ...] = (literal_column("9 - generations.priority"), Gene
 POSITION_CAP = 1000
 
 
-_AHEAD = select(func.count()).select_from(
-    select(literal_column("1"))
-    .select_from(Generation)
-    .where(
-        Generation.status == "queued",
-        tuple_(*QUEUE_ORDER)
-        < tuple_(
-            bindparam("order", type_=Integer),
-            bindparam("created_at", type_=Generation.__table__.c.created_at.type),
-        ),
+def _count_ahead(order: Any, created_at: Any) -> Any:
+    """SQL: how many queued jobs run before one at (order, created_at), up to POSITION_CAP,
+    read in run order through `ix_generations_queue` (the table itself, never an alias)."""
+    return select(func.count()).select_from(
+        select(literal_column("1"))
+        .select_from(Generation.__table__)
+        .where(Generation.status == "queued", tuple_(*QUEUE_ORDER) < tuple_(order, created_at))
+        .correlate_except(Generation.__table__)
+        .limit(POSITION_CAP)
+        .subquery()
     )
-    .limit(POSITION_CAP)
-    .subquery()
+
+
+_AHEAD = _count_ahead(
+    bindparam("order", type_=Integer),
+    bindparam("created_at", type_=Generation.__table__.c.created_at.type),
 )
 
 
@@ -421,22 +424,10 @@ def _median_run_seconds(session: Session, model_key: str, *, sample: int) -> flo
 
 def _poll_statement() -> Any:
     """Key, job and queue position in one statement, built once (building an expression this
-    size costs more than running it). `job` aliases the jobs table; the position counts
-    from the table itself, as the index `ix_generations_queue` spells it, capped as in
-    `queue_position`, and is NULL unless the job is queued."""
+    size costs more than running it). `job` aliases the jobs table; the position is
+    `queue_position`'s count, NULL unless the job is queued."""
     job = aliased(Generation, name="job")
-    ahead = (
-        select(literal_column("1"))
-        .select_from(Generation.__table__)
-        .where(
-            Generation.status == "queued",
-            tuple_(*QUEUE_ORDER) < tuple_(literal_column("9") - job.priority, job.created_at),
-        )
-        .correlate_except(Generation.__table__)
-        .limit(POSITION_CAP)
-        .subquery()
-    )
-    counted = select(func.count()).select_from(ahead).correlate_except(ahead).scalar_subquery()
+    counted = _count_ahead(literal_column("9") - job.priority, job.created_at).scalar_subquery()
     position = case((job.status == "queued", counted), else_=None)
     return (
         select(ApiKey.revoked_at, job, position)
@@ -457,9 +448,7 @@ def poll(session: Session, *, authorization: str | None, job_id: str) -> dict[st
         authenticate(session, authorization)
         raise NotFound(f"No generation {job_id!r}.")
     row = session.execute(_POLL, {"job_id": job_id, "key_hash": key_hash}).first()
-    check_key(row is not None, row[0] if row is not None else None)
-    assert row is not None
-    _, found, position = row
+    _, found, position = live_key(row)
     if found is None:  # another user's job is indistinguishable from a missing one
         raise NotFound(f"No generation {job_id!r}.")
     return _with_eta(session, found, None if position is None else int(position))

@@ -276,6 +276,27 @@ def gpu_worker(base_env: dict[str, str], db_engine: object, process_logs: Path) 
     proc.stop()
 
 
+def strand(session: Session, job_id: str, *, attempts: int, lease_expired_s: float) -> None:
+    """Make a job look claimed `attempts` times by a worker that is gone: processing, with a
+    lease that ran out `lease_expired_s` seconds ago (the caller commits)."""
+    import datetime as dt
+
+    from sqlalchemy import update
+
+    from db.models import Generation
+
+    session.execute(
+        update(Generation)
+        .where(Generation.id == job_id)
+        .values(
+            status="processing",
+            worker_id="dead:1",
+            attempts=attempts,
+            lease_expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=lease_expired_s),
+        )
+    )
+
+
 @pytest.fixture(scope="session")
 def housekeeping(base_env: dict[str, str], db_engine: object, process_logs: Path) -> Iterator[Proc]:
     port = free_port()

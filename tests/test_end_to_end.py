@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from posegen import credits
-from tests.conftest import ROOT, astronaut_png, submit, wait_for
+from tests.conftest import ROOT, astronaut_png, strand, submit, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -143,13 +143,9 @@ def test_metrics_from_api_and_worker(app, make_account, gpu_worker):
 def test_jobs_the_reconciler_fails_are_counted(app, make_account, sessions, settings, housekeeping):
     """A job whose worker died too often is failed by the reconciler on the housekeeping
     worker, and counted in that worker's metrics like any other failed job."""
-    import datetime as dt
     import time
 
     import httpx
-    from sqlalchemy import update
-
-    from db.models import Generation
 
     sample = 'posegen_jobs_finished_total{model="tiny-sd15-openpose",status="failed"} '
 
@@ -172,16 +168,7 @@ def test_jobs_the_reconciler_fails_are_counted(app, make_account, sessions, sett
     account = make_account()
     job = submit(app, account).json()
     with sessions() as s:  # claimed max_attempts times, the last worker gone
-        s.execute(
-            update(Generation)
-            .where(Generation.id == job["id"])
-            .values(
-                status="processing",
-                worker_id="dead:1",
-                attempts=settings.max_attempts,
-                lease_expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5),
-            )
-        )
+        strand(s, job["id"], attempts=settings.max_attempts, lease_expired_s=5)
         s.commit()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and failed_count() < before + 1:

@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 
 from db.models import AiModel, CreditLedger, Generation
 from posegen import credits, lifecycle
-from tests.conftest import png_bytes, settings_from, submit, wait_for
+from tests.conftest import png_bytes, settings_from, strand, submit, wait_for
 
 IMAGE = png_bytes()
 
@@ -167,26 +167,12 @@ def test_expired_idempotency_keys_are_purged_and_reusable(app, make_account, ses
 def test_reconciler_fails_a_job_past_its_attempts_with_a_refund(
     app, make_account, sessions, settings
 ):
-    import datetime as dt
-
-    from sqlalchemy import update
-
     from posegen import reconciler
 
     account = make_account(credits=1)
     job = submit(app, account).json()
-    stale = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5)
     with sessions() as s:  # a worker claimed it max_attempts times and died each time
-        s.execute(
-            update(Generation)
-            .where(Generation.id == job["id"])
-            .values(
-                status="processing",
-                worker_id="dead:1",
-                attempts=settings.max_attempts,
-                lease_expires_at=stale,
-            )
-        )
+        strand(s, job["id"], attempts=settings.max_attempts, lease_expired_s=5)
         s.commit()
         sweep = reconciler.reconcile(s, settings=settings)
         s.commit()
@@ -210,11 +196,7 @@ def test_reconciler_requeues_an_expired_lease_and_republishes_stale_queued(
     waiting = submit(app, account).json()
     long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
     with sessions() as s:
-        s.execute(
-            update(Generation)
-            .where(Generation.id == running["id"])
-            .values(status="processing", worker_id="dead:1", attempts=1, lease_expires_at=long_ago)
-        )
+        strand(s, running["id"], attempts=1, lease_expired_s=3600)
         s.execute(
             update(Generation).where(Generation.id == waiting["id"]).values(published_at=long_ago)
         )
