@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.stack import astronaut_png, fitted_astronaut
+
 STANDING = [
     (0.5, 0.15),
     (0.5, 0.25),
@@ -43,15 +45,6 @@ STANDING = [
     (0.46, 0.14),
     (0.54, 0.14),
 ]
-
-
-def astronaut() -> bytes:
-    import skimage.data
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(skimage.data.astronaut()).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def main() -> None:
@@ -102,10 +95,8 @@ def main() -> None:
         width=args.size,
         height=args.size,
     )
-    from posegen.images import check_upload
-
     # What the API stores for this model: the upload re-encoded and fitted to its resolution.
-    photo = check_upload(astronaut(), max_pixels=10**8, fit_to=(args.size, args.size)).png
+    photo = fitted_astronaut(args.size, args.size)
     job = EngineJob(
         model_key="bench",
         family=args.family,
@@ -157,7 +148,7 @@ def main() -> None:
     from worker.engine.pose import NoPoseDetected, make_extractor
     from worker.engine.pose.openpose import openpose_weights_dir
 
-    pose_photo = fit(Image.open(io.BytesIO(astronaut())), width=512, height=512)
+    pose_photo = fit(Image.open(io.BytesIO(astronaut_png())), width=512, height=512)
     for backend in ("mediapipe", "openpose"):
         if backend == "openpose" and openpose_weights_dir(model_dir) is None:
             # Random weights, same network: the timing holds, the keypoints do not.

@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from bench.stack import fitted_astronaut
 from posegen.seeding import SEEDS_DIR
 
 Point = tuple[float, float] | None
@@ -66,10 +67,8 @@ def main() -> None:
     parser.add_argument("--pose-backend", default="mediapipe")
     args = parser.parse_args()
 
-    import skimage.data
     from PIL import Image
 
-    from posegen.images import check_upload
     from worker.engine.engine import Engine, EngineConfig, EngineJob
     from worker.engine.pose import NoPoseDetected
     from worker.engine.run import RunParams
@@ -84,9 +83,7 @@ def main() -> None:
     if model["base_model"].startswith("tiny-"):
         build_tiny(model_dir)
     width, height = (int(v) for v in model["resolution"].split("x"))
-    buf = io.BytesIO()
-    Image.fromarray(skimage.data.astronaut()).save(buf, format="PNG")
-    photo = check_upload(buf.getvalue(), max_pixels=10**8, fit_to=(width, height)).png
+    photo = fitted_astronaut(width, height)
     engine = Engine(EngineConfig(model_dir=model_dir, pose_backend=args.pose_backend))
     results: dict[str, Any] = {}
     for path in sorted((SEEDS_DIR / "pose_templates").glob("*.json")):

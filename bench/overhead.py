@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 
-from bench.stack import Stack, stack
+from bench.stack import Stack, astronaut_png, fitted_astronaut, stack
 
 STEPS, SIZE = 4, 128
 FIELDS = {
@@ -42,21 +42,6 @@ def _ts(value: str) -> dt.datetime:
     return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
-def photo() -> bytes:
-    import skimage.data
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(skimage.data.astronaut()).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def fitted_photo() -> bytes:
-    from posegen.images import check_upload
-
-    return check_upload(photo(), max_pixels=10**8, fit_to=(SIZE, SIZE)).png
-
-
 def bare_runner(model_dir: Path) -> Any:
     """The same job as a bare diffusers call in this process: model warm, images prepared.
     Returns a function that runs it once and answers its seconds."""
@@ -66,7 +51,7 @@ def bare_runner(model_dir: Path) -> Any:
     from worker.engine.run import RunParams, run_pipeline
     from worker.engine.skeleton import draw_skeleton
 
-    stored = fitted_photo()
+    stored = fitted_astronaut(SIZE, SIZE)
     params = RunParams(
         prompt="a portrait avatar of a person", negative_prompt="blurry",
         num_inference_steps=STEPS, guidance_scale=7.5, controlnet_conditioning_scale=1.0,
@@ -135,7 +120,7 @@ def _start(s: Stack) -> tuple[str, dict[str, str]]:
     base = s.api()
     headers = {"Authorization": f"Bearer {s.user_key()}"}
     s.start("worker", "--concurrency", "1", log="worker")
-    image = photo()
+    image = astronaut_png()
     for _ in range(3):  # warm: the worker loads torch and the model on its first job
         _wait(base, headers, _submit(base, headers, image))
     return base, headers
@@ -145,7 +130,7 @@ def latency(jobs: int) -> dict[str, Any]:
     with stack() as s:
         base, headers = _start(s)
         bare_call = bare_runner(Path(s.env["POSEGEN_MODEL_DIR"]))
-        image = photo()
+        image = astronaut_png()
         dispatch, total, run, bare = [], [], [], []
         expected = statistics.median(bare_call() for _ in range(5))
         for _ in range(jobs):  # one job through the queue, then one bare call: side by side
@@ -191,7 +176,7 @@ def throughput(jobs: int, rounds: int = 5) -> dict[str, Any]:
     with stack() as s:
         base, headers = _start(s)
         bare_call = bare_runner(Path(s.env["POSEGEN_MODEL_DIR"]))
-        image = fitted_photo()
+        image = fitted_astronaut(SIZE, SIZE)
         for _ in range(rounds):
             ahead = _submit(base, headers, image, steps=max(20, per_round * 2))
             ids = [_submit(base, headers, image) for _ in range(per_round)]

@@ -42,6 +42,23 @@ def small_png(size: tuple[int, int] = (96, 96)) -> bytes:
     return buf.getvalue()
 
 
+def astronaut_png() -> bytes:
+    """skimage's astronaut (a real, public-domain photo of a person, 512x512) as PNG bytes."""
+    import skimage.data
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(skimage.data.astronaut()).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def fitted_astronaut(width: int, height: int) -> bytes:
+    """The astronaut as the API stores it for a model of this size (fitted at submit)."""
+    from posegen.images import check_upload
+
+    return check_upload(astronaut_png(), max_pixels=10**8, fit_to=(width, height)).png
+
+
 @dataclass
 class Stack:
     env: dict[str, str]
