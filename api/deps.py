@@ -69,3 +69,15 @@ def current_user(
 
 
 CurrentUser = Annotated[User, Depends(current_user)]
+
+
+def writing_user(
+    session: SessionDep,
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> User:
+    # The key is read on the route's own (writing) session: one connection per request. As a
+    # dependency it is checked before the form is validated: a bad key is 401, never 422.
+    return authenticate(session, authorization)
+
+
+WritingUser = Annotated[User, Depends(writing_user)]

@@ -15,10 +15,10 @@ from api.deps import (
     SessionDep,
     SettingsDep,
     StorageDep,
+    WritingUser,
 )
 from api.schemas import ErrorResponse, Job, JobPage
 from posegen import jobs
-from posegen.accounts import authenticate
 from posegen.errors import NotFound, PayloadTooLarge
 from posegen.settings import Settings
 
@@ -43,14 +43,14 @@ def _read(upload: UploadFile | None, settings: Settings, field: str) -> bytes | 
 # already, and FastAPI's validation of them against the response model would be paid on
 # every poll. The response models still document the shapes in the OpenAPI schema.
 #
-# The two hot routes (submit, poll) are plain `def`s that check the key themselves: the whole
-# request then runs in one worker thread on one database connection. A `def` dependency
-# would add a thread hop, and an `async def` route doing database work would stall the event
-# loop for every other request.
+# The two hot routes are plain `def`s: an `async def` route doing database work would stall
+# the event loop for every other request. Submit reads the key on its own session (one
+# connection); the poll checks it in the same statement as the job (see `jobs.poll`).
 
 
 @router.post("", status_code=202, response_model=Job, responses=ERRORS)
 def submit_generation(
+    user: WritingUser,
     session: SessionDep,
     settings: SettingsDep,
     storage: StorageDep,
@@ -68,9 +68,7 @@ def submit_generation(
     seed: Annotated[int | None, Form(ge=0, le=2**32 - 1)] = None,
     webhook_url: Annotated[str | None, Form(max_length=2048)] = None,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
-    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> JSONResponse:
-    user = authenticate(session, authorization)
     request = jobs.GenerationRequest(
         model_key=model_key,
         image=_read(image, settings, "image") or b"",

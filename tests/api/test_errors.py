@@ -22,6 +22,14 @@ def test_missing_or_invalid_key_is_401(app, header):
     assert response.status_code == 401 and _error(response) == "unauthorized"
 
 
+@pytest.mark.parametrize("header", [None, "Bearer nope"])
+def test_a_bad_key_is_401_before_the_form_is_checked(app, header):
+    """An empty submit form would be 422; without a valid key the answer is 401 all the same."""
+    headers = {"Authorization": header} if header else {}
+    response = app.post("/v1/generations", headers=headers)
+    assert response.status_code == 401 and _error(response) == "unauthorized"
+
+
 def test_revoked_key_is_401(app, make_account, sessions):
     from posegen import accounts
 
