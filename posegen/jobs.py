@@ -10,10 +10,11 @@ import math
 import secrets
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 from sqlalchemy import (
     Integer,
+    Row,
     and_,
     bindparam,
     case,
@@ -25,7 +26,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import Session
 
 from db.models import (
     TERMINAL_STATUSES,
@@ -396,14 +397,15 @@ RUN_SECONDS_TTL = 5.0
 
 def recent_run_seconds(session: Session, model_key: str, *, sample: int = 20) -> float | None:
     """Median run time of the model's latest completed jobs, for the ETA. An estimate, so
-    each process keeps it for a few seconds instead of asking on every poll."""
+    each process keeps it for a few seconds instead of asking on every poll, "no history yet"
+    (None) included: a model whose first job is still running would otherwise cost every
+    poll of its queue a second query."""
     now = time.monotonic()
     cached = _RUN_SECONDS.get(model_key)
     if cached is not None and now - cached[0] < RUN_SECONDS_TTL:
         return cached[1]
     value = _median_run_seconds(session, model_key, sample=sample)
-    if value is not None:  # no history yet: ask again next time
-        _RUN_SECONDS[model_key] = (now, value)
+    _RUN_SECONDS[model_key] = (now, value)
     return value
 
 
@@ -424,15 +426,16 @@ def _median_run_seconds(session: Session, model_key: str, *, sample: int) -> flo
 
 def _poll_statement() -> Any:
     """Key, job and queue position in one statement, built once (building an expression this
-    size costs more than running it). `job` aliases the jobs table; the position is
-    `queue_position`'s count, NULL unless the job is queued."""
-    job = aliased(Generation, name="job")
-    counted = _count_ahead(literal_column("9") - job.priority, job.created_at).scalar_subquery()
-    position = case((job.status == "queued", counted), else_=None)
+    size costs more than running it). The job's columns are read as a plain row, not an ORM
+    object: loading an entity costs more than the query on this hot path. `job` aliases the
+    jobs table; the position is `queue_position`'s count, NULL unless the job is queued."""
+    job = Generation.__table__.alias("job")
+    counted = _count_ahead(literal_column("9") - job.c.priority, job.c.created_at)
+    position = case((job.c.status == "queued", counted.scalar_subquery()), else_=None)
     return (
-        select(ApiKey.revoked_at, job, position)
-        .select_from(ApiKey)
-        .outerjoin(job, and_(job.id == bindparam("job_id"), job.user_id == ApiKey.user_id))
+        select(ApiKey.revoked_at, position.label("queue_position"), *job.c)
+        .select_from(ApiKey.__table__)
+        .outerjoin(job, and_(job.c.id == bindparam("job_id"), job.c.user_id == ApiKey.user_id))
         .where(ApiKey.key_hash == bindparam("key_hash"))
     )
 
@@ -447,11 +450,11 @@ def poll(session: Session, *, authorization: str | None, job_id: str) -> dict[st
     if not catalog.is_uuid(job_id):
         authenticate(session, authorization)
         raise NotFound(f"No generation {job_id!r}.")
-    row = session.execute(_POLL, {"job_id": job_id, "key_hash": key_hash}).first()
-    _, found, position = live_key(row)
-    if found is None:  # another user's job is indistinguishable from a missing one
+    row = live_key(session.execute(_POLL, {"job_id": job_id, "key_hash": key_hash}).first())
+    if row.id is None:  # another user's job is indistinguishable from a missing one
         raise NotFound(f"No generation {job_id!r}.")
-    return _with_eta(session, found, None if position is None else int(position))
+    position = row.queue_position
+    return _with_eta(session, row, None if position is None else int(position))
 
 
 def job_json(session: Session, job: Generation) -> dict[str, Any]:
@@ -459,7 +462,11 @@ def job_json(session: Session, job: Generation) -> dict[str, Any]:
     return _with_eta(session, job, queue_position(session, job))
 
 
-def _with_eta(session: Session, job: Generation, position: int | None) -> dict[str, Any]:
+# What a job is rendered from: the ORM object, or the poll's plain row of the same columns.
+JobLike: TypeAlias = "Generation | Row[Any]"
+
+
+def _with_eta(session: Session, job: JobLike, position: int | None) -> dict[str, Any]:
     eta = None
     if position is not None:
         per_job = recent_run_seconds(session, job.model_key)
@@ -468,7 +475,7 @@ def _with_eta(session: Session, job: Generation, position: int | None) -> dict[s
 
 
 def render_job(
-    job: Generation, *, queue_position: int | None = None, eta_seconds: float | None = None
+    job: JobLike, *, queue_position: int | None = None, eta_seconds: float | None = None
 ) -> dict[str, Any]:
     return {
         "id": job.id,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -68,14 +69,24 @@ def test_poll_matches_plain_reads(any_session: Session) -> None:
         "old_high": _job(s, user.id, priority=9, age_s=20, status="queued"),
         "running": _job(s, user.id, priority=9, age_s=60, status="processing"),
         "theirs": _job(s, other.id, priority=5, age_s=10, status="queued"),
+        "done": _job(s, user.id, priority=5, age_s=90, status="completed"),
+        "failed": _job(s, user.id, priority=5, age_s=80, status="failed"),
     }
+    # The poll reads a plain row: JSON columns and timestamps must come back as the ORM's.
+    done, failed = s.get(Generation, ids["done"]), s.get(Generation, ids["failed"])
+    assert done is not None and failed is not None
+    done.outputs = [{"index": 0, "key": "outputs/x/0.png", "width": 128, "height": 128}]
+    done.started_at, done.finished_at = utcnow() - dt.timedelta(seconds=5), utcnow()
+    failed.error_code, failed.error_message = "worker_lost", "The worker died."
     s.commit()
     positions = {
         name: jobs.poll(s, authorization=auth, job_id=job_id)["queue_position"]
         for name, job_id in ids.items()
         if name != "theirs"
     }
-    assert positions == {"old_high": 0, "new_high": 1, "old_low": 3, "running": None}
+    assert positions == {
+        "old_high": 0, "new_high": 1, "old_low": 3, "running": None, "done": None, "failed": None
+    }  # fmt: skip
     for name, job_id in ids.items():
         if name != "theirs":
             polled = jobs.poll(s, authorization=auth, job_id=job_id)
@@ -94,3 +105,21 @@ def test_poll_matches_plain_reads(any_session: Session) -> None:
     s.commit()
     with pytest.raises(Unauthorized, match="revoked"):
         jobs.poll(s, authorization=auth, job_id=ids["old_high"])
+
+
+def test_eta_estimate_is_cached_with_or_without_history(any_session: Session) -> None:
+    """The run-time estimate behind the ETA is read once per RUN_SECONDS_TTL, "no history yet"
+    included (otherwise every poll of a new model's queue costs a second query)."""
+    s = any_session
+    user = accounts.create_user(s, email="eta@example.com", credits=10)
+    jobs._RUN_SECONDS.clear()
+    assert jobs.recent_run_seconds(s, "tiny-sd15-openpose") is None
+    done = s.get(Generation, _job(s, user.id, priority=5, age_s=9, status="completed"))
+    assert done is not None
+    done.started_at, done.finished_at = utcnow() - dt.timedelta(seconds=4), utcnow()
+    s.commit()
+    assert jobs.recent_run_seconds(s, "tiny-sd15-openpose") is None  # still the cached answer
+    expired = time.monotonic() - jobs.RUN_SECONDS_TTL
+    jobs._RUN_SECONDS["tiny-sd15-openpose"] = (expired, None)
+    assert jobs.recent_run_seconds(s, "tiny-sd15-openpose") == pytest.approx(4, abs=0.5)
+    jobs._RUN_SECONDS.clear()
