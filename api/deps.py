@@ -54,30 +54,27 @@ async def get_dispatcher(request: Request) -> Dispatcher:
     return dispatcher
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
-ReadSessionDep = Annotated[Session, Depends(get_read_session)]
+# A pooled connection is never held by a request that waits for a thread: with every thread
+# waiting for a connection and every connection held by a request waiting for a thread, the
+# API would stall until the pool's timeout (40 clients did that to 8 threads). So the sessions
+# close as soon as the route function returns (scope="function": before a FileResponse reads
+# its file on a thread), and the key is read on a session of its own, closed before the route
+# waits for its thread.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+ReadSessionDep = Annotated[Session, Depends(get_read_session, scope="function")]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
 
 
 def current_user(
-    session: ReadSessionDep,
+    request: Request,
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> User:
-    return authenticate(session, authorization)
+    # A dependency, so the key is checked before the form is validated: a bad key is 401,
+    # never 422. The user comes back detached, its columns loaded.
+    with request.app.state.read_sessions() as session:
+        return authenticate(session, authorization)
 
 
 CurrentUser = Annotated[User, Depends(current_user)]
-
-
-def writing_user(
-    session: SessionDep,
-    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
-) -> User:
-    # The key is read on the route's own (writing) session: one connection per request. As a
-    # dependency it is checked before the form is validated: a bad key is 401, never 422.
-    return authenticate(session, authorization)
-
-
-WritingUser = Annotated[User, Depends(writing_user)]

@@ -338,20 +338,25 @@ def wait_for(
     raise AssertionError(f"job {job_id} still {job.get('status')} after {timeout}s")
 
 
-@pytest.fixture(scope="session")
-def live_api(base_env: dict[str, str], db_engine: object, process_logs: Path) -> Iterator[str]:
-    """A real uvicorn server (its own process), for concurrent clients."""
+def start_api(env: dict[str, str], log: Path) -> tuple[Proc, str]:
+    """A real uvicorn server in its own process, answering /health; (process, base URL)."""
     port = free_port()
-    proc = Proc(["api", "--port", str(port)], base_env, process_logs / "api.log").start()
+    proc = Proc(["api", "--port", str(port)], env, log).start()
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
+                return proc, base
         except httpx.HTTPError:
             time.sleep(0.2)
-    else:
-        raise RuntimeError(proc.tail())
+    proc.stop()
+    raise RuntimeError(proc.tail())
+
+
+@pytest.fixture(scope="session")
+def live_api(base_env: dict[str, str], db_engine: object, process_logs: Path) -> Iterator[str]:
+    """A real uvicorn server (its own process), for concurrent clients."""
+    proc, base = start_api(base_env, process_logs / "api.log")
     yield base
     proc.stop()

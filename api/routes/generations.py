@@ -15,7 +15,6 @@ from api.deps import (
     SessionDep,
     SettingsDep,
     StorageDep,
-    WritingUser,
 )
 from api.schemas import ErrorResponse, Job, JobPage
 from posegen import jobs
@@ -44,13 +43,13 @@ def _read(upload: UploadFile | None, settings: Settings, field: str) -> bytes | 
 # every poll. The response models still document the shapes in the OpenAPI schema.
 #
 # The two hot routes are plain `def`s: an `async def` route doing database work would stall
-# the event loop for every other request. Submit reads the key on its own session (one
-# connection); the poll checks it in the same statement as the job (see `jobs.poll`).
+# the event loop for every other request. The poll checks the key in the same statement as
+# the job (see `jobs.poll`).
 
 
 @router.post("", status_code=202, response_model=Job, responses=ERRORS)
 def submit_generation(
-    user: WritingUser,
+    user: CurrentUser,
     session: SessionDep,
     settings: SettingsDep,
     storage: StorageDep,
