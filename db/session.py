@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -33,6 +34,31 @@ def make_engine(
         # does not answer is caught by the connect timeout instead (-> 503 unavailable).
         pool_timeout=30,
         connect_args={"connect_timeout": 5},
+    )
+
+
+def make_async_engine(
+    database_url: str, *, pool_size: int = 10, max_overflow: int | None = None
+) -> AsyncEngine:
+    """The same database through an asyncio driver (psycopg's async mode, aiosqlite), for a
+    route that awaits its query on the event loop instead of hopping to a thread and back
+    (the hop costs more than the poll's query). Reads only: autocommit, no BEGIN/ROLLBACK."""
+    url = make_url(database_url)
+    if url.get_backend_name() == "sqlite":
+        engine = create_async_engine(
+            url.set(drivername="sqlite+aiosqlite"),
+            connect_args={"timeout": 30},
+            isolation_level="AUTOCOMMIT",
+        )
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_async_engine(
+        url.set(drivername="postgresql+psycopg"),  # psycopg 3 is sync and async
+        pool_size=pool_size,
+        max_overflow=2 * pool_size if max_overflow is None else max_overflow,
+        pool_timeout=30,
+        connect_args={"connect_timeout": 5},
+        isolation_level="AUTOCOMMIT",
     )
 
 

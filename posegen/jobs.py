@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, TypeAlias
 
 from sqlalchemy import (
+    Connection,
     Integer,
     Row,
     and_,
@@ -39,7 +40,7 @@ from db.models import (
 )
 from db.types import utcnow
 from posegen import catalog, credits, webhooks
-from posegen.accounts import authenticate, bearer_key_hash, live_key, tier_rank
+from posegen.accounts import bearer_key_hash, live_key, tier_rank
 from posegen.errors import (
     AlreadyFinished,
     IdempotencyKeyReused,
@@ -395,7 +396,9 @@ _RUN_SECONDS: dict[str, tuple[float, float | None]] = {}
 RUN_SECONDS_TTL = 5.0
 
 
-def recent_run_seconds(session: Session, model_key: str, *, sample: int = 20) -> float | None:
+def recent_run_seconds(
+    db: Session | Connection, model_key: str, *, sample: int = 20
+) -> float | None:
     """Median run time of the model's latest completed jobs, for the ETA. An estimate, so
     each process keeps it for a few seconds instead of asking on every poll, "no history yet"
     (None) included: a model whose first job is still running would otherwise cost every
@@ -404,13 +407,13 @@ def recent_run_seconds(session: Session, model_key: str, *, sample: int = 20) ->
     cached = _RUN_SECONDS.get(model_key)
     if cached is not None and now - cached[0] < RUN_SECONDS_TTL:
         return cached[1]
-    value = _median_run_seconds(session, model_key, sample=sample)
+    value = _median_run_seconds(db, model_key, sample=sample)
     _RUN_SECONDS[model_key] = (now, value)
     return value
 
 
-def _median_run_seconds(session: Session, model_key: str, *, sample: int) -> float | None:
-    rows = session.execute(
+def _median_run_seconds(db: Session | Connection, model_key: str, *, sample: int) -> float | None:
+    rows = db.execute(
         select(Generation.started_at, Generation.finished_at)
         .where(Generation.model_key == model_key, Generation.status == "completed")
         .order_by(Generation.finished_at.desc())
@@ -443,18 +446,18 @@ def _poll_statement() -> Any:
 _POLL = _poll_statement()
 
 
-def poll(session: Session, *, authorization: str | None, job_id: str) -> dict[str, Any]:
+def poll(db: Session | Connection, *, authorization: str | None, job_id: str) -> dict[str, Any]:
     """A status poll in one round trip: the key, the caller's job and its queue position.
-    Polls are the hottest route; auth, fetch and position as separate queries cost three."""
+    Polls are the hottest route; auth, fetch and position as separate queries cost three.
+    Runs on a plain connection as well as a session (the API's poll skips the ORM session)."""
     key_hash = bearer_key_hash(authorization)
-    if not catalog.is_uuid(job_id):
-        authenticate(session, authorization)
-        raise NotFound(f"No generation {job_id!r}.")
-    row = live_key(session.execute(_POLL, {"job_id": job_id, "key_hash": key_hash}).first())
+    # An id that is not a UUID matches no job; the key is still checked (401 before 404).
+    params = {"job_id": job_id if catalog.is_uuid(job_id) else None, "key_hash": key_hash}
+    row = live_key(db.execute(_POLL, params).first())
     if row.id is None:  # another user's job is indistinguishable from a missing one
         raise NotFound(f"No generation {job_id!r}.")
     position = row.queue_position
-    return _with_eta(session, row, None if position is None else int(position))
+    return _with_eta(db, row, None if position is None else int(position))
 
 
 def job_json(session: Session, job: Generation) -> dict[str, Any]:
@@ -466,10 +469,10 @@ def job_json(session: Session, job: Generation) -> dict[str, Any]:
 JobLike: TypeAlias = "Generation | Row[Any]"
 
 
-def _with_eta(session: Session, job: JobLike, position: int | None) -> dict[str, Any]:
+def _with_eta(db: Session | Connection, job: JobLike, position: int | None) -> dict[str, Any]:
     eta = None
     if position is not None:
-        per_job = recent_run_seconds(session, job.model_key)
+        per_job = recent_run_seconds(db, job.model_key)
         eta = round(per_job * (position + 1), 3) if per_job is not None else None
     return render_job(job, queue_position=position, eta_seconds=eta)
 

@@ -173,13 +173,20 @@ def test_database_refusing_connections_is_503_then_recovers(
     url = fault_env["POSEGEN_DATABASE_URL"].replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
     account = make_account(credits=5)
     with TestClient(create_app(settings_from({**fault_env, "POSEGEN_DATABASE_URL": url}))) as client:  # fmt: skip
-        assert submit(client, account).status_code == 202
+        first = submit(client, account)
+        assert first.status_code == 202
+        poll = f"/v1/generations/{first.json()['id']}"
+        assert client.get(poll, headers=account.headers).status_code == 200  # pools a connection
         proxy.down()
         started = time.monotonic()
         response = submit(client, account)
         assert response.status_code == 503, response.text
         assert response.json()["error"]["code"] == "unavailable"
         assert time.monotonic() - started < 10
+        # The poll's async connection is just as unavailable, and says so the same way.
+        response = client.get(poll, headers=account.headers)
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["code"] == "unavailable"
         assert client.get("/ready").status_code == 503
         with sessions() as s:  # straight to Postgres: nothing charged, nothing recorded
             assert s.scalar(select(func.count()).select_from(Generation).where(Generation.user_id == account.user_id)) == 1  # fmt: skip
@@ -187,6 +194,7 @@ def test_database_refusing_connections_is_503_then_recovers(
         response = submit(client, account)
         assert response.status_code == 202, response.text
         assert client.get("/v1/me", headers=account.headers).json()["credits"] == 3
+        assert client.get(poll, headers=account.headers).status_code == 200
     proxy.down()
 
 
