@@ -1,6 +1,7 @@
 """API cost: submits and status polls against the same server's /health, side by side.
 
     python -m bench.api [--concurrency 16] [--seconds 8] [--repeats 3] [--workers 1]
+        [--threads N]
 
 A real `posegen api` process on Postgres + Redis, no worker consuming. Each repeat runs
 /health, submit and status back to back; the figures are medians over the repeats. Goals on
@@ -40,12 +41,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    parser.add_argument("--threads", type=int, help="POSEGEN_API_THREADS (default: the setting's)")
     args = parser.parse_args()
     content_type, body = load.multipart(
         {"model_key": "tiny-sd15-openpose", "pose_template_id": "standing"},
         {"image": ("p.png", small_png(), "image/png")},
     )
-    with stack() as s:
+    threads = {"POSEGEN_API_THREADS": str(args.threads)} if args.threads else {}
+    with stack(**threads) as s:
         base = s.api(workers=args.workers)
         auth = {"Authorization": f"Bearer {s.user_key()}"}
         health = load.Request(paths=["/health"])
@@ -85,6 +88,7 @@ def main() -> None:
         "load_generator": load.generator(),
         "concurrency": args.concurrency,
         "api_workers": args.workers,
+        "api_threads": args.threads or "default",
         "seconds_per_phase": args.seconds,
         "repeats": args.repeats,
         "status_jobs": queued,

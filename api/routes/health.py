@@ -14,7 +14,9 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/health")
-def health() -> dict[str, str]:
+async def health() -> dict[str, str]:
+    # On the event loop, not the thread pool: a liveness probe must not queue behind a burst
+    # of submits for a thread (a probe that times out under load gets a healthy pod killed).
     return {"status": "ok"}
 
 
