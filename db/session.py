@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy import URL, Engine, create_engine, event, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -13,28 +13,11 @@ from sqlalchemy.orm import Session, sessionmaker
 def make_engine(
     database_url: str, *, pool_size: int = 10, max_overflow: int | None = None
 ) -> Engine:
-    if database_url.startswith("sqlite"):
-        path = database_url.split(":///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(
-            database_url,
-            connect_args={"check_same_thread": False, "timeout": 30},
-        )
+    url = make_url(database_url)
+    engine = create_engine(url, **_engine_options(url, pool_size, max_overflow))
+    if url.get_backend_name() == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
-        return engine
-    return create_engine(
-        database_url,
-        pool_size=pool_size,
-        max_overflow=2 * pool_size if max_overflow is None else max_overflow,
-        # No pre-ping (a round trip on every checkout): a connection found dead fails its
-        # request with 503 and SQLAlchemy then discards the whole pool, so the next request
-        # connects afresh.
-        # Waiting for a free connection is load, not an outage: allow it time. A database that
-        # does not answer is caught by the connect timeout instead (-> 503 unavailable).
-        pool_timeout=30,
-        connect_args={"connect_timeout": 5},
-    )
+    return engine
 
 
 def make_async_engine(
@@ -44,22 +27,34 @@ def make_async_engine(
     route that awaits its query on the event loop instead of hopping to a thread and back
     (the hop costs more than the poll's query). Reads only: autocommit, no BEGIN/ROLLBACK."""
     url = make_url(database_url)
-    if url.get_backend_name() == "sqlite":
-        engine = create_async_engine(
-            url.set(drivername="sqlite+aiosqlite"),
-            connect_args={"timeout": 30},
-            isolation_level="AUTOCOMMIT",
-        )
-        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-        return engine
-    return create_async_engine(
-        url.set(drivername="postgresql+psycopg"),  # psycopg 3 is sync and async
-        pool_size=pool_size,
-        max_overflow=2 * pool_size if max_overflow is None else max_overflow,
-        pool_timeout=30,
-        connect_args={"connect_timeout": 5},
-        isolation_level="AUTOCOMMIT",
+    sqlite = url.get_backend_name() == "sqlite"
+    # psycopg 3 is sync and async under one driver name.
+    url = url.set(drivername="sqlite+aiosqlite" if sqlite else "postgresql+psycopg")
+    engine = create_async_engine(
+        url, isolation_level="AUTOCOMMIT", **_engine_options(url, pool_size, max_overflow)
     )
+    if sqlite:
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def _engine_options(url: URL, pool_size: int, max_overflow: int | None) -> dict[str, Any]:
+    """Pool and connect options, the same for the sync and the async engine."""
+    if url.get_backend_name() == "sqlite":
+        if url.database and url.database != ":memory:":
+            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        return {"connect_args": {"check_same_thread": False, "timeout": 30}}
+    return {
+        "pool_size": pool_size,
+        "max_overflow": 2 * pool_size if max_overflow is None else max_overflow,
+        # No pre-ping (a round trip on every checkout): a connection found dead fails its
+        # request with 503 and SQLAlchemy then discards the whole pool, so the next request
+        # connects afresh.
+        # Waiting for a free connection is load, not an outage: allow it time. A database that
+        # does not answer is caught by the connect timeout instead (-> 503 unavailable).
+        "pool_timeout": 30,
+        "connect_args": {"connect_timeout": 5},
+    }
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

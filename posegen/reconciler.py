@@ -28,9 +28,12 @@ from posegen.settings import Settings
 class Sweep:
     republished: int
     requeued: int
-    failed: int
     # The model of each job failed, for the job metrics (counted once the sweep commits).
     failed_models: tuple[str, ...] = ()
+
+    @property
+    def failed(self) -> int:
+        return len(self.failed_models)
 
     def counts(self) -> dict[str, int]:
         return {"republished": self.republished, "requeued": self.requeued, "failed": self.failed}
@@ -81,12 +84,7 @@ def reconcile(session: Session, *, settings: Settings, batch: int = 1000) -> Swe
             defer(session, generate_message(job, settings))
             requeued += 1
     session.flush()
-    return Sweep(
-        republished=len(queued),
-        requeued=requeued,
-        failed=len(failed_models),
-        failed_models=tuple(failed_models),
-    )
+    return Sweep(republished=len(queued), requeued=requeued, failed_models=tuple(failed_models))
 
 
 def purge_expired_idempotency_keys(session: Session) -> int:
