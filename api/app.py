@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors
 from api.routes import catalog, generations, health
-from db.models import Generation
+from db.models import Generation, status_is
 from db.session import make_async_engine, make_engine, make_session_factory
 from posegen.logs import configure_logging
 from posegen.metrics import Metrics
@@ -182,7 +182,7 @@ def _active_counts(app: FastAPI) -> Iterable[tuple[str, str, int]]:
     with app.state.sessions() as session:
         rows = session.execute(
             select(Generation.status, Generation.model_key, func.count())
-            .where(Generation.status.in_(("queued", "processing")))
+            .where(status_is(Generation.status, "queued", "processing"))
             .group_by(Generation.status, Generation.model_key)
         ).all()
     return [(status, model, int(count)) for status, model, count in rows]

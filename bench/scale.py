@@ -65,19 +65,14 @@ FROM generate_series(1, :n) AS g
 """
 
 
-# The hot queries the code runs, as it builds them; EXPLAIN ANALYZE of each at full size.
+# The hot queries as the code builds them, each EXPLAIN ANALYZEd at full size with the plan
+# Postgres keeps for it once psycopg has prepared it (the generic plan: see db/plans.py).
 def hot_queries(user_id: str, job_id: str, key: str) -> dict[str, tuple[Any, dict[str, Any]]]:
-    from posegen import catalog, jobs
+    from posegen import catalog, jobs, reconciler, webhooks
     from posegen.accounts import hash_key
     from posegen.ratelimit import blocking_job
 
     now = dt.datetime.now(dt.UTC)
-    text_queries = {
-        "eta_recent_runs": "SELECT started_at, finished_at FROM generations WHERE model_key = 'tiny-sd15-openpose' AND status = 'completed' ORDER BY finished_at DESC LIMIT 20",
-        "list_for_user": "SELECT * FROM generations WHERE user_id = :user_id ORDER BY created_at DESC, id DESC LIMIT 21",
-        "reconcile_stale_queued": "SELECT * FROM generations WHERE status = 'queued' AND published_at < now() - interval '120 seconds' ORDER BY 9 - generations.priority, created_at LIMIT 1000",
-        "reconcile_expired_leases": "SELECT * FROM generations WHERE status = 'processing' AND lease_expires_at < now() LIMIT 1000",
-    }
     return {
         "poll (key + job + queue position, one query)": (
             jobs._POLL,
@@ -89,15 +84,27 @@ def hot_queries(user_id: str, job_id: str, key: str) -> dict[str, tuple[Any, dic
         ),
         "submit: rate limit (enterprise, 3000/min)": (blocking_job(user_id, 3000), {}),
         "submit: queue position of the new job": (jobs._AHEAD, {"order": 4, "created_at": now}),
-        **{name: (text(sql), {"user_id": user_id}) for name, sql in text_queries.items()},
+        "eta_recent_runs": (jobs.recent_runs("tiny-sd15-openpose", 20), {}),
+        "list_for_user": (
+            text(
+                "SELECT * FROM generations WHERE user_id = :user_id"
+                " ORDER BY created_at DESC, id DESC LIMIT 21"
+            ),
+            {"user_id": user_id},
+        ),
+        "reconcile_stale_queued": (
+            reconciler.stale_queued(now - dt.timedelta(seconds=120), 1000),
+            {},
+        ),
+        "reconcile_expired_leases": (reconciler.expired_leases(now, 1000), {}),
+        "webhooks_due": (webhooks.due_query(now, 500), {}),
     }
 
 
 def explain(conn: Any, statement: Any, params: dict[str, Any]) -> list[str]:
-    compiled = statement.compile(dialect=conn.dialect)
-    values = {**compiled.params, **params}
-    sql = "EXPLAIN (ANALYZE, COSTS OFF, SUMMARY OFF) " + str(compiled)
-    return [r[0] for r in conn.exec_driver_sql(sql, values)]
+    from db.plans import generic_plan
+
+    return generic_plan(conn, statement, params, analyze=True)
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from sqlalchemy import (
     Connection,
     Integer,
     Row,
+    Select,
     and_,
     bindparam,
     case,
@@ -37,6 +38,7 @@ from db.models import (
     IdempotencyKey,
     User,
     new_id,
+    status_is,
 )
 from db.types import utcnow
 from posegen import catalog, credits, webhooks
@@ -371,7 +373,10 @@ def _count_ahead(order: Any, created_at: Any) -> Any:
     return select(func.count()).select_from(
         select(literal_column("1"))
         .select_from(Generation.__table__)
-        .where(Generation.status == "queued", tuple_(*QUEUE_ORDER) < tuple_(order, created_at))
+        .where(
+            status_is(Generation.status, "queued"),
+            tuple_(*QUEUE_ORDER) < tuple_(order, created_at),
+        )
         .correlate_except(Generation.__table__)
         .limit(POSITION_CAP)
         .subquery()
@@ -412,13 +417,18 @@ def recent_run_seconds(
     return value
 
 
-def _median_run_seconds(db: Session | Connection, model_key: str, *, sample: int) -> float | None:
-    rows = db.execute(
+def recent_runs(model_key: str, sample: int) -> Select[dt.datetime | None, dt.datetime | None]:
+    """A model's latest completed jobs (ix_generations_model_finished)."""
+    return (
         select(Generation.started_at, Generation.finished_at)
-        .where(Generation.model_key == model_key, Generation.status == "completed")
+        .where(Generation.model_key == model_key, status_is(Generation.status, "completed"))
         .order_by(Generation.finished_at.desc())
         .limit(sample)
-    ).all()
+    )
+
+
+def _median_run_seconds(db: Session | Connection, model_key: str, *, sample: int) -> float | None:
+    rows = db.execute(recent_runs(model_key, sample)).all()
     durations = sorted(
         (finished - started).total_seconds() for started, finished in rows if started and finished
     )

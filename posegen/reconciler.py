@@ -13,10 +13,10 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import Select, delete, select, update
 from sqlalchemy.orm import Session
 
-from db.models import Generation, IdempotencyKey
+from db.models import Generation, IdempotencyKey, status_is
 from db.types import utcnow
 from posegen import lifecycle
 from posegen.jobs import QUEUE_ORDER, generate_message
@@ -39,24 +39,34 @@ class Sweep:
         return {"republished": self.republished, "requeued": self.requeued, "failed": self.failed}
 
 
+def stale_queued(stale: dt.datetime, batch: int) -> Select[Generation]:
+    """Queued jobs last published before `stale`, in run order (ix_generations_queue)."""
+    return (
+        select(Generation)
+        .where(status_is(Generation.status, "queued"), Generation.published_at < stale)
+        .order_by(*QUEUE_ORDER)
+        .limit(batch)
+    )
+
+
+def expired_leases(now: dt.datetime, batch: int) -> Select[Generation]:
+    """Running jobs whose worker stopped renewing the lease (ix_generations_active)."""
+    return (
+        select(Generation)
+        .where(status_is(Generation.status, "processing"), Generation.lease_expires_at < now)
+        .limit(batch)
+    )
+
+
 def reconcile(session: Session, *, settings: Settings, batch: int = 1000) -> Sweep:
     now = utcnow()
     stale = now - dt.timedelta(seconds=settings.requeue_after_seconds)
-    queued = session.scalars(
-        select(Generation)
-        .where(Generation.status == "queued", Generation.published_at < stale)
-        .order_by(*QUEUE_ORDER)
-        .limit(batch)
-    ).all()
+    queued = session.scalars(stale_queued(stale, batch)).all()
     for job in queued:
         job.published_at = now
         defer(session, generate_message(job, settings))
 
-    expired = session.scalars(
-        select(Generation)
-        .where(Generation.status == "processing", Generation.lease_expires_at < now)
-        .limit(batch)
-    ).all()
+    expired = session.scalars(expired_leases(now, batch)).all()
     requeued = 0
     failed_models: list[str] = []
     for job in expired:

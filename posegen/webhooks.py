@@ -17,11 +17,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-from sqlalchemy import select, update
+from sqlalchemy import Select, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from db.models import Generation, User, WebhookDelivery, new_id
+from db.models import Generation, User, WebhookDelivery, new_id, status_is
 from db.types import utcnow
 from posegen.errors import InvalidRequest
 from posegen.queue import DELIVER_WEBHOOK_TASK, WEBHOOK_QUEUE, Message, defer
@@ -221,15 +221,18 @@ def record_attempt(
     return delivery
 
 
-def due_deliveries(session: Session, *, limit: int = 500) -> list[str]:
-    return list(
-        session.scalars(
-            select(WebhookDelivery.id)
-            .where(WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at <= utcnow())
-            .order_by(WebhookDelivery.next_attempt_at)
-            .limit(limit)
-        )
+def due_query(now: dt.datetime, limit: int) -> Select[str]:
+    """Pending deliveries whose next attempt is due, oldest first (ix_webhook_deliveries_due)."""
+    return (
+        select(WebhookDelivery.id)
+        .where(status_is(WebhookDelivery.status, "pending"), WebhookDelivery.next_attempt_at <= now)
+        .order_by(WebhookDelivery.next_attempt_at)
+        .limit(limit)
     )
+
+
+def due_deliveries(session: Session, *, limit: int = 500) -> list[str]:
+    return list(session.scalars(due_query(utcnow(), limit)))
 
 
 def post_signed(message: Outgoing, *, settings: Settings) -> Attempt:

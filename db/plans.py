@@ -1,0 +1,42 @@
+"""The plan Postgres runs a statement with once it is prepared: its generic plan.
+
+psycopg prepares a statement on the server after its fifth execution on a connection; from
+then on Postgres may plan it once, without the parameter values (a generic plan). A query
+whose index only matches for some values (a partial index on `status = 'queued'` and a
+bound status) is then either planned afresh on every execution or run without its index.
+`EXPLAIN` of the statement with its values inlined shows neither, so the benchmarks and the
+plan tests ask for the generic plan itself (Postgres 15 has no `EXPLAIN (GENERIC_PLAN)`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from psycopg import ClientCursor
+from psycopg import Connection as PsycopgConnection
+from sqlalchemy import Connection
+from sqlalchemy.dialects.postgresql import asyncpg
+
+
+def generic_plan(
+    conn: Connection, statement: Any, params: dict[str, Any], *, analyze: bool = False
+) -> list[str]:
+    """`EXPLAIN EXECUTE` of `statement` (a SQLAlchemy Core statement) prepared on `conn` (a
+    psycopg connection) under `plan_cache_mode = force_generic_plan`; `params` fills the
+    bound values the statement has no default for. `analyze`: run it too, with timings."""
+    # asyncpg's dialect writes numbered placeholders ($1, $2...), which PREPARE takes.
+    expanded = statement.compile(dialect=asyncpg.dialect()).construct_expanded_state(params)
+    args = [expanded.parameters[name] for name in expanded.positiontup or ()]
+    raw = conn.connection.driver_connection
+    assert isinstance(raw, PsycopgConnection)
+    with ClientCursor(raw) as cur:  # binds EXECUTE's values client-side
+        cur.execute("SET plan_cache_mode = force_generic_plan")
+        cur.execute(f"PREPARE posegen_plan AS {expanded.statement}")
+        try:
+            options = "ANALYZE, COSTS OFF, SUMMARY OFF" if analyze else "COSTS OFF"
+            placeholders = f"({', '.join(['%s'] * len(args))})" if args else ""
+            cur.execute(f"EXPLAIN ({options}) EXECUTE posegen_plan{placeholders}", args)
+            return [str(row[0]) for row in cur.fetchall()]
+        finally:
+            cur.execute("DEALLOCATE posegen_plan")
+            cur.execute("RESET plan_cache_mode")
