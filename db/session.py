@@ -23,13 +23,14 @@ def make_engine(
 def make_async_engine(
     database_url: str, *, pool_size: int = 10, max_overflow: int | None = None
 ) -> AsyncEngine:
-    """The same database through an asyncio driver (psycopg's async mode, aiosqlite), for a
+    """The same database through an asyncio driver (asyncpg, aiosqlite), for a
     route that awaits its query on the event loop instead of hopping to a thread and back
     (the hop costs more than the poll's query). Reads only: autocommit, no BEGIN/ROLLBACK."""
     url = make_url(database_url)
     sqlite = url.get_backend_name() == "sqlite"
-    # psycopg 3 is sync and async under one driver name.
-    url = url.set(drivername="sqlite+aiosqlite" if sqlite else "postgresql+psycopg")
+    # asyncpg, not psycopg's async mode: on the status poll it cost 25 % less API CPU a
+    # poll (1.50 -> 1.17 ms, side by side under wrk; the README's Performance section).
+    url = url.set(drivername="sqlite+aiosqlite" if sqlite else "postgresql+asyncpg")
     engine = create_async_engine(
         url, isolation_level="AUTOCOMMIT", **_engine_options(url, pool_size, max_overflow)
     )
@@ -53,7 +54,7 @@ def _engine_options(url: URL, pool_size: int, max_overflow: int | None) -> dict[
         # Waiting for a free connection is load, not an outage: allow it time. A database that
         # does not answer is caught by the connect timeout instead (-> 503 unavailable).
         "pool_timeout": 30,
-        "connect_args": {"connect_timeout": 5},
+        "connect_args": {"timeout" if url.get_driver_name() == "asyncpg" else "connect_timeout": 5},
     }
 
 
