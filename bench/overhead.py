@@ -171,7 +171,8 @@ def throughput(jobs: int, rounds: int = 5) -> dict[str, Any]:
     worker's wall is from the block's first start to its last finish: runs, and the
     hand-offs between them."""
     per_round = max(1, jobs // rounds)
-    worker_wall = bare = 0.0
+    walls: list[float] = []
+    bares: list[float] = []
     overlapped = 0
     with stack() as s:
         base, headers = _start(s)
@@ -184,8 +185,9 @@ def throughput(jobs: int, rounds: int = 5) -> dict[str, Any]:
             first_start = min(_ts(j["started_at"]) for j in done[1:])
             last_submit = max(_ts(j["created_at"]) for j in done[1:])
             overlapped += int(first_start < last_submit)
-            worker_wall += (max(_ts(j["finished_at"]) for j in done) - first_start).total_seconds()
-            bare += sum(bare_call() for _ in range(per_round))
+            walls.append((max(_ts(j["finished_at"]) for j in done) - first_start).total_seconds())
+            bares.append(sum(bare_call() for _ in range(per_round)))
+    worker_wall, bare = sum(walls), sum(bares)
     return {
         "benchmark": "throughput",
         "jobs": per_round * rounds,
@@ -193,6 +195,8 @@ def throughput(jobs: int, rounds: int = 5) -> dict[str, Any]:
         "worker_wall_s": round(worker_wall, 3),
         "bare_loop_s": round(bare, 3),
         "ratio_bare_over_worker": round(bare / worker_wall, 4),
+        # Each block's ratio: how much of the spread is the machine's minute-to-minute noise.
+        "block_ratios": [round(b / w, 3) for b, w in zip(bares, walls, strict=True)],
         # Blocks whose jobs started before their last submit (the job ahead was too short).
         "blocks_overlapping_submits": overlapped,
         "goals": {"ratio>=0.95": bare / worker_wall >= 0.95},
