@@ -91,6 +91,9 @@ def submit_generation(
         settings=settings,
         idempotency_key=idempotency_key,
     )
+    # The answer (queue position included) is read inside the job's transaction: after the
+    # commit it would take a transaction of its own, two more round trips (BEGIN, ROLLBACK).
+    answer = jobs.job_json(session, submitted.job)
     dispatcher.commit(session)
     log.info(
         "job submitted" if submitted.created else "job replayed (idempotency key)",
@@ -101,7 +104,7 @@ def submit_generation(
         },
     )
     return JSONResponse(
-        jobs.job_json(session, submitted.job),
+        answer,
         status_code=202 if submitted.created else 200,
         headers={"Location": f"/v1/generations/{submitted.job.id}"},
     )
@@ -139,10 +142,11 @@ def cancel_generation(
     request: Request,
 ) -> JSONResponse:
     job = jobs.cancel(session, job_id=job_id, user=user)
+    answer = jobs.job_json(session, job)  # in the transaction, as for a submit
     dispatcher.commit(session)
     request.app.state.metrics.jobs.finished.labels("canceled", job.model_key).inc()
     log.info("job canceled", extra={"job_id": job.id, "user_id": user.id})
-    return JSONResponse(jobs.job_json(session, job))
+    return JSONResponse(answer)
 
 
 @router.get(
