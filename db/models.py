@@ -47,7 +47,8 @@ def status_is(column: Any, *values: str) -> ColumnElement[bool]:
     """`status = 'queued'` (`IN (...)` for several) with the values written into the SQL, not
     sent as parameters. For the queries meant to use a partial index (`WHERE status = ...`
     below): Postgres matches a predicate to such an index only when it sees the value while
-    planning, and psycopg prepares a statement after its fifth run, so a bound status gets
+    planning, and the drivers run statements prepared (psycopg after a statement's fifth run,
+    asyncpg from the first), so a bound status gets
     either a plan made afresh on every execution (the poll's Postgres CPU was 40 % planning)
     or a generic plan that cannot use the index. Written into the compiled (and cached) SQL
     once, not rendered per execution as a `literal_execute` parameter would be."""
