@@ -66,7 +66,7 @@ FROM generate_series(1, :n) AS g
 
 
 # The hot queries as the code builds them, each EXPLAIN ANALYZEd at full size with the plan
-# Postgres keeps for it once psycopg has prepared it (the generic plan: see db/plans.py).
+# Postgres keeps for it once the driver has prepared it (the generic plan: see db/plans.py).
 def hot_queries(user_id: str, job_id: str, key: str) -> dict[str, tuple[Any, dict[str, Any]]]:
     from posegen import catalog, jobs, reconciler, webhooks
     from posegen.accounts import hash_key

@@ -1,7 +1,7 @@
 """The hot queries keep their indexes once Postgres runs them as prepared statements.
 
-psycopg prepares a statement after its fifth run; Postgres may then plan it without the
-parameter values. A partial index (`WHERE status = 'queued'`) matches only a status it can
+The drivers run statements prepared (psycopg after a statement's fifth run, asyncpg from the
+first); Postgres may then plan one without its parameter values. A partial index (`WHERE status = 'queued'`) matches only a status it can
 see while planning, so these queries write their status into the SQL (`status_is`). Each
 test asks Postgres for the generic plan of the statement as the code builds it, with
 sequential scans priced out, so a query that cannot use its index shows up as a Seq Scan.
