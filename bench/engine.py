@@ -57,6 +57,11 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+    )
     parser.add_argument("--model-dir", type=Path, default=None)
     args = parser.parse_args()
 
@@ -83,6 +88,7 @@ def main() -> None:
         dtype=args.dtype,
         pose_backend="mediapipe",
         compile=args.compile,
+        compile_mode=args.compile_mode,
     )
     params = RunParams(
         prompt="a portrait avatar of a person",
@@ -144,6 +150,55 @@ def main() -> None:
         sync()
         bare_times.append(time.perf_counter() - started)
 
+    # The denoising loop alone, as diffusers' progress bar (and its published it/s) count it:
+    # time between the first and the last step's end, synchronised at each step.
+    loop_rates = []
+    for _ in range(3):
+        marks: list[float] = []
+
+        def mark(step: int, total: int, marks: list[float] = marks) -> None:
+            sync()
+            marks.append(time.perf_counter())
+
+        run_pipeline(
+            pipe,
+            init_image=subject,
+            control_image=control,
+            params=params,
+            micro_conditioning=micro,
+            on_step=mark,
+        )
+        if len(marks) > 1:
+            loop_rates.append((len(marks) - 1) / (marks[-1] - marks[0]))
+
+    # Peak GPU memory of one call above the loaded models, per memory-saving mode: what the
+    # engine's out-of-memory retry can count on.
+    peak_gib: dict[str, float] = {}
+    if engine.device.startswith("cuda"):
+        modes = {
+            "plain": (False, False),
+            "attention_slicing": (True, False),
+            "vae_tiling": (False, True),
+            "both": (True, True),
+        }
+        for mode, (slicing, tiling) in modes.items():
+            if slicing:
+                pipe.enable_attention_slicing()
+            if tiling:
+                pipe.vae.enable_tiling()
+            engine.free_memory()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            start = torch.cuda.memory_allocated()
+            run_pipeline(
+                pipe, init_image=subject, control_image=control, params=params,
+                micro_conditioning=micro,
+            )  # fmt: skip
+            torch.cuda.synchronize()
+            peak_gib[mode] = round((torch.cuda.max_memory_allocated() - start) / 1024**3, 3)
+            pipe.disable_attention_slicing()
+            pipe.vae.disable_tiling()
+
     pose_ms: dict[str, Any] = {}
     from worker.engine.pose import NoPoseDetected, make_extractor
     from worker.engine.pose.openpose import openpose_weights_dir
@@ -185,13 +240,16 @@ def main() -> None:
             "size": args.size,
             "steps": args.steps,
             "dtype": str(engine.dtype),
-            "compile": args.compile,
+            "compile": args.compile and args.compile_mode,
         },
         "repeats": args.repeats,
         "engine_run_s_median": round(engine_median, 5),
         "bare_pipeline_s_median": round(bare_median, 5),
         "ratio_engine_over_bare": round(engine_median / bare_median, 4),
         "bare_it_per_s": round(steps_run / bare_median, 2),
+        "denoising_loop_it_per_s": round(statistics.median(loop_rates), 2) if loop_rates else None,
+        "models_gib": round(engine.cache.used_bytes / 1024**3, 3),
+        "gpu_run_peak_gib_by_mode": peak_gib or None,
         "pose_extraction_ms_median": pose_ms,
         "model_load_s": {
             "cold": round(cold, 3),

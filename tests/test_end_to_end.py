@@ -108,7 +108,10 @@ def test_demo_runs_end_to_end(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "posegen.cli.main", "demo"],
         cwd=tmp_path,
-        env={**env, "PYTHONPATH": str(ROOT)},
+        env={
+            **env,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+        },
         capture_output=True,
         text=True,
         timeout=600,

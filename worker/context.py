@@ -49,6 +49,7 @@ class WorkerContext:
                 pose_backend=s.pose_backend,
                 cache_bytes=s.model_cache_bytes,
                 compile=s.compile,
+                compile_mode=s.compile_mode,
                 cpu_offload=s.cpu_offload,
                 torch_threads=s.torch_threads,
                 # billiard numbers the pool's processes 0..concurrency-1 (0 outside a pool).

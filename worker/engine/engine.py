@@ -40,6 +40,7 @@ class EngineConfig:
     pose_backend: str = "auto"
     cache_bytes: int = 24 * 1024**3
     compile: bool = False
+    compile_mode: str = "default"
     cpu_offload: bool = False
     # CPU threads for torch's operators (0: torch's default, one per core).
     torch_threads: int = 0
@@ -175,7 +176,7 @@ class Engine:
             unet = getattr(obj, "unet", obj)
             unet.to(memory_format=torch.channels_last)
             if self.config.compile:
-                compiled = torch.compile(unet, mode="max-autotune-no-cudagraphs", fullgraph=False)
+                compiled = torch.compile(unet, mode=self.config.compile_mode)
                 if hasattr(obj, "unet"):
                     obj.unet = compiled
                 else:
@@ -223,7 +224,6 @@ class Engine:
                     micro_conditioning=micro, on_step=on_step, should_cancel=should_cancel,
                 )  # fmt: skip
             except self._torch.OutOfMemoryError as exc:
-                self.free_memory()
                 if attempt == 2:
                     raise JobError(
                         "out_of_memory",
@@ -231,12 +231,21 @@ class Engine:
                         "and VAE tiling; try a smaller model or fewer concurrent jobs.",
                     ) from exc
                 log.warning("CUDA out of memory; retrying with attention slicing and VAE tiling")
-                pipe.enable_attention_slicing()
-                pipe.vae.enable_tiling()
             finally:
                 if not large:
                     pipe.vae.disable_tiling()
+            # Past the except block the failed attempt's frames, which held its activations,
+            # are gone: only now can their memory go back.
+            self.free_memory()
+            self.lower_memory(pipe)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def lower_memory(pipe: Any) -> None:
+        """What the out-of-memory retry switches on. Attention slicing stays on for the
+        pipeline's later jobs (memory pressure tends to come back); tiling is per run."""
+        pipe.enable_attention_slicing()
+        pipe.vae.enable_tiling()
 
     # -- memory ---------------------------------------------------------------------------------
     def _gpu_allocated(self) -> int:
