@@ -150,6 +150,34 @@ def main() -> None:
         sync()
         bare_times.append(time.perf_counter() - started)
 
+    # Where the engine's own time goes, phase by phase (medians, ms).
+    from worker.engine.engine import _open
+    from worker.engine.run import as_png
+
+    phase_times: dict[str, list[float]] = {}
+    for _ in range(3):
+        marks = [time.perf_counter()]
+        fitted = fit(_open(job.image), width=args.size, height=args.size)
+        marks.append(time.perf_counter())
+        drawn = engine.control_image(job, fitted)
+        marks.append(time.perf_counter())
+        looked_up = engine.pipeline(job)
+        marks.append(time.perf_counter())
+        image = run_pipeline(
+            looked_up, init_image=fitted, control_image=drawn, params=params,
+            micro_conditioning=micro,
+        )  # fmt: skip
+        sync()
+        marks.append(time.perf_counter())
+        as_png(image)
+        marks.append(time.perf_counter())
+        for name, a, b in zip(
+            ("decode_fit", "skeleton", "pipeline_lookup", "diffusers_call", "png_encode"),
+            marks, marks[1:], strict=False,
+        ):  # fmt: skip
+            phase_times.setdefault(name, []).append((b - a) * 1000)
+    phases_ms = {k: round(statistics.median(v), 2) for k, v in phase_times.items()}
+
     # The denoising loop alone, as diffusers' progress bar (and its published it/s) count it:
     # time between the first and the last step's end, synchronised at each step.
     loop_rates = []
@@ -247,6 +275,7 @@ def main() -> None:
         "bare_pipeline_s_median": round(bare_median, 5),
         "ratio_engine_over_bare": round(engine_median / bare_median, 4),
         "bare_it_per_s": round(steps_run / bare_median, 2),
+        "engine_phases_ms_median": phases_ms,
         "denoising_loop_it_per_s": round(statistics.median(loop_rates), 2) if loop_rates else None,
         "models_gib": round(engine.cache.used_bytes / 1024**3, 3),
         "gpu_run_peak_gib_by_mode": peak_gib or None,

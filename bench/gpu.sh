@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # On a machine with a CUDA GPU, in the repository root, with the worker's packages installed:
-#   bench/gpu.sh OUT_DIR [tests] [sd15] [sdxl]
+#   bench/gpu.sh OUT_DIR [STAGE]...
 # tests: the engine's tests on CUDA (tests/worker, test_engine_cuda.py included) and the
 #        embedded demo with its worker on the GPU;
-# sd15 / sdxl: bench.engine on full-size random-weight models (512 / 1024 px, fp16, 20 steps),
-#        eager and then compiled. Each writes its JSON and log under OUT_DIR.
+# tiny: bench.engine on the tiny model at 1024 px;
+# sd15 / sdxl: bench.engine on full-size random-weight models (512 / 1024 px, fp16, 20 steps);
+# sd15c / sdxlc: the same with torch.compile (mode: $COMPILE_MODE, default "default").
+# Each writes its JSON and log under OUT_DIR.
 set -uo pipefail
-out=${1:?usage: bench/gpu.sh OUT_DIR [tests] [sd15] [sdxl]}
+out=${1:?usage: bench/gpu.sh OUT_DIR [STAGE]...}
 shift
-stages=${*:-tests sd15 sdxl}
+stages=${*:-tests sd15 sd15c sdxl sdxlc}
 mkdir -p "$out"
 models=$(mktemp -d)
 export PYTHONUNBUFFERED=1
@@ -19,35 +21,37 @@ for stage in $stages; do
     tests)
         timeout 420 python3 -m pytest -q -p no:cacheprovider -rs --durations=10 tests/worker \
             tests/test_end_to_end.py::test_demo_runs_end_to_end >"$out/tests.log" 2>&1
-        echo "tests: exit $?"; tail -n 25 "$out/tests.log"
-        # The tiny model at 1024 px: peak memory per memory-saving mode (the OOM retry's basis).
-        python3 -m bench.engine --size 1024 --steps 4 --repeats 3 >"$out/engine-tiny-1024.json" 2>"$out/engine-tiny-1024.log"
-        grep -A5 by_mode "$out/engine-tiny-1024.json"
+        echo "tests: exit $?"; grep -E "^(FAILED|ERROR)|^E  +[A-Za-z]*(Error|assert)" "$out/tests.log" | head -60; tail -n 3 "$out/tests.log"
         ;;
-    sd15 | sdxl)
+    tiny)  # the tiny model at 1024 px: peak memory per memory-saving mode, phases
+        python3 -m bench.engine --size 1024 --steps 4 --repeats 3 >"$out/engine-tiny-1024.json" 2>"$out/engine-tiny-1024.log"
+        grep -A7 "phases\|by_mode" "$out/engine-tiny-1024.json"
+        ;;
+    sd15 | sd15c | sdxl | sdxlc)
+        family=${stage%c}
         size=512
-        [ "$stage" = sdxl ] && size=1024
-        for compiled in "" "--compile"; do
-            name="engine-$stage${compiled:+-compiled}"
-            started=$(date +%s)
-            python3 -m bench.engine --full --family "$stage" --size "$size" --steps 20 \
-                --dtype fp16 --repeats 5 --model-dir "$models" $compiled \
-                >"$out/$name.json" 2>"$out/$name.log"
-            echo "$name: exit $? in $(($(date +%s) - started)) s"
-            python3 - "$out/$name.json" <<'PY'
+        [ "$family" = sdxl ] && size=1024
+        compiled=""
+        [ "$stage" != "$family" ] && compiled="--compile --compile-mode ${COMPILE_MODE:-default}"
+        name="engine-$stage"
+        started=$(date +%s)
+        python3 -m bench.engine --full --family "$family" --size "$size" --steps 20 \
+            --dtype fp16 --repeats 5 --model-dir "$models" $compiled \
+            >"$out/$name.json" 2>"$out/$name.log"
+        echo "$name: exit $? in $(($(date +%s) - started)) s"
+        python3 - "$out/$name.json" <<'PY'
 import json, sys
 try:
     r = json.load(open(sys.argv[1]))
 except Exception as exc:
     print("  no result:", exc)
 else:
-    keys = ("engine_run_s_median", "bare_pipeline_s_median", "ratio_engine_over_bare",
-            "bare_it_per_s", "denoising_loop_it_per_s", "models_gib", "gpu_run_peak_gib_by_mode",
-            "pose_extraction_ms_median", "model_load_s")
+    keys = ("model", "engine_run_s_median", "bare_pipeline_s_median", "ratio_engine_over_bare",
+            "engine_phases_ms_median", "bare_it_per_s", "denoising_loop_it_per_s", "models_gib",
+            "gpu_run_peak_gib_by_mode", "pose_extraction_ms_median", "model_load_s")
     print("  " + json.dumps({k: r.get(k) for k in keys}))
 PY
-            tail -n 3 "$out/$name.log"
-        done
+        tail -n 2 "$out/$name.log"
         ;;
     *) echo "unknown stage $stage" >&2 ;;
     esac

@@ -74,11 +74,23 @@ def _start(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
     )
 
 
-def _wait_healthy(base: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _wait_healthy(
+    base: str, proc: subprocess.Popen[bytes], log_path: Path, timeout: float = 60
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError("the API process exited; see its log")
+            raise RuntimeError(
+                f"the API process exited ({proc.returncode}); the end of {log_path}:\n"
+                + _tail(log_path)
+            )
         try:
             if httpx.get(f"{base}/health", timeout=1).status_code == 200:
                 return
@@ -98,7 +110,7 @@ def run_demo(*, port: int, model_key: str, pose: str) -> int:
     api = _start(["api", "--port", str(port)], logs / "api.log")
     worker = _start(["worker", "--concurrency", "1"], logs / "worker.log")
     try:
-        _wait_healthy(base, api)
+        _wait_healthy(base, api, logs / "api.log")
         headers = {"Authorization": f"Bearer {raw_key}"}
         _step(f"submitting the astronaut photo with the {pose!r} pose to {model_key}")
         response = httpx.post(
