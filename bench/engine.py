@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument(
         "--compile-mode",
         default="default",
-        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        choices=["default", "max-autotune-no-cudagraphs"],
     )
     parser.add_argument("--model-dir", type=Path, default=None)
     args = parser.parse_args()

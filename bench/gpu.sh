@@ -36,7 +36,7 @@ for stage in $stages; do
         name="engine-$stage"
         started=$(date +%s)
         python3 -m bench.engine --full --family "$family" --size "$size" --steps 20 \
-            --dtype fp16 --repeats 5 --model-dir "$models" $compiled \
+            --dtype fp16 --repeats "${REPEATS:-5}" --model-dir "$models" $compiled \
             >"$out/$name.json" 2>"$out/$name.log"
         echo "$name: exit $? in $(($(date +%s) - started)) s"
         python3 - "$out/$name.json" <<'PY'

@@ -187,26 +187,34 @@ def test_tiny_models_build_deterministically(tmp_path):
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
 
 
-def test_out_of_memory_retries_once_with_slicing_then_fails(model_dir):
-    """A CUDA OOM raised between steps: the engine frees memory, retries with attention
-    slicing and VAE tiling, and reports `out_of_memory` if the retry runs out too."""
+def test_out_of_memory_retries_once_with_less_memory_then_fails(model_dir):
+    """A CUDA OOM raised between steps: the engine releases the other cached models, retries
+    with VAE tiling (attention stays SDPA: slicing it saves no memory), and reports
+    `out_of_memory` if the retry runs out too."""
     import torch
-    from diffusers.models.attention_processor import SlicedAttnProcessor
+    from diffusers.models.attention_processor import AttnProcessor2_0
 
     engine = Engine(EngineConfig(model_dir=model_dir, pose_backend="mediapipe"))
+    engine.pipeline(job("sdxl"))  # another model in the cache
+    pipe = engine.pipeline(job())
+    assert len(engine.cache.keys()) == 4
     calls = {"n": 0}
+    tiled: list[bool] = []
 
     def oom_once(step: int, total: int) -> None:
+        if step >= 1:
+            tiled.append(pipe.vae.use_tiling)
         if step == 1 and calls["n"] == 0:
             calls["n"] += 1
             raise torch.OutOfMemoryError("CUDA out of memory (raised by the test)")
 
-    pipe = engine.pipeline(job())
-    assert not any(isinstance(p, SlicedAttnProcessor) for p in pipe.unet.attn_processors.values())
     result = engine.generate(job(), on_step=oom_once)
     assert calls["n"] == 1 and Image.open(io.BytesIO(result.png)).size == (128, 128)
-    # The retry ran with attention slicing (kept: memory pressure tends to come back).
-    assert any(isinstance(p, SlicedAttnProcessor) for p in pipe.unet.attn_processors.values())
+    assert tiled[0] is False and tiled[-1] is True  # the retry ran tiled
+    assert sorted(engine.cache.keys()) == sorted(engine.cache_keys(job()))  # sdxl released
+    assert all(isinstance(p, AttnProcessor2_0) for p in pipe.unet.attn_processors.values())
+    assert engine.generate(job()).png  # the next job runs untiled again
+    assert pipe.vae.use_tiling is False
 
     def oom_always(step: int, total: int) -> None:
         if step == 1:
@@ -215,6 +223,17 @@ def test_out_of_memory_retries_once_with_slicing_then_fails(model_dir):
     with pytest.raises(JobError) as err:
         engine.generate(job(), on_step=oom_always)
     assert err.value.code == "out_of_memory"
+
+
+def test_pipelines_keep_the_configured_dtype(model_dir):
+    """from_pipe casts to float32 unless told the dtype: the composed pipeline must keep it."""
+    import torch
+
+    engine = Engine(EngineConfig(model_dir=model_dir, pose_backend="mediapipe", dtype="bf16"))
+    for family in ("sd15", "sdxl"):
+        pipe = engine.pipeline(job(family))
+        modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+        assert modules and all(m.dtype == torch.bfloat16 for m in modules), family
 
 
 def test_device_choice_per_process():

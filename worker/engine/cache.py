@@ -103,6 +103,16 @@ class PipelineCache:
             log.info("evicted %s from the model cache", victim)
         self._release_memory()
 
+    def keep_only(self, keys: tuple[str, ...]) -> None:
+        """Release every entry but `keys` (the out-of-memory retry's room for its job)."""
+        with self._lock:
+            for key in [k for k in self._entries if k not in keys]:
+                self._entries.pop(key)
+                self._composed = {p: v for p, v in self._composed.items() if key not in p}
+                self.stats.evictions += 1
+                log.info("released %s from the model cache", key)
+            self._release_memory()
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()

@@ -128,11 +128,8 @@ class Engine:
     # -- models ---------------------------------------------------------------------------------
     def pipeline(self, job: EngineJob) -> Any:
         family = families.family(job.family)
-        base_ref = resolve(job.base_model, model_dir=self.config.model_dir, model_key=job.model_key)
-        cn_ref = resolve(
-            job.controlnet_model, model_dir=self.config.model_dir, model_key=job.model_key
-        )
-        base_key, cn_key = f"base:{family.name}:{base_ref.ref}", f"controlnet:{cn_ref.ref}"
+        base_ref, cn_ref = self._refs(job)
+        base_key, cn_key = self.cache_keys(job)
         base = self.cache.get(base_key, lambda: self._load_base(family, base_ref), pinned=(cn_key,))
         controlnet = self.cache.get(
             cn_key, lambda: self._load_controlnet(cn_ref), pinned=(base_key,)
@@ -140,7 +137,9 @@ class Engine:
 
         def build() -> Any:
             cls = families.pipeline_class(family.controlnet)
-            pipe = cls.from_pipe(base, controlnet=controlnet)
+            # from_pipe casts every module to its `dtype` argument, float32 when none is given:
+            # without it a half-precision base would run in float32 on the GPU.
+            pipe = cls.from_pipe(base, controlnet=controlnet, dtype=self.dtype)
             pipe.set_progress_bar_config(disable=True)
             if self.config.cpu_offload and self.device.startswith("cuda"):
                 pipe.enable_model_cpu_offload()
@@ -148,9 +147,21 @@ class Engine:
 
         return self.cache.composed(base_key, cn_key, build)
 
+    def _refs(self, job: EngineJob) -> tuple[Resolved, Resolved]:
+        model_dir = self.config.model_dir
+        return (
+            resolve(job.base_model, model_dir=model_dir, model_key=job.model_key),
+            resolve(job.controlnet_model, model_dir=model_dir, model_key=job.model_key),
+        )
+
+    def cache_keys(self, job: EngineJob) -> tuple[str, str]:
+        """The cache entries a job's pipeline is built from: its base and its ControlNet."""
+        base_ref, cn_ref = self._refs(job)
+        return f"base:{job.family}:{base_ref.ref}", f"controlnet:{cn_ref.ref}"
+
     def _load_base(self, family: families.Family, ref: Resolved) -> Any:
         cls = families.pipeline_class(family.base)
-        kwargs: dict[str, Any] = {"torch_dtype": self.dtype}
+        kwargs: dict[str, Any] = {"dtype": self.dtype}
         if family.name == "sd15":
             kwargs.update(safety_checker=None, requires_safety_checker=False)
         if ref.kind == "single_file":
@@ -163,9 +174,9 @@ class Engine:
         from diffusers import ControlNetModel
 
         if ref.kind == "single_file":
-            model = ControlNetModel.from_single_file(str(ref.path), torch_dtype=self.dtype)
+            model = ControlNetModel.from_single_file(str(ref.path), dtype=self.dtype)
         else:
-            model = ControlNetModel.from_pretrained(str(ref.path), torch_dtype=self.dtype)
+            model = ControlNetModel.from_pretrained(str(ref.path), dtype=self.dtype)
         return self._place(model)
 
     def _place(self, obj: Any) -> Any:
@@ -215,9 +226,12 @@ class Engine:
     ) -> Image.Image:
         micro = families.family(job.family).micro_conditioning
         large = job.params.width * job.params.height > 1024 * 1024
-        if large:
-            pipe.vae.enable_tiling()
         for attempt in (1, 2):
+            # Tiling is set for each run (a retry turns it on for that run only).
+            if large or attempt == 2:
+                pipe.vae.enable_tiling()
+            else:
+                pipe.vae.disable_tiling()
             try:
                 return run_pipeline(
                     pipe, init_image=subject, control_image=control, params=job.params,
@@ -227,25 +241,28 @@ class Engine:
                 if attempt == 2:
                     raise JobError(
                         "out_of_memory",
-                        f"The GPU ran out of memory for {w_h(job)} even with attention slicing "
-                        "and VAE tiling; try a smaller model or fewer concurrent jobs.",
+                        f"The GPU ran out of memory for {w_h(job)} even with the other cached "
+                        "models released and VAE tiling; try a smaller model, a smaller size or "
+                        "fewer concurrent jobs.",
                     ) from exc
-                log.warning("CUDA out of memory; retrying with attention slicing and VAE tiling")
-            finally:
-                if not large:
-                    pipe.vae.disable_tiling()
+                log.warning("CUDA out of memory; retrying with less memory")
             # Past the except block the failed attempt's frames, which held its activations,
             # are gone: only now can their memory go back.
-            self.free_memory()
-            self.lower_memory(pipe)
+            self.lower_memory(pipe, keep=self.cache_keys(job))
         raise AssertionError("unreachable")  # pragma: no cover
 
-    @staticmethod
-    def lower_memory(pipe: Any) -> None:
-        """What the out-of-memory retry switches on. Attention slicing stays on for the
-        pipeline's later jobs (memory pressure tends to come back); tiling is per run."""
-        pipe.enable_attention_slicing()
-        pipe.vae.enable_tiling()
+    def lower_memory(self, pipe: Any, *, keep: tuple[str, ...]) -> None:
+        """What the out-of-memory retry does before its second attempt: release the other
+        models in this process's cache, and slice attention where it is not PyTorch's SDPA.
+        SDPA's kernels are memory-efficient already: slicing saves nothing there and runs
+        slower (bench.engine's gpu_run_peak_gib_by_mode: the same peak with and without).
+        Slicing stays on for the pipeline's later jobs; VAE tiling is per run."""
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.cache.keep_only(keep)
+        if not all(isinstance(p, AttnProcessor2_0) for p in pipe.unet.attn_processors.values()):
+            pipe.enable_attention_slicing()
+        self.free_memory()
 
     # -- memory ---------------------------------------------------------------------------------
     def _gpu_allocated(self) -> int:
