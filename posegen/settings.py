@@ -33,8 +33,8 @@ class Settings(BaseSettings):
     compile: bool = False
     # torch.compile's mode: "default" compiles in a minute or two per model and shape;
     # "max-autotune-no-cudagraphs" also times kernel variants (several minutes). The modes that
-    # capture CUDA graphs are left out: the ControlNet's forward breaks the graph, and a later
-    # replay overwrites outputs the UNet still reads.
+    # capture CUDA graphs are left out: with "reduce-overhead" a graph replay overwrote a
+    # ControlNet output still in use (H100, torch 2.11), and "max-autotune" captures them too.
     compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
     cpu_offload: bool = False
     # Threads for torch's CPU operators per worker process; 0 is torch's default (one per
