@@ -96,7 +96,6 @@ def steps_for(params: RunParams) -> int:
 
 def as_png(image: Image.Image) -> bytes:
     import io
-
     import zlib
 
     out = io.BytesIO()
