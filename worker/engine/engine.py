@@ -254,8 +254,8 @@ class Engine:
     def lower_memory(self, pipe: Any, *, keep: tuple[str, ...]) -> None:
         """What the out-of-memory retry does before its second attempt: release the other
         models in this process's cache, and slice attention where it is not PyTorch's SDPA.
-        SDPA's kernels are memory-efficient already: slicing saves nothing there and runs
-        slower (bench.engine's gpu_run_peak_gib_by_mode: the same peak with and without).
+        SDPA's kernels are memory-efficient already: slicing saves nothing there (measured on
+        an H100 by bench.engine's gpu_run_peak_gib_by_mode: the same peak with and without).
         Slicing stays on for the pipeline's later jobs; VAE tiling is per run."""
         from diffusers.models.attention_processor import AttnProcessor2_0
 
