@@ -134,6 +134,13 @@ def main() -> None:
         if engine.device.startswith("cuda"):
             torch.cuda.synchronize()
 
+    def bare_call(**kwargs: Any) -> Any:
+        """The bare diffusers call on the prepared images."""
+        return run_pipeline(
+            pipe, init_image=subject, control_image=control, params=params,
+            micro_conditioning=micro, **kwargs,
+        )  # fmt: skip
+
     for _ in range(2):  # warm-up (allocator, kernels, compile)
         engine.generate(job)
     sync()
@@ -144,9 +151,7 @@ def main() -> None:
         sync()
         engine_times.append(time.perf_counter() - started)
         started = time.perf_counter()
-        run_pipeline(
-            pipe, init_image=subject, control_image=control, params=params, micro_conditioning=micro
-        )
+        bare_call()
         sync()
         bare_times.append(time.perf_counter() - started)
 
@@ -188,14 +193,7 @@ def main() -> None:
             sync()
             marks.append(time.perf_counter())
 
-        run_pipeline(
-            pipe,
-            init_image=subject,
-            control_image=control,
-            params=params,
-            micro_conditioning=micro,
-            on_step=mark,
-        )
+        bare_call(on_step=mark)
         if len(marks) > 1:
             loop_rates.append((len(marks) - 1) / (marks[-1] - marks[0]))
 
@@ -218,10 +216,7 @@ def main() -> None:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             start = torch.cuda.memory_allocated()
-            run_pipeline(
-                pipe, init_image=subject, control_image=control, params=params,
-                micro_conditioning=micro,
-            )  # fmt: skip
+            bare_call()
             torch.cuda.synchronize()
             peak_gib[mode] = round((torch.cuda.max_memory_allocated() - start) / 1024**3, 3)
             pipe.disable_attention_slicing()

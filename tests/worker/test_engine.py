@@ -237,11 +237,11 @@ def test_pipelines_keep_the_configured_dtype(model_dir):
 
 
 def test_device_choice_per_process():
+    import torch
+
     from worker.engine.engine import _pick_device
 
     assert _pick_device("cpu", 3) == "cpu"
-    import torch
-
     assert _pick_device("auto", 0) == ("cuda" if torch.cuda.is_available() else "cpu")
     assert _pick_device("cuda:1", 5) == "cuda:1"  # an explicit device is kept
 

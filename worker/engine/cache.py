@@ -97,21 +97,23 @@ class PipelineCache:
                     extra={"used": self.used_bytes},
                 )
                 return
-            self._entries.pop(victim)
-            self._composed = {p: v for p, v in self._composed.items() if victim not in p}
-            self.stats.evictions += 1
-            log.info("evicted %s from the model cache", victim)
+            self._drop(victim)
         self._release_memory()
 
     def keep_only(self, keys: tuple[str, ...]) -> None:
-        """Release every entry but `keys` (the out-of-memory retry's room for its job)."""
+        """Release every entry but `keys` (the out-of-memory retry's room for its job), and
+        hand the freed memory back (gc, then the CUDA allocator's cache)."""
         with self._lock:
             for key in [k for k in self._entries if k not in keys]:
-                self._entries.pop(key)
-                self._composed = {p: v for p, v in self._composed.items() if key not in p}
-                self.stats.evictions += 1
-                log.info("released %s from the model cache", key)
+                self._drop(key)
             self._release_memory()
+
+    def _drop(self, key: str) -> None:
+        """Remove an entry and every composed pipeline built on it."""
+        self._entries.pop(key)
+        self._composed = {p: v for p, v in self._composed.items() if key not in p}
+        self.stats.evictions += 1
+        log.info("evicted %s from the model cache", key)
 
     def clear(self) -> None:
         with self._lock:

@@ -129,7 +129,7 @@ class Engine:
     def pipeline(self, job: EngineJob) -> Any:
         family = families.family(job.family)
         base_ref, cn_ref = self._refs(job)
-        base_key, cn_key = self.cache_keys(job)
+        base_key, cn_key = _cache_keys(family.name, base_ref, cn_ref)
         base = self.cache.get(base_key, lambda: self._load_base(family, base_ref), pinned=(cn_key,))
         controlnet = self.cache.get(
             cn_key, lambda: self._load_controlnet(cn_ref), pinned=(base_key,)
@@ -156,8 +156,7 @@ class Engine:
 
     def cache_keys(self, job: EngineJob) -> tuple[str, str]:
         """The cache entries a job's pipeline is built from: its base and its ControlNet."""
-        base_ref, cn_ref = self._refs(job)
-        return f"base:{job.family}:{base_ref.ref}", f"controlnet:{cn_ref.ref}"
+        return _cache_keys(job.family, *self._refs(job))
 
     def _load_base(self, family: families.Family, ref: Resolved) -> Any:
         cls = families.pipeline_class(family.base)
@@ -259,10 +258,9 @@ class Engine:
         Slicing stays on for the pipeline's later jobs; VAE tiling is per run."""
         from diffusers.models.attention_processor import AttnProcessor2_0
 
-        self.cache.keep_only(keep)
+        self.cache.keep_only(keep)  # and empties the allocator's cache
         if not all(isinstance(p, AttnProcessor2_0) for p in pipe.unet.attn_processors.values()):
             pipe.enable_attention_slicing()
-        self.free_memory()
 
     # -- memory ---------------------------------------------------------------------------------
     def _gpu_allocated(self) -> int:
@@ -282,6 +280,10 @@ class Engine:
             return 0
         self.free_memory()
         return max(0, self._gpu_allocated() - self.memory_baseline - self.cache.used_bytes)
+
+
+def _cache_keys(family: str, base: Resolved, controlnet: Resolved) -> tuple[str, str]:
+    return f"base:{family}:{base.ref}", f"controlnet:{controlnet.ref}"
 
 
 def w_h(job: EngineJob) -> str:
