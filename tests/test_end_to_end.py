@@ -126,6 +126,23 @@ def test_demo_runs_end_to_end(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["var"]
 
 
+def test_demo_says_why_the_api_exited(tmp_path):
+    """An API process that dies at start: the demo's error carries the end of its log."""
+    from posegen.cli.demo import _wait_healthy
+
+    log = tmp_path / "api.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "import sys; print('ModuleNotFoundError: no x'); sys.exit(3)"],
+            stdout=out,
+        )
+        proc.wait()
+    with pytest.raises(RuntimeError) as err:
+        _wait_healthy("http://127.0.0.1:9", proc, log, timeout=10)
+    assert "exited (3)" in str(err.value)
+    assert "ModuleNotFoundError: no x" in str(err.value)
+
+
 def test_metrics_from_api_and_worker(app, make_account, gpu_worker):
     import httpx
 
