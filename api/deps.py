@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 from sqlalchemy.orm import Session
 
+from db.fast import connect
 from db.models import User
 from posegen.accounts import authenticate
 from posegen.queue import Dispatcher
@@ -58,8 +59,8 @@ async def get_dispatcher(request: Request) -> Dispatcher:
 # waiting for a connection and every connection held by a request waiting for a thread, the
 # API would stall until the pool's timeout (40 clients did that to 8 threads). So the sessions
 # close as soon as the route function returns (scope="function": before a FileResponse reads
-# its file on a thread), and the key is read on a session of its own, closed before the route
-# waits for its thread.
+# its file on a thread), and the key is read on the event loop on a connection of its own,
+# returned before the route waits for its thread (`current_user`).
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 ReadSessionDep = Annotated[Session, Depends(get_read_session, scope="function")]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
@@ -67,14 +68,16 @@ StorageDep = Annotated[Storage, Depends(get_storage)]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
 
 
-def current_user(
+async def current_user(
     request: Request,
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> User:
     # A dependency, so the key is checked before the form is validated: a bad key is 401,
-    # never 422. The user comes back detached, its columns loaded.
-    with request.app.state.read_sessions() as session:
-        return authenticate(session, authorization)
+    # never 422. Awaited on the event loop, on a connection of the poll's async pool that is
+    # back in the pool before the route waits for a thread: no thread hop of its own, and no
+    # request holds a connection while it waits for a thread.
+    async with connect(request.app.state.async_reads) as conn:
+        return await authenticate(conn, authorization)
 
 
 CurrentUser = Annotated[User, Depends(current_user)]

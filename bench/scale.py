@@ -75,7 +75,7 @@ def hot_queries(user_id: str, job_id: str, key: str) -> dict[str, tuple[Any, dic
     now = dt.datetime.now(dt.UTC)
     return {
         "poll (key + job + queue position, one query)": (
-            jobs._POLL,
+            jobs._POLL.statement,
             {"job_id": job_id, "key_hash": hash_key(key)},
         ),
         "submit: model + template": (

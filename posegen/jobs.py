@@ -28,8 +28,10 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm import Session
 
+from db.fast import DriverQuery
 from db.models import (
     TERMINAL_STATUSES,
     AiModel,
@@ -408,13 +410,20 @@ def recent_run_seconds(
     each process keeps it for a few seconds instead of asking on every poll, "no history yet"
     (None) included: a model whose first job is still running would otherwise cost every
     poll of its queue a second query."""
-    now = time.monotonic()
     cached = _RUN_SECONDS.get(model_key)
-    if cached is not None and now - cached[0] < RUN_SECONDS_TTL:
+    if cached is not None and time.monotonic() - cached[0] < RUN_SECONDS_TTL:
         return cached[1]
     value = _median_run_seconds(db, model_key, sample=sample)
-    _RUN_SECONDS[model_key] = (now, value)
+    _RUN_SECONDS[model_key] = (time.monotonic(), value)
     return value
+
+
+async def _recent_run_seconds_async(conn: AsyncConnection, model_key: str) -> float | None:
+    """`recent_run_seconds` for the poll: the cached answer without leaving the event loop."""
+    cached = _RUN_SECONDS.get(model_key)
+    if cached is not None and time.monotonic() - cached[0] < RUN_SECONDS_TTL:
+        return cached[1]
+    return await conn.run_sync(recent_run_seconds, model_key)
 
 
 def recent_runs(model_key: str, sample: int) -> Select[dt.datetime | None, dt.datetime | None]:
@@ -453,21 +462,25 @@ def _poll_statement() -> Any:
     )
 
 
-_POLL = _poll_statement()
+_POLL = DriverQuery(_poll_statement())
 
 
-def poll(db: Session | Connection, *, authorization: str | None, job_id: str) -> dict[str, Any]:
+async def poll(conn: AsyncConnection, *, authorization: str | None, job_id: str) -> dict[str, Any]:
     """A status poll in one round trip: the key, the caller's job and its queue position.
     Polls are the hottest route; auth, fetch and position as separate queries cost three.
-    Runs on a plain connection as well as a session (the API's poll skips the ORM session)."""
+    Awaited on the API's event loop, on an async connection (`DriverQuery`: asyncpg's own
+    `fetchrow` on Postgres)."""
     key_hash = bearer_key_hash(authorization)
     # An id that is not a UUID matches no job; the key is still checked (401 before 404).
     params = {"job_id": job_id if catalog.is_uuid(job_id) else None, "key_hash": key_hash}
-    row = live_key(db.execute(_POLL, params).first())
+    row = live_key(await _POLL.first(conn, params))
     if row.id is None:  # another user's job is indistinguishable from a missing one
         raise NotFound(f"No generation {job_id!r}.")
-    position = row.queue_position
-    return _with_eta(db, row, None if position is None else int(position))
+    position = None if row.queue_position is None else int(row.queue_position)
+    per_job = None
+    if position is not None:
+        per_job = await _recent_run_seconds_async(conn, row.model_key)
+    return render_job(row, queue_position=position, eta_seconds=_eta(per_job, position))
 
 
 def job_json(session: Session, job: Generation) -> dict[str, Any]:
@@ -480,11 +493,15 @@ JobLike: TypeAlias = "Generation | Row[Any]"
 
 
 def _with_eta(db: Session | Connection, job: JobLike, position: int | None) -> dict[str, Any]:
-    eta = None
-    if position is not None:
-        per_job = recent_run_seconds(db, job.model_key)
-        eta = round(per_job * (position + 1), 3) if per_job is not None else None
-    return render_job(job, queue_position=position, eta_seconds=eta)
+    per_job = recent_run_seconds(db, job.model_key) if position is not None else None
+    return render_job(job, queue_position=position, eta_seconds=_eta(per_job, position))
+
+
+def _eta(per_job: float | None, position: int | None) -> float | None:
+    """Seconds until a queued job finishes: the jobs ahead and itself, at the recent pace."""
+    if per_job is None or position is None:
+        return None
+    return round(per_job * (position + 1), 3)
 
 
 def render_job(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Header, Query, Request, Response, UploadFile
@@ -18,6 +17,7 @@ from api.deps import (
     StorageDep,
 )
 from api.schemas import ErrorResponse, Job, JobPage
+from db.fast import connect
 from posegen import jobs
 from posegen.errors import NotFound, PayloadTooLarge
 from posegen.settings import Settings
@@ -128,9 +128,9 @@ async def get_generation(job_id: str, request: Request) -> JSONResponse:
     # The hottest route awaits its one statement (key, job and queue position: `jobs.poll`) on
     # an async connection: no hop to a worker thread and back, which cost more than the query,
     # and no dependencies to solve and tear down.
-    poll = partial(jobs.poll, authorization=request.headers.get("authorization"), job_id=job_id)
-    async with request.app.state.async_reads.connect() as conn:
-        return JSONResponse(await conn.run_sync(poll))
+    authorization = request.headers.get("authorization")
+    async with connect(request.app.state.async_reads) as conn:
+        return JSONResponse(await jobs.poll(conn, authorization=authorization, job_id=job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=Job, responses=ERRORS)

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.models import AiModel, Generation, new_id
-from db.session import make_session_factory
+from db.session import make_async_engine, make_session_factory
 from db.types import utcnow
 from posegen import accounts, jobs
 from posegen.cli.common import upgrade_database
@@ -31,6 +33,22 @@ def any_session(request: pytest.FixtureRequest, tmp_path) -> Iterator[Session]:
     with make_session_factory(engine)() as s:  # type: ignore[arg-type]
         yield s
     engine.dispose()  # type: ignore[attr-defined]
+
+
+def _poll(s: Session, *, authorization: str | None, job_id: str) -> dict[str, Any]:
+    """`jobs.poll` as the API awaits it: on an async connection to the session's database
+    (asyncpg on Postgres, through `DriverQuery`; aiosqlite for the demo)."""
+    url = s.get_bind().url.render_as_string(hide_password=False)
+
+    async def go() -> dict[str, Any]:
+        engine = make_async_engine(url)
+        try:
+            async with engine.connect() as conn:
+                return await jobs.poll(conn, authorization=authorization, job_id=job_id)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(go())
 
 
 def _job(session: Session, user_id: str, *, priority: int, age_s: float, status: str) -> str:
@@ -80,7 +98,7 @@ def test_poll_matches_plain_reads(any_session: Session) -> None:
     failed.error_code, failed.error_message = "worker_lost", "The worker died."
     s.commit()
     positions = {
-        name: jobs.poll(s, authorization=auth, job_id=job_id)["queue_position"]
+        name: _poll(s, authorization=auth, job_id=job_id)["queue_position"]
         for name, job_id in ids.items()
         if name != "theirs"
     }
@@ -89,22 +107,22 @@ def test_poll_matches_plain_reads(any_session: Session) -> None:
     }  # fmt: skip
     for name, job_id in ids.items():
         if name != "theirs":
-            polled = jobs.poll(s, authorization=auth, job_id=job_id)
+            polled = _poll(s, authorization=auth, job_id=job_id)
             assert polled == jobs.job_json(s, s.get(Generation, job_id))  # type: ignore[arg-type]
 
     with pytest.raises(NotFound):  # another user's job looks missing
-        jobs.poll(s, authorization=auth, job_id=ids["theirs"])
+        _poll(s, authorization=auth, job_id=ids["theirs"])
     with pytest.raises(NotFound):
-        jobs.poll(s, authorization=auth, job_id=new_id())
+        _poll(s, authorization=auth, job_id=new_id())
     with pytest.raises(NotFound):
-        jobs.poll(s, authorization=auth, job_id="not-a-uuid")
+        _poll(s, authorization=auth, job_id="not-a-uuid")
     for bad in (None, "Basic abc", "Bearer nope"):
         with pytest.raises(Unauthorized):
-            jobs.poll(s, authorization=bad, job_id=ids["old_high"])
+            _poll(s, authorization=bad, job_id=ids["old_high"])
     accounts.revoke_key(s, key_id_or_prefix=new_key.key.id)
     s.commit()
     with pytest.raises(Unauthorized, match="revoked"):
-        jobs.poll(s, authorization=auth, job_id=ids["old_high"])
+        _poll(s, authorization=auth, job_id=ids["old_high"])
 
 
 def test_eta_estimate_is_cached_with_or_without_history(any_session: Session) -> None:

@@ -37,7 +37,7 @@ def conn(db_engine: Engine) -> Iterator[Connection]:
 # index at size: see `python -m bench.scale`); both need the status at planning time.
 QUEUE = ("ix_generations_queue", "ix_generations_active")
 HOT = {
-    "poll": (jobs._POLL, {"job_id": ANY_ID, "key_hash": "x"}, QUEUE),
+    "poll": (jobs._POLL.statement, {"job_id": ANY_ID, "key_hash": "x"}, QUEUE),
     "queue position": (jobs._AHEAD, {"order": 4, "created_at": NOW}, QUEUE),
     "eta": (jobs.recent_runs("tiny-sd15-openpose", 20), {}, ("ix_generations_model_finished",)),
     "stale queued": (reconciler.stale_queued(NOW, 1000), {}, QUEUE),
