@@ -1,12 +1,15 @@
 """API cost: submits and status polls against the same server's /health, side by side.
 
     python -m bench.api [--concurrency 16] [--seconds 8] [--repeats 3] [--workers 1]
-        [--threads N]
+        [--threads N] [--image small|photo] [--model MODEL_KEY]
 
 A real `posegen api` process on Postgres + Redis, no worker consuming. Each repeat runs
 /health, submit and status back to back; the figures are medians over the repeats. Goals on
 the 2-core development machine: submit >= 25% of /health's requests/s, status >= 50%,
 status p99 <= 20 ms. The load comes from wrk when it is installed (see bench/load.py).
+`--image photo` submits a 12-megapixel phone JPEG (about 1 MB) instead of the small PNG: what
+a submit costs when the upload has to be decoded and fitted (to 512x512 with
+`--model sd15-openpose`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 from sqlalchemy import create_engine, text
 
 from bench import load
-from bench.stack import small_png, stack
+from bench.stack import phone_photo_jpeg, small_png, stack
 
 
 def _median(results: list[load.Result]) -> dict[str, Any]:
@@ -42,10 +45,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     parser.add_argument("--threads", type=int, help="POSEGEN_API_THREADS (default: the setting's)")
+    parser.add_argument("--image", choices=["small", "photo"], default="small")
+    parser.add_argument("--model", default="tiny-sd15-openpose", help="the submits' model_key")
     args = parser.parse_args()
+    upload = (
+        ("p.png", small_png(), "image/png")
+        if args.image == "small"
+        else ("photo.jpg", phone_photo_jpeg(), "image/jpeg")
+    )
     content_type, body = load.multipart(
-        {"model_key": "tiny-sd15-openpose", "pose_template_id": "standing"},
-        {"image": ("p.png", small_png(), "image/png")},
+        {"model_key": args.model, "pose_template_id": "standing"}, {"image": upload}
     )
     threads = {"POSEGEN_API_THREADS": str(args.threads)} if args.threads else {}
     with stack(**threads) as s:
@@ -87,6 +96,9 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count()},
         "load_generator": load.generator(),
         "concurrency": args.concurrency,
+        "submit_image": args.image,
+        "submit_model": args.model,
+        "submit_body_bytes": len(body),
         "api_workers": args.workers,
         "api_threads": args.threads or "default",
         "seconds_per_phase": args.seconds,

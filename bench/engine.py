@@ -156,8 +156,8 @@ def main() -> None:
         bare_times.append(time.perf_counter() - started)
 
     # Where the engine's own time goes, phase by phase (medians, ms).
+    from posegen.images import as_png
     from worker.engine.engine import _open
-    from worker.engine.run import as_png
 
     phase_times: dict[str, list[float]] = {}
     for _ in range(3):

@@ -52,6 +52,17 @@ def astronaut_png() -> bytes:
     return buf.getvalue()
 
 
+def phone_photo_jpeg(size: tuple[int, int] = (4032, 3024)) -> bytes:
+    """What a phone uploads: the astronaut enlarged to 12 megapixels, as a JPEG (about 1 MB)."""
+    import skimage.data
+    from PIL import Image
+
+    photo = Image.fromarray(skimage.data.astronaut()).resize(size, Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    photo.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
 def fitted_astronaut(width: int, height: int) -> bytes:
     """The astronaut as the API stores it for a model of this size (fitted at submit)."""
     from posegen.images import check_upload

@@ -19,12 +19,12 @@ from typing import Any
 from PIL import Image
 
 from posegen.errors import JobError
-from posegen.images import fit
+from posegen.images import as_png, fit
 from worker.engine import families
 from worker.engine.cache import PipelineCache
 from worker.engine.pose import NoPoseDetected, PoseExtractor, make_extractor
 from worker.engine.resolve import Resolved, resolve
-from worker.engine.run import Canceled, RunParams, as_png, run_pipeline, steps_for
+from worker.engine.run import Canceled, RunParams, run_pipeline, steps_for
 from worker.engine.skeleton import Keypoints, draw_skeleton
 
 log = logging.getLogger(__name__)

@@ -94,17 +94,4 @@ def steps_for(params: RunParams) -> int:
     return denoising_steps(params)[0]
 
 
-def as_png(image: Image.Image) -> bytes:
-    import io
-    import zlib
-
-    out = io.BytesIO()
-    # Level 1 with run-length matching: a third of the default's CPU time, and for a photo a
-    # file no larger (astronaut, 512 px: 29 ms / 422 KB against level 6's 85 ms / 425 KB and
-    # plain level 1's 35 ms / 466 KB on the 2-core dev VM). On a GPU this is the engine's
-    # largest cost besides the model (bench.engine's engine_phases_ms_median).
-    image.save(out, format="PNG", compress_level=1, compress_type=zlib.Z_RLE)
-    return out.getvalue()
-
-
-__all__ = ["Canceled", "RunParams", "as_png", "denoising_steps", "run_pipeline"]
+__all__ = ["Canceled", "RunParams", "denoising_steps", "run_pipeline"]
