@@ -14,8 +14,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors
 from api.routes import catalog, generations, health
+from db.fast import AsyncReads
 from db.models import Generation, status_is
-from db.session import make_async_engine, make_engine, make_session_factory
+from db.session import make_engine, make_session_factory
 from posegen.logs import configure_logging
 from posegen.metrics import Metrics
 from posegen.queue import (
@@ -132,9 +133,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Status polls await the database on the event loop (see the poll route). A poll holds
         # its connection for one round trip and waits for one without holding a thread, so a
         # fixed pool serves them all: no overflow connections opened and closed under load.
-        app.state.async_reads = make_async_engine(
-            settings.database_url, pool_size=settings.api_threads, max_overflow=0
-        )
+        app.state.async_reads = AsyncReads(settings.database_url, pool_size=settings.api_threads)
+        await app.state.async_reads.start()
         app.state.storage = storage_from_settings(settings)
         app.state.dispatcher = Dispatcher(make_producer(settings))
         app.state.metrics = Metrics()
@@ -145,7 +145,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         gc.collect()
         gc.freeze()
         yield
-        await app.state.async_reads.dispose()
+        await app.state.async_reads.close()
         db_engine.dispose()
 
     app = FastAPI(

@@ -8,7 +8,6 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 from sqlalchemy.orm import Session
 
-from db.fast import connect
 from db.models import User
 from posegen.accounts import authenticate
 from posegen.queue import Dispatcher
@@ -73,11 +72,10 @@ async def current_user(
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> User:
     # A dependency, so the key is checked before the form is validated: a bad key is 401,
-    # never 422. Awaited on the event loop, on a connection of the poll's async pool that is
-    # back in the pool before the route waits for a thread: no thread hop of its own, and no
+    # never 422. Awaited on the event loop, on a connection of the poll's pool that is back
+    # in the pool before the route waits for a thread: no thread hop of its own, and no
     # request holds a connection while it waits for a thread.
-    async with connect(request.app.state.async_reads) as conn:
-        return await authenticate(conn, authorization)
+    return await authenticate(request.app.state.async_reads, authorization)
 
 
 CurrentUser = Annotated[User, Depends(current_user)]

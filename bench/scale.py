@@ -84,7 +84,7 @@ def hot_queries(user_id: str, job_id: str, key: str) -> dict[str, tuple[Any, dic
         ),
         "submit: rate limit (enterprise, 3000/min)": (blocking_job(user_id, 3000), {}),
         "submit: queue position of the new job": (jobs._AHEAD, {"order": 4, "created_at": now}),
-        "eta_recent_runs": (jobs.recent_runs("tiny-sd15-openpose", 20), {}),
+        "eta_recent_runs": (jobs.recent_runs("tiny-sd15-openpose"), {}),
         "list_for_user": (
             text(
                 "SELECT * FROM generations WHERE user_id = :user_id"

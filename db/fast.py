@@ -1,45 +1,41 @@
-"""Hot reads on the asyncio driver's own connection, past SQLAlchemy's execution layer.
+"""The API's hot reads, awaited on the event loop: an asyncpg pool on Postgres, past
+SQLAlchemy's execution layer and its async pool.
 
-The API's two hottest reads (the status poll and the key check in front of every other
-route) are single-row SELECTs built once at import. On asyncpg, SQLAlchemy's execution layer
-(the adapted cursor, its greenlet hops, the execution context, the Row) cost about as much of
-the API's CPU as the round trip itself: 0.42 vs 0.29 ms a poll, in process on the
-development VM (README, Performance). `DriverQuery` compiles its statement once per dialect
-and runs it with asyncpg's `fetchrow` on the connection SQLAlchemy's pool checked out, applying
-the same bind and result processors SQLAlchemy would. On any other driver (aiosqlite: the
-demo) it is an ordinary `AsyncConnection.execute`.
+The status poll and the key check in front of every other route are SELECTs built once at
+import (`DriverQuery`). In process on the development VM (`python -m bench.floor`), one such
+read cost 0.42 ms of CPU through SQLAlchemy's async engine, 0.29 ms on the asyncpg connection
+that engine's pool checked out, and 0.13 ms on a connection held by the caller; a plain
+`SELECT 1` costs 0.09 ms. What the pools added was a greenlet hop at checkout and check-in
+(SQLAlchemy's) and a reset query on every release (asyncpg's default). So on Postgres
+`AsyncReads` keeps an asyncpg pool that skips the reset (every read here is one statement
+in autocommit: no session state to undo), runs each query with `fetchrow`/`fetch`, and
+applies the bind and result processors SQLAlchemy would (UUIDs as strings, UTC datetimes,
+JSON decoded). Driver errors become SQLAlchemy's (the API answers 503 for a database that is
+gone). Elsewhere (aiosqlite: the demo) it is SQLAlchemy's async engine.
 """
 
 from __future__ import annotations
 
+import json
 from collections import namedtuple
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeAlias
 
-from sqlalchemy import Select
+from sqlalchemy import Select, make_url
+from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-
-@asynccontextmanager
-async def connect(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
-    """`engine.connect()`, where a database that refuses connections raises OperationalError
-    (the API answers 503), as psycopg's does: asyncpg lets the socket's OSError through."""
-    conn = engine.connect()
-    try:
-        await conn.start()
-    except (OSError, TimeoutError) as error:
-        raise OperationalError("connect", None, error) from error
-    try:
-        yield conn
-    finally:
-        await conn.close()
+AnySelect: TypeAlias = "Select[*tuple[Any, ...]]"
 
 
 class _Compiled:
-    def __init__(self, statement: Select[Any], dialect: Dialect) -> None:
+    """A statement compiled once for asyncpg: SQL with $n placeholders, and the processors
+    SQLAlchemy applies to its binds and to each result column."""
+
+    def __init__(self, statement: AnySelect, dialect: Dialect) -> None:
         compiled = statement.compile(dialect=dialect)
         self.compiled = compiled
         self.sql = str(compiled)
@@ -68,51 +64,121 @@ class _Compiled:
 
 
 class DriverQuery:
-    """A SELECT of at most one row, run on the driver's connection where that is asyncpg."""
+    """A SELECT for `AsyncReads`, compiled for asyncpg on first use."""
 
-    def __init__(self, statement: Select[Any]) -> None:
+    _dialect = asyncpg_dialect.dialect()
+
+    def __init__(self, statement: AnySelect) -> None:
         self.statement = statement
-        self._compiled: dict[str, _Compiled] = {}
+        self._compiled: _Compiled | None = None
 
-    async def first(self, conn: AsyncConnection, params: Mapping[str, Any]) -> Any:
+    @property
+    def compiled(self) -> _Compiled:
+        if self._compiled is None:
+            self._compiled = _Compiled(self.statement, self._dialect)
+        return self._compiled
+
+
+async def _no_reset(connection: Any) -> None:
+    """asyncpg's pool, on release, runs this instead of its reset query (one more round trip
+    per read). asyncpg still rolls back a transaction left open, and drops listeners."""
+
+
+async def _json_codecs(connection: Any) -> None:
+    for name in ("json", "jsonb"):
+        await connection.set_type_codec(
+            name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+        )
+
+
+class AsyncReads:
+    """Single-statement reads on the event loop. `first` / `all` take a `DriverQuery`."""
+
+    def __init__(self, database_url: str, *, pool_size: int) -> None:
+        url = make_url(database_url)
+        self._pool: Any = None
+        self._engine: AsyncEngine | None = None
+        if url.get_backend_name() == "postgresql":
+            self._dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
+            self._pool_size = pool_size
+        else:
+            from db.session import make_async_engine
+
+            self._engine = make_async_engine(database_url, pool_size=pool_size, max_overflow=0)
+
+    async def start(self) -> None:
+        if self._engine is not None:
+            return
+        import asyncpg
+
+        # No connection at start-up (min_size 0): an API that starts while the database is
+        # down answers 503 until it is back, like the sync engine, instead of not starting.
+        self._pool = await asyncpg.create_pool(
+            self._dsn,
+            min_size=0,
+            max_size=self._pool_size,
+            reset=_no_reset,
+            init=_json_codecs,
+            timeout=5,  # connect
+        )
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+        if self._engine is not None:
+            await self._engine.dispose()
+
+    async def first(self, query: DriverQuery, params: Mapping[str, Any]) -> Any:
         """The first row (attributes by column label), or None."""
-        dialect = conn.dialect
-        if dialect.driver != "asyncpg":
-            return (await conn.execute(self.statement, dict(params))).first()
-        compiled = self._compiled.get(dialect.name)
-        if compiled is None:
-            compiled = self._compiled[dialect.name] = _Compiled(self.statement, dialect)
-        raw = await conn.get_raw_connection()
-        args = compiled.args(params)
-        try:
-            record = await raw.driver_connection.fetchrow(compiled.sql, *args)  # type: ignore[union-attr]
-        except Exception as error:
-            raise await _as_sqlalchemy_error(conn, raw, compiled.sql, args, error) from error
+        if self._engine is not None:
+            async with self._engine.connect() as conn:
+                return (await conn.execute(query.statement, dict(params))).first()
+        compiled = query.compiled
+        async with self._driver_errors(compiled, params) as conn:
+            record = await conn.fetchrow(compiled.sql, *compiled.args(params))
         return None if record is None else compiled.row(record)
 
+    async def all(self, query: DriverQuery, params: Mapping[str, Any]) -> list[Any]:
+        if self._engine is not None:
+            async with self._engine.connect() as conn:
+                return list((await conn.execute(query.statement, dict(params))).all())
+        compiled = query.compiled
+        async with self._driver_errors(compiled, params) as conn:
+            records = await conn.fetch(compiled.sql, *compiled.args(params))
+        return [compiled.row(record) for record in records]
 
-async def _as_sqlalchemy_error(
-    conn: AsyncConnection, raw: Any, sql: str, args: list[Any], error: Exception
-) -> Exception:
-    """The error SQLAlchemy would have raised: the driver's exception translated to the
-    DBAPI's (so the API's handlers answer 503 for a lost database, 422 for a refused value),
-    the connection invalidated when it is gone, so the pool replaces it."""
-    dialect = conn.dialect
-    dbapi_error: Exception = error
+    @asynccontextmanager
+    async def _driver_errors(
+        self, compiled: _Compiled, params: Mapping[str, Any]
+    ) -> AsyncIterator[Any]:
+        """A pooled connection; asyncpg's errors raised as SQLAlchemy's would be."""
+        try:
+            async with self._pool.acquire() as conn:
+                yield conn
+        except (OSError, TimeoutError) as error:  # refused, reset, or no answer in time
+            raise OperationalError(compiled.sql, dict(params), error) from error
+        except Exception as error:
+            raise _as_sqlalchemy_error(compiled.sql, params, error) from error
+
+
+def _as_sqlalchemy_error(sql: str, params: Mapping[str, Any], error: Exception) -> Exception:
+    """SQLAlchemy's translation of an asyncpg error: its DBAPI class (OperationalError for a
+    lost connection, DataError for a refused value...), `connection_invalidated` when the
+    connection is gone (asyncpg's pool replaces a closed connection by itself)."""
+    dialect = DriverQuery._dialect
+    dbapi = asyncpg_dialect.AsyncAdapt_asyncpg_dbapi(__import__("asyncpg"))
+    translated: Exception = error
     try:
-        raw._handle_exception(error)  # the asyncpg adapter raises its DBAPI translation
-    except Exception as translated:  # noqa: BLE001 - it raises; what it raises is the answer
-        dbapi_error = translated
-    invalidated = isinstance(dbapi_error, dialect.loaded_dbapi.Error) and dialect.is_disconnect(
-        dbapi_error, raw, None
-    )
-    if invalidated:
-        await conn.invalidate(dbapi_error)
+        asyncpg_dialect.AsyncAdapt_asyncpg_connection._handle_exception_no_connection(dbapi, error)
+    except Exception as raised:  # noqa: BLE001 - it raises; what it raises is the answer
+        translated = raised
+    if not isinstance(translated, dbapi.Error):
+        return error
     return DBAPIError.instance(
         sql,
-        args,
-        dbapi_error,
-        dialect.loaded_dbapi.Error,
-        connection_invalidated=invalidated,
+        dict(params),
+        translated,
+        dbapi.Error,
+        connection_invalidated=dialect.is_disconnect(translated, None, None),
         dialect=dialect,
     )

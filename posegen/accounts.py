@@ -11,10 +11,9 @@ from typing import Any, TypeVar
 
 from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm import Session, make_transient_to_detached
 
-from db.fast import DriverQuery
+from db.fast import AsyncReads, DriverQuery
 from db.models import TIERS, ApiKey, User
 from db.types import utcnow
 from posegen.catalog import is_uuid
@@ -135,7 +134,7 @@ def live_key(row: RowT | None) -> RowT:
 
 
 # The key check in front of every route but the poll: the key and its user in one row, run on
-# the event loop (an async dependency: no thread hop) through `DriverQuery`.
+# the event loop (an async dependency: no thread hop) through `AsyncReads`.
 _KEY_USER = DriverQuery(
     select(ApiKey.revoked_at, *User.__table__.c)
     .join(User, User.id == ApiKey.user_id)
@@ -143,10 +142,10 @@ _KEY_USER = DriverQuery(
 )
 
 
-async def authenticate(conn: AsyncConnection, authorization: str | None) -> User:
+async def authenticate(reads: AsyncReads, authorization: str | None) -> User:
     """The user behind an `Authorization: Bearer <key>` header, or 401. The User comes back
     detached (as if loaded by a session that has closed), its columns set."""
-    row = live_key(await _KEY_USER.first(conn, {"key_hash": bearer_key_hash(authorization)}))
+    row = live_key(await reads.first(_KEY_USER, {"key_hash": bearer_key_hash(authorization)}))
     user = User(**{column.key: row[i] for i, column in enumerate(User.__table__.c, start=1)})
     make_transient_to_detached(user)
     return user

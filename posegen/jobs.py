@@ -28,10 +28,9 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm import Session
 
-from db.fast import DriverQuery
+from db.fast import AsyncReads, DriverQuery
 from db.models import (
     TERMINAL_STATUSES,
     AiModel,
@@ -403,9 +402,7 @@ _RUN_SECONDS: dict[str, tuple[float, float | None]] = {}
 RUN_SECONDS_TTL = 5.0
 
 
-def recent_run_seconds(
-    db: Session | Connection, model_key: str, *, sample: int = 20
-) -> float | None:
+def recent_run_seconds(db: Session | Connection, model_key: str) -> float | None:
     """Median run time of the model's latest completed jobs, for the ETA. An estimate, so
     each process keeps it for a few seconds instead of asking on every poll, "no history yet"
     (None) included: a model whose first job is still running would otherwise cost every
@@ -413,37 +410,42 @@ def recent_run_seconds(
     cached = _RUN_SECONDS.get(model_key)
     if cached is not None and time.monotonic() - cached[0] < RUN_SECONDS_TTL:
         return cached[1]
-    value = _median_run_seconds(db, model_key, sample=sample)
-    _RUN_SECONDS[model_key] = (time.monotonic(), value)
-    return value
+    rows = db.execute(_RECENT_RUNS.statement, {"model_key": model_key}).all()
+    return _remember_run_seconds(model_key, rows)
 
 
-async def _recent_run_seconds_async(conn: AsyncConnection, model_key: str) -> float | None:
-    """`recent_run_seconds` for the poll: the cached answer without leaving the event loop."""
+async def _recent_run_seconds_async(reads: AsyncReads, model_key: str) -> float | None:
+    """`recent_run_seconds` for the poll, on the event loop."""
     cached = _RUN_SECONDS.get(model_key)
     if cached is not None and time.monotonic() - cached[0] < RUN_SECONDS_TTL:
         return cached[1]
-    return await conn.run_sync(recent_run_seconds, model_key)
+    rows = await reads.all(_RECENT_RUNS, {"model_key": model_key})
+    return _remember_run_seconds(model_key, rows)
 
 
-def recent_runs(model_key: str, sample: int) -> Select[dt.datetime | None, dt.datetime | None]:
+RUN_TIME_SAMPLE = 20
+
+
+def recent_runs(model_key: Any) -> Select[dt.datetime | None, dt.datetime | None]:
     """A model's latest completed jobs (ix_generations_model_finished)."""
     return (
         select(Generation.started_at, Generation.finished_at)
         .where(Generation.model_key == model_key, status_is(Generation.status, "completed"))
         .order_by(Generation.finished_at.desc())
-        .limit(sample)
+        .limit(RUN_TIME_SAMPLE)
     )
 
 
-def _median_run_seconds(db: Session | Connection, model_key: str, *, sample: int) -> float | None:
-    rows = db.execute(recent_runs(model_key, sample)).all()
+_RECENT_RUNS = DriverQuery(recent_runs(bindparam("model_key")))
+
+
+def _remember_run_seconds(model_key: str, rows: Any) -> float | None:
     durations = sorted(
         (finished - started).total_seconds() for started, finished in rows if started and finished
     )
-    if not durations:
-        return None
-    return durations[len(durations) // 2]
+    value = durations[len(durations) // 2] if durations else None
+    _RUN_SECONDS[model_key] = (time.monotonic(), value)
+    return value
 
 
 def _poll_statement() -> Any:
@@ -465,21 +467,20 @@ def _poll_statement() -> Any:
 _POLL = DriverQuery(_poll_statement())
 
 
-async def poll(conn: AsyncConnection, *, authorization: str | None, job_id: str) -> dict[str, Any]:
+async def poll(reads: AsyncReads, *, authorization: str | None, job_id: str) -> dict[str, Any]:
     """A status poll in one round trip: the key, the caller's job and its queue position.
     Polls are the hottest route; auth, fetch and position as separate queries cost three.
-    Awaited on the API's event loop, on an async connection (`DriverQuery`: asyncpg's own
-    `fetchrow` on Postgres)."""
+    Awaited on the API's event loop (`AsyncReads`: asyncpg's own `fetchrow` on Postgres)."""
     key_hash = bearer_key_hash(authorization)
     # An id that is not a UUID matches no job; the key is still checked (401 before 404).
     params = {"job_id": job_id if catalog.is_uuid(job_id) else None, "key_hash": key_hash}
-    row = live_key(await _POLL.first(conn, params))
+    row = live_key(await reads.first(_POLL, params))
     if row.id is None:  # another user's job is indistinguishable from a missing one
         raise NotFound(f"No generation {job_id!r}.")
     position = None if row.queue_position is None else int(row.queue_position)
     per_job = None
     if position is not None:
-        per_job = await _recent_run_seconds_async(conn, row.model_key)
+        per_job = await _recent_run_seconds_async(reads, row.model_key)
     return render_job(row, queue_position=position, eta_seconds=_eta(per_job, position))
 
 

@@ -17,7 +17,6 @@ from api.deps import (
     StorageDep,
 )
 from api.schemas import ErrorResponse, Job, JobPage
-from db.fast import connect
 from posegen import jobs
 from posegen.errors import NotFound, PayloadTooLarge
 from posegen.settings import Settings
@@ -129,8 +128,8 @@ async def get_generation(job_id: str, request: Request) -> JSONResponse:
     # an async connection: no hop to a worker thread and back, which cost more than the query,
     # and no dependencies to solve and tear down.
     authorization = request.headers.get("authorization")
-    async with connect(request.app.state.async_reads) as conn:
-        return JSONResponse(await jobs.poll(conn, authorization=authorization, job_id=job_id))
+    reads = request.app.state.async_reads
+    return JSONResponse(await jobs.poll(reads, authorization=authorization, job_id=job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=Job, responses=ERRORS)

@@ -12,8 +12,9 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from db.fast import AsyncReads
 from db.models import AiModel, Generation, new_id
-from db.session import make_async_engine, make_session_factory
+from db.session import make_session_factory
 from db.types import utcnow
 from posegen import accounts, jobs
 from posegen.cli.common import upgrade_database
@@ -36,17 +37,17 @@ def any_session(request: pytest.FixtureRequest, tmp_path) -> Iterator[Session]:
 
 
 def _poll(s: Session, *, authorization: str | None, job_id: str) -> dict[str, Any]:
-    """`jobs.poll` as the API awaits it: on an async connection to the session's database
-    (asyncpg on Postgres, through `DriverQuery`; aiosqlite for the demo)."""
+    """`jobs.poll` as the API awaits it, on `AsyncReads` over the session's database (an
+    asyncpg pool on Postgres; SQLAlchemy's async engine on aiosqlite for the demo)."""
     url = s.get_bind().url.render_as_string(hide_password=False)
 
     async def go() -> dict[str, Any]:
-        engine = make_async_engine(url)
+        reads = AsyncReads(url, pool_size=2)
+        await reads.start()
         try:
-            async with engine.connect() as conn:
-                return await jobs.poll(conn, authorization=authorization, job_id=job_id)
+            return await jobs.poll(reads, authorization=authorization, job_id=job_id)
         finally:
-            await engine.dispose()
+            await reads.close()
 
     return asyncio.run(go())
 
@@ -105,6 +106,11 @@ def test_poll_matches_plain_reads(any_session: Session) -> None:
     assert positions == {
         "old_high": 0, "new_high": 1, "old_low": 3, "running": None, "done": None, "failed": None
     }  # fmt: skip
+    # The ETA: the poll reads the model's run-time history itself when nothing is cached
+    # (one completed job of 5 s; one job ahead of new_high, so two runs).
+    jobs._RUN_SECONDS.clear()
+    eta = _poll(s, authorization=auth, job_id=ids["new_high"])["eta_seconds"]
+    assert eta == pytest.approx(10, abs=0.5)
     for name, job_id in ids.items():
         if name != "theirs":
             polled = _poll(s, authorization=auth, job_id=job_id)

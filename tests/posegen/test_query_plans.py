@@ -39,7 +39,7 @@ QUEUE = ("ix_generations_queue", "ix_generations_active")
 HOT = {
     "poll": (jobs._POLL.statement, {"job_id": ANY_ID, "key_hash": "x"}, QUEUE),
     "queue position": (jobs._AHEAD, {"order": 4, "created_at": NOW}, QUEUE),
-    "eta": (jobs.recent_runs("tiny-sd15-openpose", 20), {}, ("ix_generations_model_finished",)),
+    "eta": (jobs.recent_runs("tiny-sd15-openpose"), {}, ("ix_generations_model_finished",)),
     "stale queued": (reconciler.stale_queued(NOW, 1000), {}, QUEUE),
     "expired leases": (reconciler.expired_leases(NOW, 1000), {}, ("ix_generations_active",)),
     "due webhooks": (webhooks.due_query(NOW, 500), {}, ("ix_webhook_deliveries_due",)),
