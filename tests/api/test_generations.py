@@ -1,4 +1,5 @@
-"""The submit/poll/list/cancel/output routes against Postgres and Redis (no worker)."""
+"""The submit/poll/list/cancel/output routes against Postgres and Redis (no worker: see
+tests/api/conftest.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import redis
 
 from db.models import Generation
 from posegen import credits
-from tests.conftest import REDIS_URL, png_bytes, submit
+from tests.api.conftest import QUIET_REDIS_URL
+from tests.conftest import png_bytes, submit
 
 JOB_KEYS = {
     "id", "status", "model_key", "prompt", "negative_prompt", "params", "pose_source",
@@ -38,9 +40,9 @@ def test_submit_records_charges_and_enqueues(app, make_account, session):
     assert app.get("/v1/me", headers=account.headers).json()["credits"] == 4
     assert credits.ledger_sum(session, user_id=account.user_id) == 4
     assert (
-        redis.Redis.from_url(REDIS_URL).llen("generation:9")
-        + redis.Redis.from_url(REDIS_URL).llen("generation:4")
-        + redis.Redis.from_url(REDIS_URL).llen("generation")
+        redis.Redis.from_url(QUIET_REDIS_URL).llen("generation:9")
+        + redis.Redis.from_url(QUIET_REDIS_URL).llen("generation:4")
+        + redis.Redis.from_url(QUIET_REDIS_URL).llen("generation")
         >= 1
     )
     assert session.get(Generation, job["id"]).input_key == f"inputs/{job['id']}/image.png"
