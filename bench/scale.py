@@ -86,11 +86,8 @@ def hot_queries(user_id: str, job_id: str, key: str) -> dict[str, tuple[Any, dic
         "submit: queue position of the new job": (jobs._AHEAD, {"order": 4, "created_at": now}),
         "eta_recent_runs": (jobs.recent_runs("tiny-sd15-openpose"), {}),
         "list_for_user": (
-            text(
-                "SELECT * FROM generations WHERE user_id = :user_id"
-                " ORDER BY created_at DESC, id DESC LIMIT 21"
-            ),
-            {"user_id": user_id},
+            jobs.list_statement(user_id, status=None, limit=20, cursor=None),
+            {},
         ),
         "reconcile_stale_queued": (
             reconciler.stale_queued(now - dt.timedelta(seconds=120), 1000),

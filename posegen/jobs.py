@@ -306,7 +306,16 @@ class Page:
 def list_for_user(
     session: Session, *, user: User, status: str | None, limit: int, cursor: str | None
 ) -> Page:
-    stmt = select(Generation).where(Generation.user_id == user.id)
+    rows = list(session.scalars(list_statement(user.id, status=status, limit=limit, cursor=cursor)))
+    next_cursor = _encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+    return Page(items=rows[:limit], next_cursor=next_cursor)
+
+
+def list_statement(
+    user_id: str, *, status: str | None, limit: int, cursor: str | None
+) -> Select[Generation]:
+    """A user's jobs, newest first, one more than `limit` (to know whether a page follows)."""
+    stmt = select(Generation).where(Generation.user_id == user_id)
     if status:
         statuses = [s.strip() for s in status.split(",") if s.strip()]
         unknown = set(statuses) - {"queued", "processing", *TERMINAL_STATUSES}
@@ -321,10 +330,7 @@ def list_for_user(
                 and_(Generation.created_at == created_at, Generation.id < last_id),
             )
         )
-    stmt = stmt.order_by(Generation.created_at.desc(), Generation.id.desc()).limit(limit + 1)
-    rows = list(session.scalars(stmt))
-    next_cursor = _encode_cursor(rows[limit - 1]) if len(rows) > limit else None
-    return Page(items=rows[:limit], next_cursor=next_cursor)
+    return stmt.order_by(Generation.created_at.desc(), Generation.id.desc()).limit(limit + 1)
 
 
 def _encode_cursor(job: Generation) -> str:

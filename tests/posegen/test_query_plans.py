@@ -40,6 +40,21 @@ HOT = {
     "poll": (jobs._POLL.statement, {"job_id": ANY_ID, "key_hash": "x"}, QUEUE),
     "queue position": (jobs._AHEAD, {"order": 4, "created_at": NOW}, QUEUE),
     "eta": (jobs.recent_runs("tiny-sd15-openpose"), {}, ("ix_generations_model_finished",)),
+    "list": (
+        jobs.list_statement(ANY_ID, status=None, limit=20, cursor=None),
+        {},
+        ("ix_generations_user_created",),
+    ),
+    "list, next page of one status": (
+        jobs.list_statement(
+            ANY_ID,
+            status="completed",
+            limit=20,
+            cursor=jobs._encode_cursor(Generation(id=ANY_ID, created_at=NOW)),
+        ),
+        {},
+        ("ix_generations_user_created",),
+    ),
     "stale queued": (reconciler.stale_queued(NOW, 1000), {}, QUEUE),
     "expired leases": (reconciler.expired_leases(NOW, 1000), {}, ("ix_generations_active",)),
     "due webhooks": (webhooks.due_query(NOW, 500), {}, ("ix_webhook_deliveries_due",)),
