@@ -2,16 +2,17 @@
 SQLAlchemy's execution layer and its async pool.
 
 The status poll and the key check in front of every other route are SELECTs built once at
-import (`DriverQuery`). In process on the development VM (`python -m bench.floor`), one such
-read cost 0.42 ms of CPU through SQLAlchemy's async engine, 0.29 ms on the asyncpg connection
-that engine's pool checked out, and 0.13 ms on a connection held by the caller; a plain
-`SELECT 1` costs 0.09 ms. What the pools added was a greenlet hop at checkout and check-in
-(SQLAlchemy's) and a reset query on every release (asyncpg's default). So on Postgres
-`AsyncReads` keeps an asyncpg pool that skips the reset (every read here is one statement
-in autocommit: no session state to undo), runs each query with `fetchrow`/`fetch`, and
-applies the bind and result processors SQLAlchemy would (UUIDs as strings, UTC datetimes,
-JSON decoded). Driver errors become SQLAlchemy's (the API answers 503 for a database that is
-gone). Elsewhere (aiosqlite: the demo) it is SQLAlchemy's async engine.
+import (`DriverQuery`). CPU per poll statement in one process on the development VM
+(`python -m bench.floor --pools`, two runs): 0.36-0.39 ms through SQLAlchemy's async engine,
+0.23-0.26 ms with asyncpg's `fetchrow` on a connection that engine's pool checked out,
+0.20-0.21 ms through asyncpg's default pool, 0.18 ms through `AsyncReads`, 0.09 ms on a
+connection held by the caller. What the pools add is a greenlet hop at checkout and
+check-in (SQLAlchemy's) and a reset query on every release (asyncpg's default). So on
+Postgres `AsyncReads` keeps an asyncpg pool that skips the reset (every read here is one
+statement in autocommit: no session state to undo), runs each query with `fetchrow`/`fetch`,
+and applies the bind and result processors SQLAlchemy would (UUIDs as strings, UTC
+datetimes, JSON decoded). Driver errors become SQLAlchemy's (the API answers 503 for a
+database that is gone). Elsewhere (aiosqlite: the demo) it is SQLAlchemy's async engine.
 """
 
 from __future__ import annotations
