@@ -164,6 +164,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(generations.router)
     app.include_router(catalog.router)
+    app.router.routes.insert(0, generations.POLL_ROUTE)  # matched first: see its comment
 
     # Image + pose image + the form fields.
     app.add_middleware(Observe)

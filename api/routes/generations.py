@@ -7,6 +7,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Header, Query, Request, Response, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
+from starlette.routing import Match, Route
+from starlette.types import Scope
 
 from api.deps import (
     CurrentUser,
@@ -122,14 +124,42 @@ def list_generations(
     return JSONResponse({"items": items, "next_cursor": page.next_cursor})
 
 
+async def _poll(request: Request) -> JSONResponse:
+    # The hottest route awaits its one statement (key, job and queue position: `jobs.poll`) on
+    # the event loop: no hop to a worker thread and back, which cost more than the query.
+    return JSONResponse(
+        await jobs.poll(
+            request.app.state.async_reads,
+            authorization=request.headers.get("authorization"),
+            job_id=request.path_params["job_id"],
+        )
+    )
+
+
 @router.get("/{job_id}", response_model=Job, responses=ERRORS)
 async def get_generation(job_id: str, request: Request) -> JSONResponse:
-    # The hottest route awaits its one statement (key, job and queue position: `jobs.poll`) on
-    # an async connection: no hop to a worker thread and back, which cost more than the query,
-    # and no dependencies to solve and tear down.
-    authorization = request.headers.get("authorization")
-    reads = request.app.state.async_reads
-    return JSONResponse(await jobs.poll(reads, authorization=authorization, job_id=job_id))
+    """The poll as the OpenAPI schema documents it. The app answers it with `POLL_ROUTE`."""
+    return await _poll(request)
+
+
+# The same poll as a plain Starlette route, which the app matches before FastAPI's router: no
+# walk through the included routers and no dependency solving for the path parameter, a
+# quarter of a poll's CPU (bench.floor: 0.48 -> 0.36 ms). It passes through the same
+# middleware and exception handlers (metrics, error bodies, 503 for a lost database) and
+# answers the same methods (GET only; Starlette would add HEAD).
+class _PlainRoute(Route):
+    """A Starlette route that puts itself in the scope, as FastAPI's routes do: the metrics
+    middleware labels requests by `scope["route"].path`."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child_scope = super().matches(scope)
+        if match is not Match.NONE:
+            child_scope["route"] = self
+        return match, child_scope
+
+
+POLL_ROUTE = _PlainRoute("/v1/generations/{job_id}", _poll, methods=["GET"], name="get_generation")
+POLL_ROUTE.methods.discard("HEAD")  # type: ignore[union-attr]
 
 
 @router.post("/{job_id}/cancel", response_model=Job, responses=ERRORS)

@@ -174,3 +174,24 @@ def test_health_ready_metrics(app, make_account):
     text = app.get("/metrics").text
     assert 'posegen_submits_total{status="202"}' in text
     assert 'posegen_jobs_active{model="tiny-sd15-openpose",status="queued"} 1.0' in text
+
+
+def test_the_poll_answers_before_fastapi_routing_as_documented(app, make_account):
+    """The poll is a plain route matched first (`POLL_ROUTE`): same answers, same errors,
+    same metrics label, same methods, and still in the OpenAPI schema."""
+    from api.routes.generations import POLL_ROUTE
+
+    assert app.app.router.routes[0] is POLL_ROUTE
+    account = make_account()
+    job = submit(app, account).json()
+    polled = app.get(f"/v1/generations/{job['id']}", headers=account.headers)
+    assert polled.status_code == 200 and polled.json() == {**job, "eta_seconds": None}
+    assert polled.headers["content-type"] == "application/json"
+    missing = app.get("/v1/generations/not-a-uuid", headers=account.headers)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    assert app.get(f"/v1/generations/{job['id']}").json()["error"]["code"] == "unauthorized"
+    assert app.head(f"/v1/generations/{job['id']}", headers=account.headers).status_code == 405
+    schema = app.get("/openapi.json").json()
+    assert "get" in schema["paths"]["/v1/generations/{job_id}"]
+    text = app.get("/metrics").text
+    assert 'route="/v1/generations/{job_id}"' in text and 'status="404"' in text
