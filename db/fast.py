@@ -7,9 +7,10 @@ import (`DriverQuery`). CPU per poll statement in one process on the development
 0.23-0.26 ms with asyncpg's `fetchrow` on a connection that engine's pool checked out,
 0.20-0.21 ms through asyncpg's default pool, 0.18 ms through `AsyncReads`, 0.09 ms on a
 connection held by the caller. What the pools add is a greenlet hop at checkout and
-check-in (SQLAlchemy's) and a reset query on every release (asyncpg's default). So on
-Postgres `AsyncReads` keeps an asyncpg pool that skips the reset (every read here is one
-statement in autocommit: no session state to undo), runs each query with `fetchrow`/`fetch`,
+check-in (SQLAlchemy's), and a reset query on every release plus 0.07 ms of bookkeeping
+(asyncpg's). So on Postgres `AsyncReads` keeps its own few connections (`_Pool`: a semaphore
+and a list; every read here is one statement in autocommit, with no session state to undo),
+runs each query with `fetchrow`/`fetch`,
 and applies the bind and result processors SQLAlchemy would (UUIDs as strings, UTC
 datetimes, JSON decoded). Driver errors become SQLAlchemy's (the API answers 503 for a
 database that is gone). Elsewhere (aiosqlite: the demo) it is SQLAlchemy's async engine.
@@ -17,6 +18,7 @@ database that is gone). Elsewhere (aiosqlite: the demo) it is SQLAlchemy's async
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import namedtuple
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -80,9 +82,48 @@ class DriverQuery:
         return self._compiled
 
 
-async def _no_reset(connection: Any) -> None:
-    """asyncpg's pool, on release, runs this instead of its reset query (one more round trip
-    per read). asyncpg still rolls back a transaction left open, and drops listeners."""
+class _Pool:
+    """At most `size` asyncpg connections, opened when first needed and reused last-in
+    first-out. asyncpg's own pool costs 0.07 ms of CPU an acquire and release, on top of its
+    reset query (`python -m bench.floor --pools`); this one a semaphore and a list. A
+    connection whose statement raised (or was cancelled) is closed, not reused: the next
+    request opens a new one, which is how a restarted database is recovered from. Every read
+    here is one statement in autocommit, so a returned connection holds no session state."""
+
+    def __init__(self, dsn: str, size: int) -> None:
+        self._dsn = dsn
+        self._slots = asyncio.Semaphore(size)
+        self._idle: list[Any] = []
+
+    async def _connect(self) -> Any:
+        import asyncpg
+
+        conn = await asyncpg.connect(self._dsn, timeout=5)
+        try:
+            await _json_codecs(conn)
+        except BaseException:
+            conn.terminate()
+            raise
+        return conn
+
+    @asynccontextmanager
+    async def acquire(self) -> AsyncIterator[Any]:
+        async with self._slots:
+            conn = self._idle.pop() if self._idle else await self._connect()
+            reusable = False
+            try:
+                yield conn
+                reusable = not conn.is_closed()
+            finally:
+                if reusable:
+                    self._idle.append(conn)
+                else:
+                    conn.terminate()
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.close(timeout=5)
 
 
 async def _json_codecs(connection: Any) -> None:
@@ -108,20 +149,10 @@ class AsyncReads:
             self._engine = make_async_engine(database_url, pool_size=pool_size, max_overflow=0)
 
     async def start(self) -> None:
-        if self._engine is not None:
-            return
-        import asyncpg
-
-        # No connection at start-up (min_size 0): an API that starts while the database is
-        # down answers 503 until it is back, like the sync engine, instead of not starting.
-        self._pool = await asyncpg.create_pool(
-            self._dsn,
-            min_size=0,
-            max_size=self._pool_size,
-            reset=_no_reset,
-            init=_json_codecs,
-            timeout=5,  # connect
-        )
+        # No connection at start-up: an API that starts while the database is down answers
+        # 503 until it is back, like the sync engine, instead of not starting.
+        if self._engine is None:
+            self._pool = _Pool(self._dsn, self._pool_size)
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -165,9 +196,9 @@ class AsyncReads:
 def _as_sqlalchemy_error(sql: str, params: Mapping[str, Any], error: Exception) -> Exception:
     """SQLAlchemy's translation of an asyncpg error: its DBAPI class (OperationalError for a
     lost connection, DataError for a refused value...), `connection_invalidated` when the
-    connection is gone (asyncpg's pool replaces a closed connection by itself)."""
-    dialect = DriverQuery._dialect
+    connection is gone (`_Pool` has closed it already)."""
     dbapi = asyncpg_dialect.AsyncAdapt_asyncpg_dbapi(__import__("asyncpg"))
+    dialect = asyncpg_dialect.dialect(dbapi=dbapi)  # is_disconnect reads the DBAPI's classes
     translated: Exception = error
     try:
         asyncpg_dialect.AsyncAdapt_asyncpg_connection._handle_exception_no_connection(dbapi, error)
