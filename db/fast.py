@@ -3,10 +3,10 @@ SQLAlchemy's execution layer and its async pool.
 
 The status poll and the key check in front of every other route are SELECTs built once at
 import (`DriverQuery`). CPU per poll statement in one process on the development VM
-(`python -m bench.floor --pools`, two runs): 0.36-0.39 ms through SQLAlchemy's async engine,
-0.23-0.26 ms with asyncpg's `fetchrow` on a connection that engine's pool checked out,
-0.20-0.21 ms through asyncpg's default pool, 0.18 ms through `AsyncReads`, 0.09 ms on a
-connection held by the caller. What the pools add is a greenlet hop at checkout and
+(`python -m bench.floor --pools`, three runs): 0.36-0.43 ms through SQLAlchemy's async
+engine, 0.23-0.29 ms with asyncpg's `fetchrow` on a connection that engine's pool checked
+out, 0.20-0.28 ms through asyncpg's default pool, 0.18 ms through `AsyncReads`, 0.09-0.13 ms
+on a connection held by the caller. What the pools add is a greenlet hop at checkout and
 check-in (SQLAlchemy's), and a reset query on every release plus 0.07 ms of bookkeeping
 (asyncpg's). So on Postgres `AsyncReads` keeps its own few connections (`_Pool`: a semaphore
 and a list; every read here is one statement in autocommit, with no session state to undo),
