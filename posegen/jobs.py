@@ -454,16 +454,31 @@ def _remember_run_seconds(model_key: str, rows: Any) -> float | None:
     return value
 
 
+# What `render_job` reads of a job: the poll selects these and no more (decoding the other
+# eight, three of them UUIDs and three timestamps, is work on the hottest path).
+RENDERED_COLUMNS = (
+    "id", "status", "model_key", "prompt", "negative_prompt", "params", "pose_source",
+    "pose_template_id", "credit_cost", "progress_step", "progress_total", "outputs",
+    "error_code", "error_message", "webhook_url", "attempts", "created_at", "started_at",
+    "finished_at",
+)  # fmt: skip
+
+
 def _poll_statement() -> Any:
     """Key, job and queue position in one statement, built once (building an expression this
     size costs more than running it). The job's columns are read as a plain row, not an ORM
-    object: loading an entity costs more than the query on this hot path. `job` aliases the
-    jobs table; the position is `queue_position`'s count, NULL unless the job is queued."""
+    object: loading an entity costs more than the query on this hot path, and only the
+    columns the job JSON shows. `job` aliases the jobs table; the position is
+    `queue_position`'s count, NULL unless the job is queued."""
     job = Generation.__table__.alias("job")
     counted = _count_ahead(literal_column("9") - job.c.priority, job.c.created_at)
     position = case((job.c.status == "queued", counted.scalar_subquery()), else_=None)
     return (
-        select(ApiKey.revoked_at, position.label("queue_position"), *job.c)
+        select(
+            ApiKey.revoked_at,
+            position.label("queue_position"),
+            *(job.c[name] for name in RENDERED_COLUMNS),
+        )
         .select_from(ApiKey.__table__)
         .outerjoin(job, and_(job.c.id == bindparam("job_id"), job.c.user_id == ApiKey.user_id))
         .where(ApiKey.key_hash == bindparam("key_hash"))
