@@ -130,9 +130,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.read_sessions = make_session_factory(
             db_engine.execution_options(isolation_level="AUTOCOMMIT")
         )
-        # Status polls await the database on the event loop (see the poll route). A poll holds
-        # its connection for one round trip and waits for one without holding a thread, so a
-        # fixed pool serves them all: no overflow connections opened and closed under load.
+        # Status polls and key checks await the database on the event loop (`db/fast.py`).
+        # Each holds its connection for one round trip and waits for one without holding a
+        # thread, so a fixed number of connections serves them all.
         app.state.async_reads = AsyncReads(settings.database_url, pool_size=settings.api_threads)
         await app.state.async_reads.start()
         app.state.storage = storage_from_settings(settings)

@@ -100,8 +100,10 @@ async def _measure(app: Any, job_id: str, key: str, database_url: str, args: Any
         await app.state.async_reads.first(jobs._POLL, params)
 
     kinds = {"health": health, "status": status, "round_trip": round_trip, "poll_query": poll_query}
+    closers: list[Any] = []
     if args.pools:
-        kinds.update(await _pool_variants(database_url, jobs._POLL, params, held))
+        variants, closers = await _pool_variants(database_url, jobs._POLL, params, held)
+        kinds.update(variants)
     runs: dict[str, list[float]] = {name: [] for name in kinds}
     for fn in kinds.values():
         await _cpu_per_call(fn, 200)  # warm: statement caches, pools
@@ -109,18 +111,18 @@ async def _measure(app: Any, job_id: str, key: str, database_url: str, args: Any
         for name, fn in kinds.items():
             runs[name].append(await _cpu_per_call(fn, args.calls))
     await held.close()
-    for close in _CLOSE:
+    for close in closers:
         await close()
     return {name: round(statistics.median(values), 4) for name, values in runs.items()} | {
         "runs_ms": {name: [round(v, 4) for v in values] for name, values in runs.items()}
     }
 
 
-_CLOSE: list[Any] = []
-
-
-async def _pool_variants(database_url: str, query: Any, params: dict, held: Any) -> dict:
-    """The poll's statement through the ways `db.fast` chose between (`--pools`)."""
+async def _pool_variants(
+    database_url: str, query: Any, params: dict, held: Any
+) -> tuple[dict, list[Any]]:
+    """The poll's statement through the ways `db.fast` chose between (`--pools`), and what
+    closes the pools it opened."""
     import asyncpg
     from sqlalchemy import make_url
 
@@ -129,7 +131,6 @@ async def _pool_variants(database_url: str, query: Any, params: dict, held: Any)
     engine = make_async_engine(database_url, pool_size=8, max_overflow=0)
     dsn = make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
     default_pool = await asyncpg.create_pool(dsn, min_size=8, max_size=8)  # resets on release
-    _CLOSE.extend([engine.dispose, default_pool.close])
     compiled = query.compiled
 
     async def sqlalchemy_engine() -> None:  # what the poll ran before db.fast
@@ -148,12 +149,13 @@ async def _pool_variants(database_url: str, query: Any, params: dict, held: Any)
     async def held_connection() -> None:
         compiled.row(await held.fetchrow(compiled.sql, *compiled.args(params)))
 
-    return {
+    variants = {
         "poll_via_sqlalchemy_engine": sqlalchemy_engine,
         "poll_via_sqlalchemy_pool_driver_fetch": sqlalchemy_pool_driver_fetch,
         "poll_via_asyncpg_default_pool": asyncpg_default_pool,
         "poll_on_held_connection": held_connection,
     }
+    return variants, [engine.dispose, default_pool.close]
 
 
 def main() -> None:

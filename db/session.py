@@ -23,9 +23,10 @@ def make_engine(
 def make_async_engine(
     database_url: str, *, pool_size: int = 10, max_overflow: int | None = None
 ) -> AsyncEngine:
-    """The same database through an asyncio driver (asyncpg, aiosqlite), for a
-    route that awaits its query on the event loop instead of hopping to a thread and back
-    (the hop costs more than the poll's query). Reads only: autocommit, no BEGIN/ROLLBACK."""
+    """The same database through an asyncio driver (aiosqlite, asyncpg), reads only:
+    autocommit, no BEGIN/ROLLBACK. The API's hot reads use it on SQLite (the demo), through
+    `db.fast.AsyncReads`, which on Postgres skips it for asyncpg connections of its own;
+    `bench.floor --pools` still measures it on Postgres, as the poll ran before."""
     url = make_url(database_url)
     sqlite = url.get_backend_name() == "sqlite"
     # asyncpg, not psycopg's async mode: on the status poll it cost 25 % less API CPU a
