@@ -19,11 +19,17 @@ from sqlalchemy.dialects.postgresql import asyncpg
 
 
 def generic_plan(
-    conn: Connection, statement: Any, params: dict[str, Any], *, analyze: bool = False
+    conn: Connection,
+    statement: Any,
+    params: dict[str, Any],
+    *,
+    analyze: bool = False,
+    buffers: bool = False,
 ) -> list[str]:
     """`EXPLAIN EXECUTE` of `statement` (a SQLAlchemy Core statement) prepared on `conn` (a
     psycopg connection) under `plan_cache_mode = force_generic_plan`; `params` fills the
-    bound values the statement has no default for. `analyze`: run it too, with timings."""
+    bound values the statement has no default for. `analyze`: run it too, with timings;
+    `buffers`: and the pages each node read."""
     # asyncpg's dialect writes numbered placeholders ($1, $2...), which PREPARE takes.
     expanded = statement.compile(dialect=asyncpg.dialect()).construct_expanded_state(params)
     args = [expanded.parameters[name] for name in expanded.positiontup or ()]
@@ -33,7 +39,8 @@ def generic_plan(
         cur.execute("SET plan_cache_mode = force_generic_plan")
         cur.execute(f"PREPARE posegen_plan AS {expanded.statement}")
         try:
-            options = "ANALYZE, COSTS OFF, SUMMARY OFF" if analyze else "COSTS OFF"
+            options = "ANALYZE, COSTS OFF, SUMMARY OFF" if analyze or buffers else "COSTS OFF"
+            options += ", BUFFERS" if buffers else ""
             placeholders = f"({', '.join(['%s'] * len(args))})" if args else ""
             cur.execute(f"EXPLAIN ({options}) EXECUTE posegen_plan{placeholders}", args)
             return [str(row[0]) for row in cur.fetchall()]

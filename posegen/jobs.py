@@ -372,36 +372,119 @@ QUEUE_ORDER: tuple[Any, ...] = (literal_column("9 - generations.priority"), Gene
 # Past this many jobs ahead, the position is reported as this number: counting a queue of
 # 100,000 on every poll would make status cost grow with the queue.
 POSITION_CAP = 1000
+# Even the capped count reads POSITION_CAP index entries for a job deep in a long queue
+# (0.4 ms of Postgres a poll at 100,000 queued: `python -m bench.scale`). So each process
+# remembers, for a second, where the queue's POSITION_CAP-th job stands (the cut-off): a job
+# behind it has POSITION_CAP or more ahead and is answered without counting. Jobs before it
+# are counted exactly. A job the queue moved past the cut-off within the second still reads
+# as capped until the next refresh.
+CUTOFF_TTL = 1.0
 
 
 def _count_ahead(order: Any, created_at: Any) -> Any:
-    """SQL: how many queued jobs run before one at (order, created_at), up to POSITION_CAP,
-    read in run order through `ix_generations_queue` (the table itself, never an alias)."""
-    return select(func.count()).select_from(
-        select(literal_column("1"))
-        .select_from(Generation.__table__)
-        .where(
-            status_is(Generation.status, "queued"),
-            tuple_(*QUEUE_ORDER) < tuple_(order, created_at),
+    """SQL: how many queued jobs run before one at (order, created_at), read in run order
+    through `ix_generations_queue` (the table itself, never an alias), up to POSITION_CAP in
+    each of two parts (the caller caps the sum: `_capped`).
+
+    The parts are the jobs of higher priority, then the older ones of the same priority.
+    Each bounds its index scan where it must stop, so a job near the head reads as many
+    entries as it has jobs ahead. A single row comparison, `(9 - priority, created_at) <
+    (order, created_at)`, does not stop a Postgres 15 index scan at the job: it read the
+    whole queue for a job near its head (5 ms a poll at 100,000 queued). Behind the cut-off
+    (the `cutoff_order` and `cutoff_created_at` parameters, NULL when fewer than
+    POSITION_CAP jobs are queued), POSITION_CAP without reading the queue."""
+    queue_order = QUEUE_ORDER[0]
+    queued = Generation.__table__
+
+    def capped_count(*where: Any, order_by: Any) -> Any:
+        # ORDER BY the index's order, so the planner never prefers scanning the table for
+        # the first rows that match (with most rows queued, a LIMIT makes that look cheap).
+        ahead = (
+            select(literal_column("1"))
+            .select_from(queued)
+            .where(status_is(Generation.status, "queued"), *where)
+            .correlate_except(queued)
+            .order_by(*order_by)
+            .limit(POSITION_CAP)
+            .subquery()
         )
-        .correlate_except(Generation.__table__)
-        .limit(POSITION_CAP)
-        .subquery()
+        return select(func.count()).select_from(ahead).scalar_subquery()
+
+    counted = capped_count(queue_order < order, order_by=QUEUE_ORDER) + capped_count(
+        queue_order == order, Generation.created_at < created_at, order_by=QUEUE_ORDER[1:]
+    )
+    cutoff = tuple_(
+        bindparam("cutoff_order", type_=Integer),
+        bindparam("cutoff_created_at", type_=Generation.__table__.c.created_at.type),
+    )
+    return case(
+        (tuple_(order, created_at) > cutoff, literal_column(str(POSITION_CAP), Integer)),
+        else_=counted,
     )
 
 
-_AHEAD = _count_ahead(
-    bindparam("order", type_=Integer),
-    bindparam("created_at", type_=Generation.__table__.c.created_at.type),
+_AHEAD = select(
+    _count_ahead(
+        bindparam("order", type_=Integer),
+        bindparam("created_at", type_=Generation.__table__.c.created_at.type),
+    )
 )
+
+_CUTOFF = DriverQuery(
+    select(literal_column("9 - generations.priority", Integer), Generation.created_at)
+    .select_from(Generation.__table__)
+    .where(status_is(Generation.status, "queued"))
+    .order_by(*QUEUE_ORDER)
+    .offset(POSITION_CAP - 1)
+    .limit(1)
+)
+_CUTOFF_CACHE: dict[str, Any] = {}
+_NO_CUTOFF = {"cutoff_order": None, "cutoff_created_at": None}
+
+
+def _cached_cutoff() -> dict[str, Any] | None:
+    """This process's cut-off parameters, or None when the caller is to read them afresh.
+    Once they are CUTOFF_TTL old, the first caller to see it refreshes them and the callers
+    meanwhile use the old ones."""
+    params: dict[str, Any] | None = _CUTOFF_CACHE.get("params")
+    if params is not None and time.monotonic() - _CUTOFF_CACHE["at"] >= CUTOFF_TTL:
+        _CUTOFF_CACHE["at"] = time.monotonic()
+        return None
+    return params
+
+
+def _remember_cutoff(row: Any) -> dict[str, Any]:
+    params = _NO_CUTOFF if row is None else {"cutoff_order": row[0], "cutoff_created_at": row[1]}
+    _CUTOFF_CACHE.update(at=time.monotonic(), params=params)
+    return params
+
+
+def queue_cutoff(db: Session | Connection) -> dict[str, Any]:
+    """The cut-off parameters of `_count_ahead`, read again every CUTOFF_TTL seconds."""
+    cached = _cached_cutoff()
+    if cached is not None:
+        return cached
+    return _remember_cutoff(db.execute(_CUTOFF.statement).first())
+
+
+async def _queue_cutoff_async(reads: AsyncReads) -> dict[str, Any]:
+    """`queue_cutoff` for the poll, on the event loop."""
+    cached = _cached_cutoff()
+    if cached is not None:
+        return cached
+    return _remember_cutoff(await reads.first(_CUTOFF, {}))
 
 
 def queue_position(session: Session, job: Generation) -> int | None:
     """How many queued jobs will start before this one (0: next), counted up to POSITION_CAP."""
     if job.status != "queued":
         return None
-    ahead = session.scalar(_AHEAD, {"order": 9 - job.priority, "created_at": job.created_at})
-    return int(ahead or 0)
+    params = {"order": 9 - job.priority, "created_at": job.created_at}
+    return _capped(session.scalar(_AHEAD, params | queue_cutoff(session)))
+
+
+def _capped(ahead: int | None) -> int:
+    return min(int(ahead or 0), POSITION_CAP)
 
 
 _RUN_SECONDS: dict[str, tuple[float, float | None]] = {}
@@ -472,7 +555,7 @@ def _poll_statement() -> Any:
     `queue_position`'s count, NULL unless the job is queued."""
     job = Generation.__table__.alias("job")
     counted = _count_ahead(literal_column("9") - job.c.priority, job.c.created_at)
-    position = case((job.c.status == "queued", counted.scalar_subquery()), else_=None)
+    position = case((job.c.status == "queued", counted), else_=None)
     return (
         select(
             ApiKey.revoked_at,
@@ -495,10 +578,11 @@ async def poll(reads: AsyncReads, *, authorization: str | None, job_id: str) -> 
     key_hash = bearer_key_hash(authorization)
     # An id that is not a UUID matches no job; the key is still checked (401 before 404).
     params = {"job_id": job_id if catalog.is_uuid(job_id) else None, "key_hash": key_hash}
+    params |= await _queue_cutoff_async(reads)
     row = live_key(await reads.first(_POLL, params))
     if row.id is None:  # another user's job is indistinguishable from a missing one
         raise NotFound(f"No generation {job_id!r}.")
-    position = None if row.queue_position is None else int(row.queue_position)
+    position = None if row.queue_position is None else _capped(row.queue_position)
     per_job = None
     if position is not None:
         per_job = await _recent_run_seconds_async(reads, row.model_key)

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from db.fast import AsyncReads
@@ -147,3 +147,69 @@ def test_eta_estimate_is_cached_with_or_without_history(any_session: Session) ->
     jobs._RUN_SECONDS["tiny-sd15-openpose"] = (expired, None)
     assert jobs.recent_run_seconds(s, "tiny-sd15-openpose") == pytest.approx(4, abs=0.5)
     jobs._RUN_SECONDS.clear()
+
+
+def test_jobs_behind_the_cut_off_are_capped_without_counting(any_session: Session) -> None:
+    """Past POSITION_CAP jobs, a position is the cap. Each process remembers where the cap-th
+    job stands for CUTOFF_TTL: jobs behind it are answered without reading the queue, jobs
+    before it are counted exactly, and the poll and the submit's answer agree."""
+    s = any_session
+    user = accounts.create_user(s, email="deep@example.com", credits=10)
+    key = accounts.create_key(s, email="deep@example.com").raw
+    model = s.scalars(select(AiModel).where(AiModel.model_key == "tiny-sd15-openpose")).one()
+    now = utcnow()
+    cap = jobs.POSITION_CAP
+    rows = [
+        {
+            "id": new_id(),
+            "user_id": user.id,
+            "model_id": model.id,
+            "model_key": model.model_key,
+            "status": "queued",
+            "prompt": "p",
+            "params": {"num_inference_steps": 2, "width": 128, "height": 128},
+            "pose_source": "image",
+            "input_key": "inputs/x.png",
+            "credit_cost": 1,
+            "priority": 5,
+            "outputs": [],
+            "created_at": now - dt.timedelta(seconds=cap + 2 - i),
+        }
+        for i in range(cap + 2)  # in run order: row i has i jobs ahead
+    ]
+    s.execute(insert(Generation), rows)
+    s.commit()
+    auth = f"Bearer {key}"
+
+    def polled(i: int) -> tuple[int, bool]:
+        job = _poll(s, authorization=auth, job_id=rows[i]["id"])
+        return job["queue_position"], job["queue_position_capped"]
+
+    jobs._CUTOFF_CACHE.clear()
+    try:
+        assert polled(cap + 1) == (cap, True)  # the first poll reads the cut-off: row cap-1
+        assert jobs._CUTOFF_CACHE["params"]["cutoff_order"] == 4
+        assert polled(cap - 2) == (cap - 2, False)
+        assert polled(cap - 1) == (cap - 1, False)  # the cut-off job itself is counted
+        assert polled(cap) == (cap, True)
+        for i in (0, cap - 1, cap + 1):  # the submit's answer (sync) agrees with the poll
+            job = s.get(Generation, rows[i]["id"])
+            assert job is not None
+            assert jobs.job_json(s, job)["queue_position"] == polled(i)[0]
+
+        # Ten jobs leave the queue. Counted positions follow at once; behind the remembered
+        # cut-off, positions stay capped until it is read again.
+        jobs._CUTOFF_CACHE["at"] = time.monotonic()  # read just now (the polls above take time)
+        s.execute(
+            update(Generation)
+            .where(Generation.id.in_([r["id"] for r in rows[:10]]))
+            .values(status="processing")
+        )
+        s.commit()
+        assert polled(cap - 2) == (cap - 12, False)
+        assert polled(cap + 1) == (cap, True)
+        jobs._CUTOFF_CACHE["at"] = time.monotonic() - jobs.CUTOFF_TTL
+        assert polled(cap + 1) == (cap - 9, False)  # fewer than cap queued: no cut-off
+        assert jobs._CUTOFF_CACHE["params"] == {"cutoff_order": None, "cutoff_created_at": None}
+    finally:
+        jobs._CUTOFF_CACHE.clear()  # this process's cut-off must not outlive the test's queue

@@ -10,15 +10,17 @@ sequential scans priced out, so a query that cannot use its index shows up as a 
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import Connection, Engine, select, text
+from sqlalchemy.orm import Session
 
 from db.models import Generation
 from db.plans import generic_plan
-from posegen import jobs, reconciler, webhooks
+from posegen import accounts, jobs, reconciler, webhooks
 
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 ANY_ID = "00000000-0000-4000-8000-000000000000"
@@ -37,8 +39,9 @@ def conn(db_engine: Engine) -> Iterator[Connection]:
 # index at size: see `python -m bench.scale`); both need the status at planning time.
 QUEUE = ("ix_generations_queue", "ix_generations_active")
 HOT = {
-    "poll": (jobs._POLL.statement, {"job_id": ANY_ID, "key_hash": "x"}, QUEUE),
-    "queue position": (jobs._AHEAD, {"order": 4, "created_at": NOW}, QUEUE),
+    "poll": (jobs._POLL.statement, {"job_id": ANY_ID, "key_hash": "x"} | jobs._NO_CUTOFF, QUEUE),
+    "queue position": (jobs._AHEAD, {"order": 4, "created_at": NOW} | jobs._NO_CUTOFF, QUEUE),
+    "queue cut-off": (jobs._CUTOFF.statement, {}, ("ix_generations_queue",)),
     "eta": (jobs.recent_runs("tiny-sd15-openpose"), {}, ("ix_generations_model_finished",)),
     "list": (
         jobs.list_statement(ANY_ID, status=None, limit=20, cursor=None),
@@ -74,3 +77,38 @@ def test_a_bound_status_loses_the_index(conn: Connection) -> None:
     bound: Any = select(Generation.id).where(Generation.status == "queued").limit(10)
     plan = "\n".join(generic_plan(conn, bound, {}))
     assert "Seq Scan on generations" in plan and "ix_generations" not in plan, plan
+
+
+def test_counting_a_job_near_the_head_reads_only_the_head(db_engine: Engine) -> None:
+    """The position count stops at the counted job: a job fourth in a queue of 20,000 reads a
+    few pages, not the queue's index (a single row comparison did not stop the scan)."""
+    with Session(db_engine) as s:
+        user = accounts.create_user(s, email="queue@example.com").id
+        s.commit()
+    with db_engine.begin() as c:
+        model = c.execute(
+            text("SELECT id FROM ai_models WHERE model_key = 'tiny-sd15-openpose'")
+        ).scalar_one()
+        c.execute(
+            text(
+                "INSERT INTO generations (id, user_id, model_id, model_key, status, prompt, negative_prompt,"
+                " params, pose_source, input_key, credit_cost, priority, progress_step,"
+                " progress_total, outputs, attempts, created_at)"
+                " SELECT gen_random_uuid(), :user, :model, 'tiny-sd15-openpose', 'queued', 'p', '',"
+                " '{}', 'image', 'inputs/x.png', 1, 5, 0, 0, '[]', 0,"
+                " now() - make_interval(secs => g) FROM generate_series(1, 20000) AS g"
+            ),
+            {"user": user, "model": model},
+        )
+        c.execute(text("ANALYZE generations"))
+        fourth = c.execute(
+            text("SELECT created_at FROM generations ORDER BY created_at OFFSET 3 LIMIT 1")
+        ).scalar_one()
+    with db_engine.connect() as c:
+        params = {"order": 4, "created_at": fourth} | jobs._NO_CUTOFF
+        assert c.execute(jobs._AHEAD, params).scalar_one() == 3
+        plan = generic_plan(c, jobs._AHEAD, params, buffers=True)
+        c.rollback()
+    root = next(line for line in plan if "Buffers:" in line)  # the whole execution's pages
+    pages = sum(int(n) for n in re.findall(r"(?:hit|read)=(\d+)", root))
+    assert pages < 20, "\n".join(plan)
