@@ -324,7 +324,10 @@ def list_statement(
         stmt = stmt.where(Generation.status.in_(statuses))
     if cursor:
         created_at, last_id = _decode_cursor(cursor)
+        # The first condition is implied by the second; it is what starts the index scan at
+        # the cursor (Postgres takes no bound from the OR, and read every newer job first).
         stmt = stmt.where(
+            Generation.created_at <= created_at,
             or_(
                 Generation.created_at < created_at,
                 and_(Generation.created_at == created_at, Generation.id < last_id),
