@@ -331,7 +331,7 @@ def list_statement(
             or_(
                 Generation.created_at < created_at,
                 and_(Generation.created_at == created_at, Generation.id < last_id),
-            )
+            ),
         )
     return stmt.order_by(Generation.created_at.desc(), Generation.id.desc()).limit(limit + 1)
 
