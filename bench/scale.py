@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 import httpx
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, select, text
 
 from bench.stack import small_png, stack
 
@@ -79,18 +79,35 @@ FROM generate_series(1, :n) AS g
 
 # The hot queries as the code builds them, each EXPLAIN ANALYZEd at full size with the plan
 # Postgres keeps for it once the driver has prepared it (the generic plan: see db/plans.py).
-def hot_queries(user_id: str, job_id: str, key: str) -> dict[str, tuple[Any, dict[str, Any]]]:
+def hot_queries(
+    conn: Any, user_id: str, job_id: str, key: str
+) -> dict[str, tuple[Any, dict[str, Any]]]:
+    from db.models import Generation
     from posegen import catalog, jobs, reconciler, webhooks
     from posegen.accounts import hash_key
     from posegen.ratelimit import blocking_job
 
     now = dt.datetime.now(dt.UTC)
+    cutoff = jobs._remember_cutoff(conn.execute(jobs._CUTOFF.statement).first())
+    deep = conn.execute(  # a next page half-way down the filler user's 1.1 M jobs
+        select(Generation.user_id, Generation.id, Generation.created_at)
+        .where(Generation.user_id != user_id)
+        .order_by(Generation.created_at.desc())
+        .offset(500_000)
+        .limit(1)
+    ).one()
+    deep_cursor = jobs._encode_cursor(Generation(id=deep.id, created_at=deep.created_at))
+    poll = {"job_id": job_id, "key_hash": hash_key(key)}
     return {
-        # The position's count as it runs before the cut-off is known (NULL): with it, a job
-        # behind the cut-off skips the count.
-        "poll (key + job + queue position, one query)": (
+        # The caller's newest job is behind the whole queue: with the process's cut-off the
+        # count is skipped; without one (fewer than POSITION_CAP queued) it is counted.
+        "poll (key + job + queue position, one query), job behind the cut-off": (
             jobs._POLL.statement,
-            {"job_id": job_id, "key_hash": hash_key(key)} | jobs._NO_CUTOFF,
+            poll | cutoff,
+        ),
+        "poll, the same job counted (no cut-off known)": (
+            jobs._POLL.statement,
+            poll | jobs._NO_CUTOFF,
         ),
         "queue cut-off (each API process, once a second)": (jobs._CUTOFF.statement, {}),
         "submit: model + template": (
@@ -98,13 +115,17 @@ def hot_queries(user_id: str, job_id: str, key: str) -> dict[str, tuple[Any, dic
             {"model_key": "tiny-sd15-openpose", "ref": "standing", "ref_id": None},
         ),
         "submit: rate limit (enterprise, 3000/min)": (blocking_job(user_id, 3000), {}),
-        "submit: queue position of the new job": (
+        "submit: queue position of the new job (behind the cut-off)": (
             jobs._AHEAD,
-            {"order": 4, "created_at": now} | jobs._NO_CUTOFF,
+            {"order": 4, "created_at": now} | cutoff,
         ),
         "eta_recent_runs": (jobs.recent_runs("tiny-sd15-openpose"), {}),
         "list_for_user": (
             jobs.list_statement(user_id, status=None, limit=20, cursor=None),
+            {},
+        ),
+        "list_for_user, a next page half-way down 1.1 M jobs": (
+            jobs.list_statement(deep.user_id, status=None, limit=20, cursor=deep_cursor),
             {},
         ),
         "reconcile_stale_queued": (
@@ -176,7 +197,7 @@ def main() -> None:
                 {"u": bench_user},
             ).scalar_one()
             key = headers["Authorization"].removeprefix("Bearer ")
-            for name, (statement, params) in hot_queries(bench_user, job_id, key).items():
+            for name, (statement, params) in hot_queries(conn, bench_user, job_id, key).items():
                 plans[name] = explain(conn, statement, params)
         engine.dispose()
     result: dict[str, Any] = {
