@@ -79,66 +79,65 @@ def test_a_bound_status_loses_the_index(conn: Connection) -> None:
     assert "Seq Scan on generations" in plan and "ix_generations" not in plan, plan
 
 
-def _bulk_jobs(c: Connection, user: str, n: int, *, status: str) -> None:
-    """`n` jobs of `user`, one a second back from now, and fresh statistics."""
-    model = c.execute(
-        text("SELECT id FROM ai_models WHERE model_key = 'tiny-sd15-openpose'")
-    ).scalar_one()
-    c.execute(
-        text(
-            "INSERT INTO generations (id, user_id, model_id, model_key, status, prompt,"
-            " negative_prompt, params, pose_source, input_key, credit_cost, priority,"
-            " progress_step, progress_total, outputs, attempts, created_at)"
-            " SELECT gen_random_uuid(), :user, :model, 'tiny-sd15-openpose', :status, 'p', '',"
-            " '{}', 'image', 'inputs/x.png', 1, 5, 0, 0, '[]', 0,"
-            " now() - make_interval(secs => g) FROM generate_series(1, :n) AS g"
-        ),
-        {"user": user, "model": model, "status": status, "n": n},
-    )
-    c.execute(text("ANALYZE generations"))
+def _bulk_jobs(engine: Engine, n: int, *, status: str) -> str:
+    """A user with `n` jobs, one a second back from now, and fresh statistics: the user's id."""
+    with Session(engine) as s:
+        user = accounts.create_user(s, email="bulk@example.com").id
+        s.commit()
+    with engine.begin() as c:
+        model = c.execute(
+            text("SELECT id FROM ai_models WHERE model_key = 'tiny-sd15-openpose'")
+        ).scalar_one()
+        c.execute(
+            text(
+                "INSERT INTO generations (id, user_id, model_id, model_key, status, prompt,"
+                " negative_prompt, params, pose_source, input_key, credit_cost, priority,"
+                " progress_step, progress_total, outputs, attempts, created_at)"
+                " SELECT gen_random_uuid(), :user, :model, 'tiny-sd15-openpose', :status, 'p',"
+                " '', '{}', 'image', 'inputs/x.png', 1, 5, 0, 0, '[]', 0,"
+                " now() - make_interval(secs => g) FROM generate_series(1, :n) AS g"
+            ),
+            {"user": user, "model": model, "status": status, "n": n},
+        )
+        c.execute(text("ANALYZE generations"))
+    return user
+
+
+def _pages_read(c: Connection, statement: Any, params: dict[str, Any]) -> tuple[int, str]:
+    """The pages a statement's generic plan read (hit or read), and the plan."""
+    plan = generic_plan(c, statement, params, buffers=True)
+    c.rollback()
+    root = next(line for line in plan if "Buffers:" in line)  # the whole execution's pages
+    return sum(int(n) for n in re.findall(r"(?:hit|read)=(\d+)", root)), "\n".join(plan)
 
 
 def test_counting_a_job_near_the_head_reads_only_the_head(db_engine: Engine) -> None:
     """The position count stops at the counted job: a job fourth in a queue of 20,000 reads a
     few pages, not the queue's index (a single row comparison did not stop the scan)."""
-    with Session(db_engine) as s:
-        user = accounts.create_user(s, email="queue@example.com").id
-        s.commit()
-    with db_engine.begin() as c:
-        _bulk_jobs(c, user, 20000, status="queued")
+    _bulk_jobs(db_engine, 20000, status="queued")
+    with db_engine.connect() as c:
         fourth = c.execute(
             text("SELECT created_at FROM generations ORDER BY created_at OFFSET 3 LIMIT 1")
         ).scalar_one()
-    with db_engine.connect() as c:
         params = {"order": 4, "created_at": fourth} | jobs._NO_CUTOFF
         assert c.execute(jobs._AHEAD, params).scalar_one() == 3
-        plan = generic_plan(c, jobs._AHEAD, params, buffers=True)
-        c.rollback()
-    root = next(line for line in plan if "Buffers:" in line)  # the whole execution's pages
-    pages = sum(int(n) for n in re.findall(r"(?:hit|read)=(\d+)", root))
-    assert pages < 20, "\n".join(plan)
+        pages, plan = _pages_read(c, jobs._AHEAD, params)
+    assert pages < 20, plan
 
 
 def test_a_deep_page_of_the_list_starts_at_its_cursor(db_engine: Engine) -> None:
     """Keyset pagination: the next page's index scan starts at the cursor, so a page deep in
     a long history reads a few pages, not every newer job."""
-    with Session(db_engine) as s:
-        user = accounts.create_user(s, email="history@example.com").id
-        s.commit()
-    with db_engine.begin() as c:
-        _bulk_jobs(c, user, 20000, status="completed")
-        newest = c.execute(
+    user = _bulk_jobs(db_engine, 20000, status="completed")
+    with db_engine.connect() as c:
+        deep = c.execute(
             select(Generation.id, Generation.created_at)
             .order_by(Generation.created_at.desc())
             .offset(19990)
             .limit(1)
         ).one()
-    cursor = jobs._encode_cursor(Generation(id=newest.id, created_at=newest.created_at))
-    statement = jobs.list_statement(user, status=None, limit=20, cursor=cursor)
-    with db_engine.connect() as c:
+        cursor = jobs._encode_cursor(Generation(id=deep.id, created_at=deep.created_at))
+        statement = jobs.list_statement(user, status=None, limit=20, cursor=cursor)
         assert len(c.execute(statement).all()) == 9
-        plan = generic_plan(c, statement, {}, buffers=True)
-        c.rollback()
-    root = next(line for line in plan if "Buffers:" in line)
-    pages = sum(int(n) for n in re.findall(r"(?:hit|read)=(\d+)", root))
-    assert pages < 40, "\n".join(plan)
+        pages, plan = _pages_read(c, statement, {})
+    assert pages < 40, plan
