@@ -33,9 +33,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 AnySelect: TypeAlias = "Select[*tuple[Any, ...]]"
 
-# asyncpg runs every statement prepared. Postgres then plans it afresh on each execution
-# until it judges its generic plan as good (and again after each ANALYZE); for the poll at
-# 100,000 queued jobs it kept planning, 0.2 ms of its 0.3 ms a poll (`bench.scale`). The
+# asyncpg runs every statement prepared. Postgres may then plan it afresh on each execution
+# instead of keeping its generic plan: for the poll at 100,000 queued jobs it did, and a poll
+# cost Postgres 0.31-0.46 ms of CPU instead of 0.08-0.11 (`bench.scale`'s table). The
 # statements here are few and fixed, and `tests/posegen/test_query_plans.py` holds each
 # one's generic plan to its index, so these connections always take the generic plan.
 _SERVER_SETTINGS = {"plan_cache_mode": "force_generic_plan"}

@@ -376,7 +376,7 @@ QUEUE_ORDER: tuple[Any, ...] = (literal_column("9 - generations.priority"), Gene
 # 100,000 on every poll would make status cost grow with the queue.
 POSITION_CAP = 1000
 # Even the capped count reads POSITION_CAP index entries for a job deep in a long queue
-# (0.4 ms of Postgres a poll at 100,000 queued: `python -m bench.scale`). So each process
+# (0.4-0.7 ms of Postgres a poll at 100,000 queued: `python -m bench.scale`). So each process
 # remembers, for a second, where the queue's POSITION_CAP-th job stands (the cut-off): a job
 # behind it has POSITION_CAP or more ahead and is answered without counting. Jobs before it
 # are counted exactly. A job the queue moved past the cut-off within the second still reads
@@ -393,7 +393,7 @@ def _count_ahead(order: Any, created_at: Any) -> Any:
     Each bounds its index scan where it must stop, so a job near the head reads as many
     entries as it has jobs ahead. A single row comparison, `(9 - priority, created_at) <
     (order, created_at)`, does not stop a Postgres 15 index scan at the job: it read the
-    whole queue for a job near its head (5 ms a poll at 100,000 queued). Behind the cut-off
+    whole queue for a job near its head (7-44 ms a poll at 100,000 queued). Behind the cut-off
     (the `cutoff_order` and `cutoff_created_at` parameters, NULL when fewer than
     POSITION_CAP jobs are queued), POSITION_CAP without reading the queue."""
     queue_order = QUEUE_ORDER[0]
