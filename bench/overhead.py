@@ -2,6 +2,7 @@
 
     python -m bench.overhead [--jobs 50]        # dispatch latency and added cost per job
     python -m bench.overhead --throughput 100   # 100 jobs through one worker vs a bare loop
+        [--torch-threads N]                     # both sides on N torch threads
 
 One idle worker (`posegen worker --concurrency 1`) with a warm tiny model, on Postgres +
 Redis. Dispatch = started_at - created_at (commit, publish, pick-up, claim). Added cost =
@@ -42,8 +43,9 @@ def _ts(value: str) -> dt.datetime:
     return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
-def bare_runner(model_dir: Path) -> Any:
-    """The same job as a bare diffusers call in this process: model warm, images prepared.
+def bare_runner(model_dir: Path, torch_threads: int = 0) -> Any:
+    """The same job as a bare diffusers call in this process: model warm, images prepared,
+    on `torch_threads` threads (0: torch's default, as the worker's setting).
     Returns a function that runs it once and answers its seconds."""
     from PIL import Image
 
@@ -57,7 +59,9 @@ def bare_runner(model_dir: Path) -> Any:
         num_inference_steps=STEPS, guidance_scale=7.5, controlnet_conditioning_scale=1.0,
         strength=1.0, seed=7, width=SIZE, height=SIZE,
     )  # fmt: skip
-    engine = Engine(EngineConfig(model_dir=model_dir, pose_backend="mediapipe"))
+    engine = Engine(
+        EngineConfig(model_dir=model_dir, pose_backend="mediapipe", torch_threads=torch_threads)
+    )
     job = EngineJob(
         model_key="tiny-sd15-openpose",
         family="sd15",
@@ -160,7 +164,7 @@ def latency(jobs: int) -> dict[str, Any]:
     }
 
 
-def throughput(jobs: int, rounds: int = 5) -> dict[str, Any]:
+def throughput(jobs: int, rounds: int = 5, torch_threads: int = 0) -> dict[str, Any]:
     """`jobs` jobs through the worker against as many bare calls, in `rounds` alternating
     blocks (a block through the queue, then a block of bare calls while the worker idles), so
     both sides see the same machine and the same minute.
@@ -169,14 +173,18 @@ def throughput(jobs: int, rounds: int = 5) -> dict[str, Any]:
     (not counted): on this 2-core machine the API's submits would otherwise take CPU from
     the block's first jobs, and that is the API's cost (bench.api), not the worker's. The
     worker's wall is from the block's first start to its last finish: runs, and the
-    hand-offs between them."""
+    hand-offs between them.
+
+    `torch_threads` (both sides; 0: torch's default, one per core): with 1 on this 2-core
+    machine, a pipeline no longer waits at torch's barriers for a thread that something else
+    (the API, Postgres, the worker's heartbeat) preempted."""
     per_round = max(1, jobs // rounds)
     walls: list[float] = []
     bares: list[float] = []
     overlapped = 0
-    with stack() as s:
+    with stack(POSEGEN_TORCH_THREADS=str(torch_threads)) as s:
         base, headers = _start(s)
-        bare_call = bare_runner(Path(s.env["POSEGEN_MODEL_DIR"]))
+        bare_call = bare_runner(Path(s.env["POSEGEN_MODEL_DIR"]), torch_threads)
         image = fitted_astronaut(SIZE, SIZE)
         for _ in range(rounds):
             ahead = _submit(base, headers, image, steps=max(20, per_round * 2))
@@ -192,6 +200,7 @@ def throughput(jobs: int, rounds: int = 5) -> dict[str, Any]:
         "benchmark": "throughput",
         "jobs": per_round * rounds,
         "rounds": rounds,
+        "torch_threads": torch_threads or "default",
         "worker_wall_s": round(worker_wall, 3),
         "bare_loop_s": round(bare, 3),
         "ratio_bare_over_worker": round(bare / worker_wall, 4),
@@ -207,8 +216,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--jobs", type=int, default=50)
     parser.add_argument("--throughput", type=int, default=0, metavar="N")
+    parser.add_argument(
+        "--torch-threads", type=int, default=0, help="throughput: torch threads, both sides"
+    )
     args = parser.parse_args()
-    result = throughput(args.throughput) if args.throughput else latency(args.jobs)
+    result = (
+        throughput(args.throughput, torch_threads=args.torch_threads)
+        if args.throughput
+        else latency(args.jobs)
+    )
     result.update(date=time.strftime("%Y-%m-%d"), machine=platform.platform())
     print(json.dumps(result, indent=2))
     print({k: v for k, v in result.items() if k not in ("machine",)}, file=sys.stderr)
