@@ -88,7 +88,7 @@ def hot_queries(
     from posegen.ratelimit import blocking_job
 
     now = dt.datetime.now(dt.UTC)
-    cutoff = jobs._remember_cutoff(conn.execute(jobs._CUTOFF.statement).first())
+    cutoff = jobs.queue_cutoff(conn)  # as an API process reads it
     deep = conn.execute(  # a next page half-way down the filler user's 1.1 M jobs
         select(Generation.user_id, Generation.id, Generation.created_at)
         .where(Generation.user_id != user_id)
