@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from db.models import AiModel, Generation, PoseTemplate
+from db.models import Generation
 from posegen import lifecycle
 from posegen.errors import JobError
 from posegen.metrics import job_metrics
@@ -92,10 +92,6 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
         if claim is None:
             return "skipped"
         job: Generation = claim.job
-        model = session.get_one(AiModel, job.model_id)
-        template = session.get(PoseTemplate, job.pose_template_id) if job.pose_template_id else None
-        model_fields = (model.family, model.base_model, model.controlnet_model)
-        keypoints = template.keypoints if template else None
     metrics = job_metrics()
     metrics.queue_wait.labels(job.model_key).observe(
         (job.started_at - job.created_at).total_seconds()
@@ -108,9 +104,9 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
         p = job.params
         engine_job = EngineJob(
             model_key=job.model_key,
-            family=model_fields[0],
-            base_model=model_fields[1],
-            controlnet_model=model_fields[2],
+            family=claim.family,
+            base_model=claim.base_model,
+            controlnet_model=claim.controlnet_model,
             params=RunParams(
                 prompt=job.prompt,
                 negative_prompt=job.negative_prompt,
@@ -123,7 +119,11 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
                 height=int(p["height"]),
             ),
             image=ctx.storage.get(job.input_key),
-            pose_keypoints=[tuple(k) if k else None for k in keypoints] if keypoints else None,
+            pose_keypoints=(
+                [tuple(k) if k else None for k in claim.pose_keypoints]
+                if claim.pose_keypoints
+                else None
+            ),
             pose_image=ctx.storage.get(job.pose_image_key) if job.pose_image_key else None,
         )
         result = ctx.engine.generate(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -14,26 +13,10 @@ from sqlalchemy.orm import Session
 
 from db.fast import AsyncReads
 from db.models import AiModel, Generation, new_id
-from db.session import make_session_factory
 from db.types import utcnow
 from posegen import accounts, jobs
-from posegen.cli.common import upgrade_database
 from posegen.errors import NotFound, Unauthorized
-from tests.conftest import seeded_engine
-
-
-@pytest.fixture(params=["postgresql", "sqlite"])
-def any_session(request: pytest.FixtureRequest, tmp_path) -> Iterator[Session]:
-    if request.param == "postgresql":
-        s: Session = request.getfixturevalue("session")
-        yield s
-        return
-    url = f"sqlite:///{tmp_path / 'poll.db'}"
-    upgrade_database(url)
-    engine = seeded_engine(url)
-    with make_session_factory(engine)() as s:  # type: ignore[arg-type]
-        yield s
-    engine.dispose()  # type: ignore[attr-defined]
+from tests.posegen.conftest import make_job
 
 
 def _poll(s: Session, *, authorization: str | None, job_id: str) -> dict[str, Any]:
@@ -52,28 +35,6 @@ def _poll(s: Session, *, authorization: str | None, job_id: str) -> dict[str, An
     return asyncio.run(go())
 
 
-def _job(session: Session, user_id: str, *, priority: int, age_s: float, status: str) -> str:
-    model = session.scalars(select(AiModel).where(AiModel.model_key == "tiny-sd15-openpose")).one()
-    job = Generation(
-        id=new_id(),
-        user_id=user_id,
-        model_id=model.id,
-        model_key=model.model_key,
-        status=status,
-        prompt="p",
-        params={"num_inference_steps": 2, "width": 128, "height": 128},
-        pose_source="image",
-        input_key="inputs/x.png",
-        credit_cost=1,
-        priority=priority,
-        outputs=[],
-        created_at=utcnow() - dt.timedelta(seconds=age_s),
-    )
-    session.add(job)
-    session.flush()
-    return job.id
-
-
 def test_poll_matches_plain_reads(any_session: Session) -> None:
     s = any_session
     user = accounts.create_user(s, email="poll@example.com", credits=10)
@@ -83,13 +44,13 @@ def test_poll_matches_plain_reads(any_session: Session) -> None:
     auth = f"Bearer {key}"
     # Run order: priority high to low, then oldest first.
     ids = {
-        "old_low": _job(s, user.id, priority=1, age_s=30, status="queued"),
-        "new_high": _job(s, user.id, priority=9, age_s=1, status="queued"),
-        "old_high": _job(s, user.id, priority=9, age_s=20, status="queued"),
-        "running": _job(s, user.id, priority=9, age_s=60, status="processing"),
-        "theirs": _job(s, other.id, priority=5, age_s=10, status="queued"),
-        "done": _job(s, user.id, priority=5, age_s=90, status="completed"),
-        "failed": _job(s, user.id, priority=5, age_s=80, status="failed"),
+        "old_low": make_job(s, user.id, priority=1, age_s=30, status="queued"),
+        "new_high": make_job(s, user.id, priority=9, age_s=1, status="queued"),
+        "old_high": make_job(s, user.id, priority=9, age_s=20, status="queued"),
+        "running": make_job(s, user.id, priority=9, age_s=60, status="processing"),
+        "theirs": make_job(s, other.id, priority=5, age_s=10, status="queued"),
+        "done": make_job(s, user.id, priority=5, age_s=90, status="completed"),
+        "failed": make_job(s, user.id, priority=5, age_s=80, status="failed"),
     }
     # The poll reads a plain row: JSON columns and timestamps must come back as the ORM's.
     done, failed = s.get(Generation, ids["done"]), s.get(Generation, ids["failed"])
@@ -138,7 +99,7 @@ def test_eta_estimate_is_cached_with_or_without_history(any_session: Session) ->
     user = accounts.create_user(s, email="eta@example.com", credits=10)
     jobs._RUN_SECONDS.clear()
     assert jobs.recent_run_seconds(s, "tiny-sd15-openpose") is None
-    done = s.get(Generation, _job(s, user.id, priority=5, age_s=9, status="completed"))
+    done = s.get(Generation, make_job(s, user.id, priority=5, age_s=9, status="completed"))
     assert done is not None
     done.started_at, done.finished_at = utcnow() - dt.timedelta(seconds=4), utcnow()
     s.commit()

@@ -1,0 +1,101 @@
+"""The worker's transitions, statement by statement, on Postgres and on SQLite (demo).
+
+A claim and a completion are what a worker spends between two jobs, so each is held to the
+statements it needs: the claim's UPDATE answers the job (RETURNING) and one SELECT answers
+the model and the template; the completion is one UPDATE."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import event, select
+from sqlalchemy.orm import Session
+
+from db.models import AiModel, PoseTemplate
+from posegen import accounts, lifecycle
+from tests.posegen.conftest import make_job
+
+
+@contextmanager
+def statements(session: Session) -> Iterator[list[str]]:
+    """The SQL statements the session sends while the block runs (BEGIN/COMMIT excluded)."""
+    seen: list[str] = []
+    engine = session.get_bind()
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        seen.append(statement.split(None, 1)[0].upper())
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+def test_claim_answers_the_job_and_its_catalog_rows_in_two_statements(
+    any_session: Session,
+) -> None:
+    s = any_session
+    user = accounts.create_user(s, email="claim@example.com", credits=10)
+    template = s.scalars(select(PoseTemplate).where(PoseTemplate.key == "standing")).one()
+    model = s.scalars(select(AiModel).where(AiModel.model_key == "tiny-sd15-openpose")).one()
+    with_template = make_job(s, user.id, pose_template_id=template.id)
+    without = make_job(s, user.id)
+    s.commit()
+    s.expunge_all()  # as in a worker: a fresh session, nothing loaded yet
+
+    with statements(s) as sent:
+        claim = lifecycle.claim(s, job_id=with_template, worker_id="w1", lease_seconds=60)
+    assert sent == ["UPDATE", "SELECT"]
+    assert claim is not None
+    assert (claim.job.id, claim.job.status, claim.job.worker_id) == (
+        with_template,
+        "processing",
+        "w1",
+    )
+    assert claim.attempt == claim.job.attempts == 1
+    assert claim.job.started_at is not None and claim.job.lease_expires_at is not None
+    assert (claim.family, claim.base_model, claim.controlnet_model) == (
+        model.family, model.base_model, model.controlnet_model,
+    )  # fmt: skip
+    assert claim.pose_keypoints == template.keypoints and len(template.keypoints) == 18
+
+    other = lifecycle.claim(s, job_id=without, worker_id="w1", lease_seconds=60)
+    assert other is not None and other.pose_keypoints is None
+    assert other.base_model == model.base_model
+
+    # A duplicate delivery: the job is not queued any more, one statement finds that out.
+    with statements(s) as sent:
+        assert lifecycle.claim(s, job_id=with_template, worker_id="w2", lease_seconds=60) is None
+    assert sent == ["UPDATE"]
+    s.commit()
+
+
+def test_complete_is_one_statement_and_only_for_the_worker_that_holds_the_job(
+    any_session: Session,
+) -> None:
+    s = any_session
+    user = accounts.create_user(s, email="complete@example.com", credits=10)
+    job_id = make_job(s, user.id)
+    assert lifecycle.claim(s, job_id=job_id, worker_id="w1", lease_seconds=60) is not None
+    s.commit()
+    s.expunge_all()
+    outputs = [{"index": 0, "key": f"outputs/{job_id}/0.png", "width": 128, "height": 128}]
+
+    # Another worker (its lease was taken over) cannot complete it.
+    assert lifecycle.complete(s, job_id=job_id, worker_id="w2", outputs=outputs, steps=2) is None
+    with statements(s) as sent:
+        done = lifecycle.complete(s, job_id=job_id, worker_id="w1", outputs=outputs, steps=2)
+    assert sent == ["UPDATE"]  # no webhook on this job: nothing to record
+    assert done is not None
+    assert (done.status, done.outputs, done.progress_step, done.progress_total) == (
+        "completed", outputs, 2, 2,
+    )  # fmt: skip
+    assert done.finished_at is not None and done.lease_expires_at is None
+    # Completed once: a second completion (a redelivered task) changes nothing.
+    assert lifecycle.complete(s, job_id=job_id, worker_id="w1", outputs=[], steps=2) is None
+    s.commit()
+    s.expunge_all()
+    assert lifecycle.claim(s, job_id=job_id, worker_id="w1", lease_seconds=60) is None
