@@ -2,10 +2,14 @@
 
     python -m bench.overhead [--jobs 50]        # dispatch latency and added cost per job
     python -m bench.overhead --throughput 100   # 100 jobs through one worker vs a bare loop
+        [--rounds 20]                           # in 20 alternating blocks of 5
         [--torch-threads N]                     # both sides on N torch threads
+    python -m bench.overhead --bookkeeping 100  # the worker's own work a job, in process
 
 One idle worker (`posegen worker --concurrency 1`) with a warm tiny model, on Postgres +
-Redis. Dispatch = started_at - created_at (commit, publish, pick-up, claim). Added cost =
+Redis. Dispatch = started_at - created_at (commit, publish, pick-up, claim). Bookkeeping =
+a job's `run_job` minus its engine call, in this process (claim, catalog read, storage,
+heartbeat, completion: what the worker does per job besides the model). Added cost =
 median(finished_at - created_at) - median(bare pipeline call, same model and params, in
 this process), the two alternating. Throughput: 100 jobs through the worker against 100 bare
 calls in one loop, in alternating blocks (see `throughput`). Goals: dispatch <= 20 ms
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import io
+import itertools
 import json
 import platform
 import statistics
@@ -164,10 +169,13 @@ def latency(jobs: int) -> dict[str, Any]:
     }
 
 
-def throughput(jobs: int, rounds: int = 5, torch_threads: int = 0) -> dict[str, Any]:
+def throughput(jobs: int, rounds: int = 20, torch_threads: int = 0) -> dict[str, Any]:
     """`jobs` jobs through the worker against as many bare calls, in `rounds` alternating
-    blocks (a block through the queue, then a block of bare calls while the worker idles), so
-    both sides see the same machine and the same minute.
+    blocks (a block through the queue and a block of bare calls while the worker idles, the
+    bare block first in every other round), so both sides see the same machine and the same
+    seconds. This VM's speed moves by ±20 % within a minute: with 5 blocks of 20 jobs the
+    ratio of one run ranged 0.85-1.02 for the same code; short blocks pair better, and the
+    median of the blocks' ratios is reported beside the ratio of the sums.
 
     A block's jobs are submitted while the worker is busy with a longer job ahead of them
     (not counted): on this 2-core machine the API's submits would otherwise take CPU from
@@ -181,20 +189,28 @@ def throughput(jobs: int, rounds: int = 5, torch_threads: int = 0) -> dict[str, 
     per_round = max(1, jobs // rounds)
     walls: list[float] = []
     bares: list[float] = []
+    handoffs: list[float] = []
     overlapped = 0
     with stack(POSEGEN_TORCH_THREADS=str(torch_threads)) as s:
         base, headers = _start(s)
         bare_call = bare_runner(Path(s.env["POSEGEN_MODEL_DIR"]), torch_threads)
         image = fitted_astronaut(SIZE, SIZE)
-        for _ in range(rounds):
+        for i in range(rounds):
+            if i % 2:
+                bares.append(sum(bare_call() for _ in range(per_round)))
             ahead = _submit(base, headers, image, steps=max(20, per_round * 2))
             ids = [_submit(base, headers, image) for _ in range(per_round)]
             done = _wait_all(base, headers, [ahead, *ids])
             first_start = min(_ts(j["started_at"]) for j in done[1:])
+            handoffs += [
+                (_ts(b["started_at"]) - _ts(a["finished_at"])).total_seconds()
+                for a, b in itertools.pairwise(done)
+            ]
             last_submit = max(_ts(j["created_at"]) for j in done[1:])
             overlapped += int(first_start < last_submit)
             walls.append((max(_ts(j["finished_at"]) for j in done) - first_start).total_seconds())
-            bares.append(sum(bare_call() for _ in range(per_round)))
+            if not i % 2:
+                bares.append(sum(bare_call() for _ in range(per_round)))
     worker_wall, bare = sum(walls), sum(bares)
     return {
         "benchmark": "throughput",
@@ -206,9 +222,69 @@ def throughput(jobs: int, rounds: int = 5, torch_threads: int = 0) -> dict[str, 
         "ratio_bare_over_worker": round(bare / worker_wall, 4),
         # Each block's ratio: how much of the spread is the machine's minute-to-minute noise.
         "block_ratios": [round(b / w, 3) for b, w in zip(bares, walls, strict=True)],
+        "block_ratio_median": round(
+            statistics.median(b / w for b, w in zip(bares, walls, strict=True)), 4
+        ),
+        # A job's completion to the next one's claim: the ack, Celery's fetch and hand-over.
+        "handoff_ms_median": round(statistics.median(handoffs) * 1000, 2),
         # Blocks whose jobs started before their last submit (the job ahead was too short).
         "blocks_overlapping_submits": overlapped,
         "goals": {"ratio>=0.95": bare / worker_wall >= 0.95},
+    }
+
+
+def bookkeeping(jobs: int) -> dict[str, Any]:
+    """What the worker does a job besides the model, measured inside `run_job` itself: the
+    jobs are submitted through the API and run by `run_job` in this process, on the real
+    engine, database and storage, with the engine's call timed from the outside. Each job's
+    bookkeeping is its `run_job` time minus its engine time, so the pipeline's own noise (this
+    VM's ±20 %) cancels within the job; no Celery (its hand-off is throughput's
+    `handoff_ms_median`)."""
+    import os
+
+    with stack() as s:
+        s.cli("models", "build-tiny")
+        base = s.api()
+        headers = {"Authorization": f"Bearer {s.user_key()}"}
+        os.environ.update(s.env)  # the worker's settings, as `posegen worker` reads them
+        from posegen.settings import get_settings
+
+        get_settings.cache_clear()
+        from worker.context import context
+        from worker.runner import run_job
+
+        ctx = context()
+        ctx.warm()
+        engine_calls: list[float] = []
+        generate = ctx.engine.generate
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return generate(*args, **kwargs)
+            finally:
+                engine_calls.append(time.perf_counter() - started)
+
+        ctx.engine.generate = timed  # type: ignore[method-assign]
+        image = fitted_astronaut(SIZE, SIZE)
+        ids = [_submit(base, headers, image) for _ in range(jobs + 3)]
+        time.sleep(1)  # let the API and Postgres settle after the submits
+        totals = []
+        for job_id in ids:
+            started = time.perf_counter()
+            if run_job(ctx, job_id) != "completed":
+                raise RuntimeError(f"job {job_id} did not complete")
+            totals.append(time.perf_counter() - started)
+        # The first three warm the engine and the statements; they are not counted.
+        own = [t - e for t, e in zip(totals[3:], engine_calls[3:], strict=True)]
+        engine_median = statistics.median(engine_calls[3:])
+    return {
+        "benchmark": "bookkeeping",
+        "jobs": jobs,
+        "bookkeeping_ms_median": round(statistics.median(own) * 1000, 2),
+        "bookkeeping_ms_p90": round(sorted(own)[int(0.9 * (len(own) - 1))] * 1000, 2),
+        "engine_call_ms_median": round(engine_median * 1000, 2),
+        "bookkeeping_fraction": round(statistics.median(own) / engine_median, 4),
     }
 
 
@@ -216,15 +292,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--jobs", type=int, default=50)
     parser.add_argument("--throughput", type=int, default=0, metavar="N")
+    parser.add_argument("--bookkeeping", type=int, default=0, metavar="N")
+    parser.add_argument("--rounds", type=int, default=20, help="throughput: alternating blocks")
     parser.add_argument(
         "--torch-threads", type=int, default=0, help="throughput: torch threads, both sides"
     )
     args = parser.parse_args()
-    result = (
-        throughput(args.throughput, torch_threads=args.torch_threads)
-        if args.throughput
-        else latency(args.jobs)
-    )
+    if args.throughput:
+        result = throughput(args.throughput, rounds=args.rounds, torch_threads=args.torch_threads)
+    elif args.bookkeeping:
+        result = bookkeeping(args.bookkeeping)
+    else:
+        result = latency(args.jobs)
     result.update(date=time.strftime("%Y-%m-%d"), machine=platform.platform())
     print(json.dumps(result, indent=2))
     print({k: v for k, v in result.items() if k not in ("machine",)}, file=sys.stderr)
