@@ -18,15 +18,6 @@ from db.types import utcnow
 from posegen import credits, webhooks
 
 
-def _ours(job_id: str, worker_id: str) -> tuple[Any, ...]:
-    """The job is still running on this worker (not canceled, not taken over)."""
-    return (
-        Generation.id == job_id,
-        Generation.status == "processing",
-        Generation.worker_id == worker_id,
-    )
-
-
 @dataclass(frozen=True)
 class Claim:
     """A claimed job and what its run needs from the catalog: the model's pipeline and the
@@ -40,11 +31,12 @@ class Claim:
     pose_keypoints: list[Any] | None
 
 
-# Claim and complete are what a worker spends between two jobs (bench.overhead's throughput
-# measures it). Each UPDATE answers its row (RETURNING): no second statement reads it back,
+# Claim and complete are most of what a worker does a job besides the model (bench.overhead
+# --bookkeeping). Each UPDATE answers its row (RETURNING): no second statement reads it back,
 # and the ORM makes no pass over the session's objects. The statements are built once, with
 # bound parameters: building them was a third of the two transitions' CPU.
 _RETURNING: dict[str, Any] = {"synchronize_session": False, "populate_existing": True}
+# The job is still running on this worker (not canceled, not taken over): bind job_id, worker.
 _OURS = (
     Generation.id == bindparam("job_id"),
     Generation.status == "processing",
@@ -122,7 +114,8 @@ def heartbeat(
     if total is not None:
         values["progress_total"] = total
     result = session.execute(
-        update(Generation).where(*_ours(job_id, worker_id)).values(**values),
+        update(Generation).where(*_OURS).values(**values),
+        {"job_id": job_id, "worker": worker_id},
         execution_options={"synchronize_session": False},
     )
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
@@ -173,7 +166,8 @@ def release(session: Session, *, job_id: str, worker_id: str) -> bool:
     """processing -> queued (a retryable interruption, e.g. worker shutdown)."""
     result = session.execute(
         update(Generation)
-        .where(*_ours(job_id, worker_id))
-        .values(status="queued", worker_id=None, lease_expires_at=None, published_at=utcnow())
+        .where(*_OURS)
+        .values(status="queued", worker_id=None, lease_expires_at=None, published_at=utcnow()),
+        {"job_id": job_id, "worker": worker_id},
     )
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]

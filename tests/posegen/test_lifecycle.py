@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
-from db.models import AiModel, PoseTemplate
+from db.models import AiModel, Generation, PoseTemplate
 from posegen import accounts, lifecycle
 from tests.posegen.conftest import make_job
 
@@ -99,3 +99,32 @@ def test_complete_is_one_statement_and_only_for_the_worker_that_holds_the_job(
     s.commit()
     s.expunge_all()
     assert lifecycle.claim(s, job_id=job_id, worker_id="w1", lease_seconds=60) is None
+
+
+def test_heartbeat_and_release_only_touch_a_job_this_worker_runs(any_session: Session) -> None:
+    s = any_session
+    user = accounts.create_user(s, email="beat@example.com", credits=10)
+    job_id = make_job(s, user.id)
+    claim = lifecycle.claim(s, job_id=job_id, worker_id="w1", lease_seconds=1)
+    assert claim is not None
+    first_lease = claim.job.lease_expires_at
+    s.commit()
+    s.expunge_all()
+
+    assert lifecycle.heartbeat(s, job_id=job_id, worker_id="w1", lease_seconds=60, step=1, total=2)
+    assert not lifecycle.heartbeat(s, job_id=job_id, worker_id="w2", lease_seconds=60, step=2)
+    # Without a step, the progress stays as the last beat wrote it.
+    assert lifecycle.heartbeat(s, job_id=job_id, worker_id="w1", lease_seconds=60)
+    s.commit()
+    job = s.get_one(Generation, job_id, populate_existing=True)
+    assert (job.progress_step, job.progress_total) == (1, 2)
+    assert job.lease_expires_at is not None and first_lease is not None
+    assert job.lease_expires_at > first_lease
+
+    assert not lifecycle.release(s, job_id=job_id, worker_id="w2")
+    assert lifecycle.release(s, job_id=job_id, worker_id="w1")
+    s.commit()
+    job = s.get_one(Generation, job_id, populate_existing=True)
+    assert (job.status, job.worker_id, job.lease_expires_at) == ("queued", None, None)
+    # Released: no longer this worker's, so its heartbeat answers False (its run stops).
+    assert not lifecycle.heartbeat(s, job_id=job_id, worker_id="w1", lease_seconds=60)
