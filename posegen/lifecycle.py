@@ -125,9 +125,16 @@ def complete(
     session: Session, *, job_id: str, worker_id: str, outputs: list[dict[str, Any]], steps: int
 ) -> Generation | None:
     """processing -> completed with its outputs; None if the job stopped being ours."""
-    params = {"job_id": job_id, "worker": worker_id, "done_outputs": outputs, "steps": steps}
     job = session.scalars(
-        _COMPLETE, {**params, "now": utcnow()}, execution_options=_RETURNING
+        _COMPLETE,
+        {
+            "job_id": job_id,
+            "worker": worker_id,
+            "done_outputs": outputs,
+            "steps": steps,
+            "now": utcnow(),
+        },
+        execution_options=_RETURNING,
     ).one_or_none()
     if job is None:
         return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -22,12 +23,45 @@ def any_session(request: pytest.FixtureRequest, tmp_path) -> Iterator[Session]:
         s: Session = request.getfixturevalue("session")
         yield s
         return
-    url = f"sqlite:///{tmp_path / 'poll.db'}"
+    url = f"sqlite:///{tmp_path / 'domain.db'}"
     upgrade_database(url)
     engine = seeded_engine(url)
     with make_session_factory(engine)() as s:  # type: ignore[arg-type]
         yield s
     engine.dispose()  # type: ignore[attr-defined]
+
+
+def job_row(
+    model: AiModel,
+    user_id: str,
+    *,
+    created_at: dt.datetime,
+    priority: int = 5,
+    status: str = "queued",
+    pose_template_id: str | None = None,
+) -> dict[str, Any]:
+    """A job's columns as the API records them (128 px), for `Generation(**row)` or a bulk
+    `insert(Generation)`."""
+    return {
+        "id": new_id(),
+        "user_id": user_id,
+        "model_id": model.id,
+        "model_key": model.model_key,
+        "status": status,
+        "prompt": "p",
+        "params": {"num_inference_steps": 2, "width": 128, "height": 128},
+        "pose_source": "template" if pose_template_id else "image",
+        "pose_template_id": pose_template_id,
+        "input_key": "inputs/x.png",
+        "credit_cost": 1,
+        "priority": priority,
+        "outputs": [],
+        "created_at": created_at,
+    }
+
+
+def tiny_model(session: Session) -> AiModel:
+    return session.scalars(select(AiModel).where(AiModel.model_key == "tiny-sd15-openpose")).one()
 
 
 def make_job(
@@ -39,24 +73,13 @@ def make_job(
     status: str = "queued",
     pose_template_id: str | None = None,
 ) -> str:
-    """A job row as the API records it (tiny model, 128 px), flushed."""
-    model = session.scalars(select(AiModel).where(AiModel.model_key == "tiny-sd15-openpose")).one()
-    job = Generation(
-        id=new_id(),
-        user_id=user_id,
-        model_id=model.id,
-        model_key=model.model_key,
-        status=status,
-        prompt="p",
-        params={"num_inference_steps": 2, "width": 128, "height": 128},
-        pose_source="template" if pose_template_id else "image",
+    """A job of the tiny model, created `age_s` ago, flushed: its id."""
+    created_at = utcnow() - dt.timedelta(seconds=age_s)
+    row = job_row(
+        tiny_model(session), user_id, created_at=created_at, priority=priority, status=status,
         pose_template_id=pose_template_id,
-        input_key="inputs/x.png",
-        credit_cost=1,
-        priority=priority,
-        outputs=[],
-        created_at=utcnow() - dt.timedelta(seconds=age_s),
-    )
+    )  # fmt: skip
+    job = Generation(**row)
     session.add(job)
     session.flush()
     return job.id

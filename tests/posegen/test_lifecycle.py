@@ -13,9 +13,9 @@ from typing import Any
 from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
-from db.models import AiModel, Generation, PoseTemplate
+from db.models import Generation, PoseTemplate
 from posegen import accounts, lifecycle
-from tests.posegen.conftest import make_job
+from tests.posegen.conftest import make_job, tiny_model
 
 
 @contextmanager
@@ -40,7 +40,7 @@ def test_claim_answers_the_job_and_its_catalog_rows_in_two_statements(
     s = any_session
     user = accounts.create_user(s, email="claim@example.com", credits=10)
     template = s.scalars(select(PoseTemplate).where(PoseTemplate.key == "standing")).one()
-    model = s.scalars(select(AiModel).where(AiModel.model_key == "tiny-sd15-openpose")).one()
+    model = tiny_model(s)
     with_template = make_job(s, user.id, pose_template_id=template.id)
     without = make_job(s, user.id)
     s.commit()

@@ -8,15 +8,15 @@ import time
 from typing import Any
 
 import pytest
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, update
 from sqlalchemy.orm import Session
 
 from db.fast import AsyncReads
-from db.models import AiModel, Generation, new_id
+from db.models import Generation, new_id
 from db.types import utcnow
 from posegen import accounts, jobs
 from posegen.errors import NotFound, Unauthorized
-from tests.posegen.conftest import make_job
+from tests.posegen.conftest import job_row, make_job, tiny_model
 
 
 def _poll(s: Session, *, authorization: str | None, job_id: str) -> dict[str, Any]:
@@ -119,26 +119,10 @@ def test_jobs_behind_the_cut_off_are_capped_without_counting(
     s = any_session
     user = accounts.create_user(s, email="deep@example.com", credits=10)
     key = accounts.create_key(s, email="deep@example.com").raw
-    model = s.scalars(select(AiModel).where(AiModel.model_key == "tiny-sd15-openpose")).one()
-    now = utcnow()
-    cap = jobs.POSITION_CAP
-    rows = [
-        {
-            "id": new_id(),
-            "user_id": user.id,
-            "model_id": model.id,
-            "model_key": model.model_key,
-            "status": "queued",
-            "prompt": "p",
-            "params": {"num_inference_steps": 2, "width": 128, "height": 128},
-            "pose_source": "image",
-            "input_key": "inputs/x.png",
-            "credit_cost": 1,
-            "priority": 5,
-            "outputs": [],
-            "created_at": now - dt.timedelta(seconds=cap + 2 - i),
-        }
-        for i in range(cap + 2)  # in run order: row i has i jobs ahead
+    model, now, cap = tiny_model(s), utcnow(), jobs.POSITION_CAP
+    rows = [  # in run order: row i has i jobs ahead
+        job_row(model, user.id, created_at=now - dt.timedelta(seconds=cap + 2 - i))
+        for i in range(cap + 2)
     ]
     s.execute(insert(Generation), rows)
     s.commit()
