@@ -25,7 +25,6 @@ from posegen.queue import (
     WEBHOOK_QUEUE,
     Dispatcher,
     make_producer,
-    priority_keys,
 )
 from posegen.settings import Settings, get_settings
 from posegen.storage import storage_from_settings
@@ -173,16 +172,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def _queue_depths(app: FastAPI) -> dict[str, int]:
-    """Messages waiting per queue on Redis (kombu keeps one list per priority step)."""
-    settings: Settings = app.state.settings
-    if settings.embedded_broker:
-        return {}
-    with app.state.dispatcher.celery.connection_for_read() as conn:
-        client = conn.default_channel.client
-        depths = {}
-        for queue in (GENERATION_QUEUE, WEBHOOK_QUEUE, MAINTENANCE_QUEUE):
-            depths[queue] = sum(int(client.llen(key)) for key in priority_keys(queue))
-        return depths
+    """Messages waiting per queue (empty where the broker cannot say)."""
+    dispatcher: Dispatcher = app.state.dispatcher
+    depths = {}
+    for queue in (GENERATION_QUEUE, WEBHOOK_QUEUE, MAINTENANCE_QUEUE):
+        waiting = dispatcher.waiting(queue)
+        if waiting is not None:
+            depths[queue] = waiting
+    return depths
 
 
 def _active_counts(app: FastAPI) -> Iterable[tuple[str, str, int]]:

@@ -170,6 +170,18 @@ class Dispatcher:
             options["time_limit"] = message.time_limit
         self.celery.send_task(message.task, args=list(message.args), **options)
 
+    def waiting(self, queue: str) -> int | None:
+        """Messages waiting on a queue (not yet delivered), or None where the broker cannot
+        say (the embedded one). On Redis: the lengths of the queue's priority lists, read in
+        one round trip."""
+        with self.celery.connection_for_read() as conn:
+            if conn.transport.driver_type != "redis":
+                return None
+            pipe = conn.default_channel.client.pipeline(transaction=False)
+            for key in priority_keys(queue):
+                pipe.llen(key)
+            return sum(int(n) for n in pipe.execute())
+
     def flush(self, session: Session) -> int:
         messages: list[Message] = session.info.pop("outbox", [])
         sent = 0

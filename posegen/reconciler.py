@@ -2,7 +2,8 @@
 
 Swept by beat every POSEGEN_RECONCILE_INTERVAL seconds:
 - queued jobs whose message may be lost (broker restart, crash between commit and publish)
-  are published again;
+  are published again: as many as the queued jobs outnumber the messages waiting on the
+  broker, the longest-waiting first;
 - processing jobs whose lease ran out (their worker died) go back to the queue;
 - jobs interrupted more times than the attempt limit fail, refunded.
 A duplicate message is harmless: the worker's claim only takes a job that is queued.
@@ -11,9 +12,10 @@ A duplicate message is harmless: the worker's claim only takes a job that is que
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import Select, delete, select, update
+from sqlalchemy import Select, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Generation, IdempotencyKey, status_is
@@ -49,6 +51,11 @@ def stale_queued(stale: dt.datetime, batch: int) -> Select[Generation]:
     )
 
 
+def queued_count() -> Select[int]:
+    """How many jobs are queued (ix_generations_queue)."""
+    return select(func.count()).where(status_is(Generation.status, "queued"))
+
+
 def expired_leases(now: dt.datetime, batch: int) -> Select[Generation]:
     """Running jobs whose worker stopped renewing the lease (ix_generations_active)."""
     return (
@@ -58,10 +65,30 @@ def expired_leases(now: dt.datetime, batch: int) -> Select[Generation]:
     )
 
 
-def reconcile(session: Session, *, settings: Settings, batch: int = 1000) -> Sweep:
+def reconcile(
+    session: Session,
+    *,
+    settings: Settings,
+    count_waiting: Callable[[], int | None] | None = None,
+    batch: int = 1000,
+) -> Sweep:
+    """One sweep. `count_waiting`: the generation messages waiting on the broker, where it
+    can tell (`Dispatcher.waiting`); without it, every queued job whose last message is older
+    than POSEGEN_REQUEUE_AFTER_SECONDS is published again."""
     now = utcnow()
     stale = now - dt.timedelta(seconds=settings.requeue_after_seconds)
-    queued = session.scalars(stale_queued(stale, batch)).all()
+    lost = batch
+    if count_waiting is not None:
+        queued_jobs = session.scalar(queued_count()) or 0
+        waiting = count_waiting()
+        if waiting is not None:
+            # A message can only be lost where the queued jobs outnumber the messages. By
+            # age alone, a backlog older than the requeue age got up to `batch` duplicates a
+            # sweep (120,000 an hour), each costing a worker a claim. The broker is counted
+            # after the jobs: a job submitted in between makes this err towards publishing
+            # fewer, and only a job claimed in between (a few a sweep) towards one more.
+            lost = min(batch, queued_jobs - waiting)
+    queued = session.scalars(stale_queued(stale, lost)).all() if lost > 0 else []
     for job in queued:
         job.published_at = now
         defer(session, generate_message(job, settings))

@@ -12,6 +12,7 @@ from posegen.metrics import job_metrics
 from posegen.queue import (
     DELIVER_WEBHOOK_TASK,
     GENERATE_TASK,
+    GENERATION_QUEUE,
     PURGE_TASK,
     RECONCILE_TASK,
     SWEEP_WEBHOOKS_TASK,
@@ -66,7 +67,11 @@ def register(app: Celery) -> None:
     def reconcile() -> dict[str, int]:
         ctx = context()
         with ctx.session() as session:
-            sweep = reconciler.reconcile(session, settings=ctx.settings)
+            sweep = reconciler.reconcile(
+                session,
+                settings=ctx.settings,
+                count_waiting=lambda: ctx.dispatcher.waiting(GENERATION_QUEUE),
+            )
         for model_key in sweep.failed_models:
             job_metrics().finished.labels("failed", model_key).inc()
         if sweep.republished or sweep.requeued or sweep.failed:

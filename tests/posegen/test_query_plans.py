@@ -59,6 +59,7 @@ HOT = {
         ("ix_generations_user_created",),
     ),
     "stale queued": (reconciler.stale_queued(NOW, 1000), {}, QUEUE),
+    "queued count": (reconciler.queued_count(), {}, QUEUE),
     "expired leases": (reconciler.expired_leases(NOW, 1000), {}, ("ix_generations_active",)),
     "due webhooks": (webhooks.due_query(NOW, 500), {}, ("ix_webhook_deliveries_due",)),
 }

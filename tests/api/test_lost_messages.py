@@ -1,0 +1,54 @@
+"""The reconciler counts the messages waiting on Redis (every priority list of the queue)
+and publishes again only the jobs whose messages are missing."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import redis
+from sqlalchemy import update
+
+from db.models import Generation
+from posegen import reconciler
+from posegen.queue import GENERATION_QUEUE, Dispatcher, priority_keys
+from tests.api.conftest import QUIET_REDIS_URL
+from tests.conftest import submit
+
+
+def test_only_the_job_whose_message_redis_lost_is_published_again(
+    app, make_account, sessions, settings
+):
+    account = make_account()
+    ids = [submit(app, account, model_key=key).json()["id"] for key in (
+        "tiny-sd15-openpose", "tiny-sd15-openpose", "sd15-openpose",
+    )]  # fmt: skip
+    dispatcher: Dispatcher = app.app.state.dispatcher
+    client = redis.Redis.from_url(QUIET_REDIS_URL)
+    lists = [key for key in priority_keys(GENERATION_QUEUE) if client.llen(key)]
+    assert dispatcher.waiting(GENERATION_QUEUE) == 3
+    assert len(lists) == 2, lists  # the two models' priorities: two of kombu's lists
+
+    def sweep() -> list[str]:
+        with sessions() as s:
+            s.execute(
+                update(Generation).values(
+                    published_at=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+                )
+            )
+            result = reconciler.reconcile(
+                s,
+                settings=settings,
+                count_waiting=lambda: dispatcher.waiting(GENERATION_QUEUE),
+            )
+            sent = [m.args[0] for m in s.info.get("outbox", [])]
+            dispatcher.commit(s)
+        assert result.republished == len(sent)
+        return sent
+
+    assert sweep() == []  # an hour in the queue, every message on Redis: nothing to add
+    lost = client.rpop(lists[0])  # kombu pops from the right: the oldest message of a list
+    assert lost is not None
+    again = sweep()
+    assert len(again) == 1 and again[0] in ids
+    assert dispatcher.waiting(GENERATION_QUEUE) == 3
+    assert sweep() == []
