@@ -86,7 +86,7 @@ def hot_queries(
     from db.models import Generation
     from posegen import catalog, jobs, reconciler, webhooks
     from posegen.accounts import hash_key
-    from posegen.ratelimit import blocking_job
+    from posegen.ratelimit import BLOCKING_JOB, blocking_params
 
     now = dt.datetime.now(dt.UTC)
     cutoff = jobs.queue_cutoff(conn)  # as an API process reads it
@@ -115,7 +115,10 @@ def hot_queries(
             catalog._CHOICES,
             {"model_key": "tiny-sd15-openpose", "ref": "standing", "ref_id": None},
         ),
-        "submit: rate limit (enterprise, 3000/min)": (blocking_job(user_id, 3000), {}),
+        "submit: rate limit (enterprise, 3000/min)": (
+            BLOCKING_JOB,
+            blocking_params(user_id, 3000),
+        ),
         "submit: queue position of the new job (behind the cut-off)": (
             jobs._AHEAD,
             {"order": 4, "created_at": now} | cutoff,

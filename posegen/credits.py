@@ -7,11 +7,14 @@ the money comes back once.
 
 from __future__ import annotations
 
-from sqlalchemy import func, select, update
+from typing import Any
+
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from db.models import CreditLedger, User
+from db.types import utcnow
 from posegen.errors import InsufficientCredits, InvalidRequest
 
 
@@ -39,22 +42,42 @@ def _short(amount: int) -> str:
     return f"This model costs {amount} credits and your balance is lower."
 
 
+# A charge runs on every submit: its two statements are built once, with bound parameters,
+# and run without the ORM's unit of work (no object to track, no id to read back).
+_CHARGE_ROW = insert(CreditLedger).values(
+    user_id=bindparam("user_id"),
+    generation_id=bindparam("generation_id"),
+    kind="charge",
+    amount=bindparam("debit"),
+    note="",
+    created_at=bindparam("now"),
+)
+_DEBIT = (
+    update(User)
+    .where(User.id == bindparam("user_id"), User.credits >= bindparam("amount"))
+    .values(credits=User.credits - bindparam("amount"))
+)
+# The charged user's loaded balance is not updated in the session: read it again if needed.
+_NO_SYNC: dict[str, Any] = {"synchronize_session": False}
+
+
 def charge(session: Session, *, user_id: str, generation_id: str, amount: int) -> None:
     """Take `amount` credits for a job, in the caller's transaction, or raise 402.
 
     The ledger row goes first and the balance last: the UPDATE locks the user's row until the
     commit, and a user's concurrent submits queue on that lock, so the caller should commit
-    right after this."""
-    session.add(
-        CreditLedger(user_id=user_id, generation_id=generation_id, kind="charge", amount=-amount)
-    )
+    right after this. The job must be in the session already (the ledger row refers to it)."""
     session.flush()
+    params = {
+        "user_id": user_id,
+        "generation_id": generation_id,
+        "debit": -amount,
+        "amount": amount,
+        "now": utcnow(),
+    }
+    session.execute(_CHARGE_ROW, params)
     if amount > 0:
-        result = session.execute(
-            update(User)
-            .where(User.id == user_id, User.credits >= amount)
-            .values(credits=User.credits - amount)
-        )
+        result = session.execute(_DEBIT, params, execution_options=_NO_SYNC)
         if result.rowcount != 1:  # type: ignore[attr-defined]
             raise InsufficientCredits(_short(amount))
 

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Generation
 from db.plans import generic_plan
-from posegen import accounts, jobs, reconciler, webhooks
+from posegen import accounts, jobs, ratelimit, reconciler, webhooks
 
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 ANY_ID = "00000000-0000-4000-8000-000000000000"
@@ -56,6 +56,11 @@ HOT = {
             cursor=jobs._encode_cursor(Generation(id=ANY_ID, created_at=NOW)),
         ),
         {},
+        ("ix_generations_user_created",),
+    ),
+    "rate limit": (
+        ratelimit.BLOCKING_JOB,
+        ratelimit.blocking_params(ANY_ID, 3000),
         ("ix_generations_user_created",),
     ),
     "stale queued": (reconciler.stale_queued(NOW, 1000), {}, QUEUE),
