@@ -12,6 +12,7 @@ A duplicate message is harmless: the worker's claim only takes a job that is que
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +25,8 @@ from posegen import lifecycle
 from posegen.jobs import QUEUE_ORDER, generate_message
 from posegen.queue import defer
 from posegen.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,11 @@ def reconcile(
     lost = batch
     if count_waiting is not None:
         queued_jobs = session.scalar(queued_count()) or 0
-        waiting = count_waiting()
+        try:
+            waiting = count_waiting()
+        except Exception:  # the broker is unreachable: nothing could be published anyway
+            log.warning("could not count the broker's messages; none re-published", exc_info=True)
+            waiting = queued_jobs  # and the expired leases below are still swept
         if waiting is not None:
             # A message can only be lost where the queued jobs outnumber the messages. By
             # age alone, a backlog older than the requeue age got up to `batch` duplicates a

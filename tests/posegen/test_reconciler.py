@@ -15,6 +15,7 @@ from db.models import Generation
 from db.types import utcnow
 from posegen import accounts, reconciler
 from posegen.settings import Settings
+from tests.conftest import strand
 from tests.posegen.conftest import make_job
 
 
@@ -71,3 +72,24 @@ def test_where_the_broker_cannot_count_every_job_past_the_requeue_age_is_publish
     s = any_session
     ids = backlog(s, 3, waited_s=3600)
     assert sweep(s, settings, waiting=None) == ids
+
+
+def test_a_broker_that_cannot_be_counted_skips_republishing_but_not_the_leases(
+    any_session: Session, settings: Settings
+) -> None:
+    """Redis down during a sweep: nothing is published again (it could not be sent), and
+    the jobs whose worker died still go back to the queue."""
+    s = any_session
+    _, running = backlog(s, 2, waited_s=3600)
+    strand(s, running, attempts=1, lease_expired_s=60)
+    s.commit()
+
+    def unreachable() -> int:
+        raise ConnectionError("Redis is down")
+
+    result = reconciler.reconcile(s, settings=settings, count_waiting=unreachable)
+    sent = [m.args[0] for m in s.info.pop("outbox", [])]
+    s.commit()
+    assert (result.republished, result.requeued) == (0, 1)
+    assert sent == [running]
+    assert s.get(Generation, running).status == "queued"
