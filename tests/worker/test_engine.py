@@ -236,6 +236,32 @@ def test_pipelines_keep_the_configured_dtype(model_dir):
         assert modules and all(m.dtype == torch.bfloat16 for m in modules), family
 
 
+def test_composing_a_pipeline_logs_no_empty_float32_warning(model_dir):
+    """diffusers warns of modules "kept in float32: []" on every from_pipe: the engine drops
+    that empty-list line, and only that one."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    handler = Keep(level=logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        engine = Engine(EngineConfig(model_dir=model_dir, pose_backend="mediapipe"))
+        engine.pipeline(job("sd15"))
+        assert not [r for r in records if "float32" in r.getMessage()]
+        logger.warning("There are modules in X that should be kept in float32: ['norm'].")
+        assert [r.getMessage() for r in records] == [
+            "There are modules in X that should be kept in float32: ['norm']."
+        ]
+    finally:
+        logger.removeHandler(handler)
+
+
 def test_device_choice_per_process():
     import torch
 

@@ -29,6 +29,19 @@ from worker.engine.skeleton import Keypoints, draw_skeleton
 
 log = logging.getLogger(__name__)
 
+
+class _NothingKeptInFloat32(logging.Filter):
+    """diffusers (0.42) warns on every cast with a dtype, so on every `from_pipe` here, that a
+    model has "modules that should be kept in float32: []" and that casting "can lead to
+    inconsistent results", even when that list is empty: nothing is kept, and nothing is
+    inconsistent. Only that empty-list line is dropped; a real list still warns."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_NothingKeptInFloat32())
+
 __all__ = ["Canceled", "Engine", "EngineConfig", "EngineJob", "EngineResult"]
 
 
