@@ -36,6 +36,9 @@ def configure_logging(settings: Settings, *, process: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if settings.log_json:
         handler.setFormatter(JsonFormatter(process))
+        # Python's warnings (a library's deprecation, Celery's superuser warning) become log
+        # lines too, instead of plain text between the JSON.
+        logging.captureWarnings(True)
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     root = logging.getLogger()

@@ -198,6 +198,27 @@ def test_jobs_the_reconciler_fails_are_counted(app, make_account, sessions, sett
     assert final["status"] == "failed" and final["error"]["code"] == "internal_error"
 
 
+def test_a_worker_and_beat_with_json_logs_write_json_lines_only(housekeeping, process_logs):
+    """With POSEGEN_LOG_JSON, no plain-text banner or warning between the JSON lines (a log
+    pipeline parses every line); the worker's banner's facts are one line of their own."""
+    import json
+    import time
+
+    beat_log = process_logs / "beat.log"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (
+        " ready." in housekeeping.tail(200) and "Starting" in beat_log.read_text()
+    ):
+        time.sleep(0.2)
+    for log in (housekeeping.log, beat_log):
+        for line in log.read_text().splitlines():
+            assert not line.strip() or json.loads(line), line
+    entries = [json.loads(line) for line in housekeeping.log.read_text().split("\n") if line]
+    started = [e for e in entries if e["msg"] == "worker starting"]
+    assert started and started[0]["queues"] == ["webhooks", "maintenance"]
+    assert started[0]["concurrency"] == 2 and started[0]["broker"] == "redis"
+
+
 def test_the_celery_parent_never_loads_torch(app, make_account, gpu_worker):
     """CUDA must not be initialised before fork: the parent process has no torch at all."""
     import subprocess as sp

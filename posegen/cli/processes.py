@@ -51,6 +51,28 @@ def _multiprocess_metrics(port: int) -> None:
     serve_multiprocess(port)
 
 
+def _log_start(*, queues: str, concurrency: int) -> None:
+    """The banner's facts as one log line, once Celery has set up logging and the worker."""
+    import logging
+
+    from celery import signals
+
+    @signals.celeryd_after_setup.connect(weak=False)  # type: ignore[untyped-decorator]
+    def _started(sender: str, instance: object, conf: object, **_: object) -> None:
+        from posegen.queue import broker_url
+
+        logging.getLogger("posegen.worker").info(
+            "worker starting",
+            extra={
+                "worker": sender,
+                "queues": queues.split(","),
+                "concurrency": concurrency,
+                # The transport only: a URL's credentials stay out of the logs.
+                "broker": broker_url(settings()).split("://", 1)[0],
+            },
+        )
+
+
 def _preload_engine() -> None:
     """Each GPU child imports torch and diffusers as it starts, after the fork, never inside
     a task: a time limit that fired in the middle of `import torch` would leave the process
@@ -103,10 +125,20 @@ def register_processes(app: typer.Typer) -> None:
             gpu_queue = GENERATION_QUEUE in queues.split(",")
             concurrency = max(1, gpu_count()) if gpu_queue else 4
         name = "gpu" if GENERATION_QUEUE in queues.split(",") else "housekeeping"
+        # With JSON logs, Celery's plain-text banner would be the only lines a log pipeline
+        # cannot parse: it is left out, and what it said is one JSON line once the worker is up.
+        quiet = ["--quiet"] if settings().log_json else []
+        if quiet:
+            from posegen.logs import configure_logging
+
+            # Now, not when Celery sets logging up: its superuser warning comes before that.
+            configure_logging(settings(), process="worker")
+            _log_start(queues=queues, concurrency=concurrency)
         celery_app.worker_main(
             [
-                "worker", "-Q", queues, "-c", str(concurrency), "-n", f"{name}-{os.getpid()}@%h",
-                "--loglevel", loglevel, "--without-gossip", "--without-mingle",
+                *quiet, "worker", "-Q", queues, "-c", str(concurrency),
+                "-n", f"{name}-{os.getpid()}@%h", "--loglevel", loglevel,
+                "--without-gossip", "--without-mingle",
             ]
         )  # fmt: skip
 
@@ -117,8 +149,9 @@ def register_processes(app: typer.Typer) -> None:
 
         s = settings()
         s.var_dir.mkdir(parents=True, exist_ok=True)
+        quiet = ["--quiet"] if s.log_json else []  # no plain-text banner between JSON lines
         celery_app.start(
-            ["beat", "--loglevel", loglevel, "-s", str(s.var_dir / "celerybeat-schedule")]
+            [*quiet, "beat", "--loglevel", loglevel, "-s", str(s.var_dir / "celerybeat-schedule")]
         )
 
     @app.command("demo")
