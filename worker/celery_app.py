@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from celery import Celery, signals
@@ -32,8 +33,10 @@ def create_celery(settings: Settings) -> Celery:
 
 @signals.setup_logging.connect
 def _json_logs(**_: Any) -> None:
-    # Our structured logs (job ids in every line) instead of Celery's own format.
-    configure_logging(get_settings(), process="worker")
+    # Our structured logs (job ids in every line) instead of Celery's own format. The signal
+    # does not say which Celery program runs; `posegen beat` and `celery ... beat` both have
+    # "beat" among their arguments.
+    configure_logging(get_settings(), process="beat" if "beat" in sys.argv else "worker")
 
 
 # Celery's CLI and worker processes look the app up by module attribute. Building it
