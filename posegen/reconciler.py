@@ -3,7 +3,7 @@
 Swept by beat every POSEGEN_RECONCILE_INTERVAL seconds:
 - queued jobs whose message may be lost (broker restart, crash between commit and publish)
   are published again: as many as the queued jobs outnumber the messages waiting on the
-  broker, the longest-waiting first;
+  broker, in run order (the head of the queue first);
 - processing jobs whose lease ran out (their worker died) go back to the queue;
 - jobs interrupted more times than the attempt limit fail, refunded.
 A duplicate message is harmless: the worker's claim only takes a job that is queued.

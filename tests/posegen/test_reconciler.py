@@ -47,7 +47,7 @@ def test_a_backlog_whose_messages_wait_on_the_broker_is_not_published_again(
     assert sweep(s, settings, waiting=7) == []  # messages of canceled jobs count too
 
 
-def test_as_many_jobs_as_messages_are_missing_are_published_again_longest_waiting_first(
+def test_as_many_jobs_as_messages_are_missing_are_published_again_in_run_order(
     any_session: Session, settings: Settings
 ) -> None:
     s = any_session
