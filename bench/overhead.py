@@ -195,9 +195,13 @@ def throughput(jobs: int, rounds: int = 20, torch_threads: int = 0) -> dict[str,
         base, headers = _start(s)
         bare_call = bare_runner(Path(s.env["POSEGEN_MODEL_DIR"]), torch_threads)
         image = fitted_astronaut(SIZE, SIZE)
+
+        def bare_block() -> None:
+            bares.append(sum(bare_call() for _ in range(per_round)))
+
         for i in range(rounds):
             if i % 2:
-                bares.append(sum(bare_call() for _ in range(per_round)))
+                bare_block()
             ahead = _submit(base, headers, image, steps=max(20, per_round * 2))
             ids = [_submit(base, headers, image) for _ in range(per_round)]
             done = _wait_all(base, headers, [ahead, *ids])
@@ -210,7 +214,7 @@ def throughput(jobs: int, rounds: int = 20, torch_threads: int = 0) -> dict[str,
             overlapped += int(first_start < last_submit)
             walls.append((max(_ts(j["finished_at"]) for j in done) - first_start).total_seconds())
             if not i % 2:
-                bares.append(sum(bare_call() for _ in range(per_round)))
+                bare_block()
     worker_wall, bare = sum(walls), sum(bares)
     return {
         "benchmark": "throughput",

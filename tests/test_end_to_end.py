@@ -210,11 +210,12 @@ def test_a_worker_and_beat_with_json_logs_write_json_lines_only(housekeeping, pr
         " ready." in housekeeping.tail(200) and "Starting" in beat_log.read_text()
     ):
         time.sleep(0.2)
+    entries: dict[str, list[dict[str, object]]] = {}
     for log, process in ((housekeeping.log, "worker"), (beat_log, "beat")):
-        for line in log.read_text().splitlines():
-            assert not line.strip() or json.loads(line)["process"] == process, line
-    entries = [json.loads(line) for line in housekeeping.log.read_text().split("\n") if line]
-    started = [e for e in entries if e["msg"] == "worker starting"]
+        lines = [line for line in log.read_text().splitlines() if line.strip()]
+        entries[process] = [json.loads(line) for line in lines]  # raises on a plain-text line
+        assert {e["process"] for e in entries[process]} == {process}
+    started = [e for e in entries["worker"] if e["msg"] == "worker starting"]
     assert started and started[0]["queues"] == ["webhooks", "maintenance"]
     assert started[0]["concurrency"] == 2 and started[0]["broker"] == "redis"
 

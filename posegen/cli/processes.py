@@ -9,6 +9,7 @@ import typer
 
 from posegen.cli.common import settings
 from posegen.queue import GENERATION_QUEUE
+from posegen.settings import Settings
 
 
 def gpu_count() -> int:
@@ -51,24 +52,24 @@ def _multiprocess_metrics(port: int) -> None:
     serve_multiprocess(port)
 
 
-def _log_start(*, queues: str, concurrency: int) -> None:
+def _log_start(s: Settings, *, queues: list[str], concurrency: int) -> None:
     """The banner's facts as one log line, once Celery has set up logging and the worker."""
     import logging
 
     from celery import signals
 
+    from posegen.queue import broker_url
+
     @signals.celeryd_after_setup.connect(weak=False)  # type: ignore[untyped-decorator]
     def _started(sender: str, instance: object, conf: object, **_: object) -> None:
-        from posegen.queue import broker_url
-
         logging.getLogger("posegen.worker").info(
             "worker starting",
             extra={
                 "worker": sender,
-                "queues": queues.split(","),
+                "queues": queues,
                 "concurrency": concurrency,
                 # The transport only: a URL's credentials stay out of the logs.
-                "broker": broker_url(settings()).split("://", 1)[0],
+                "broker": broker_url(s).split("://", 1)[0],
             },
         )
 
@@ -118,22 +119,23 @@ def register_processes(app: typer.Typer) -> None:
             _multiprocess_metrics(metrics_port)
         from worker.celery_app import app as celery_app
 
-        if GENERATION_QUEUE in queues.split(","):
+        s = settings()
+        queue_names = queues.split(",")
+        gpu_queue = GENERATION_QUEUE in queue_names
+        if gpu_queue:
             _preload_engine()
-
         if concurrency is None:
-            gpu_queue = GENERATION_QUEUE in queues.split(",")
             concurrency = max(1, gpu_count()) if gpu_queue else 4
-        name = "gpu" if GENERATION_QUEUE in queues.split(",") else "housekeeping"
+        name = "gpu" if gpu_queue else "housekeeping"
         # With JSON logs, Celery's plain-text banner would be the only lines a log pipeline
         # cannot parse: it is left out, and what it said is one JSON line once the worker is up.
-        quiet = ["--quiet"] if settings().log_json else []
+        quiet = ["--quiet"] if s.log_json else []
         if quiet:
             from posegen.logs import configure_logging
 
             # Now, not when Celery sets logging up: its superuser warning comes before that.
-            configure_logging(settings(), process="worker")
-            _log_start(queues=queues, concurrency=concurrency)
+            configure_logging(s, process="worker")
+            _log_start(s, queues=queue_names, concurrency=concurrency)
         celery_app.worker_main(
             [
                 *quiet, "worker", "-Q", queues, "-c", str(concurrency),
