@@ -29,10 +29,10 @@ services:
 
 test: $(STAMP) services
 	$(BIN)/ruff check .
-	$(BIN)/mypy posegen
+	$(BIN)/mypy posegen api db worker
 	$(BIN)/pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy posegen
+	$(BIN)/mypy posegen api db worker

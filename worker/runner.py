@@ -93,9 +93,10 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
             return "skipped"
         job: Generation = claim.job
     metrics = job_metrics()
+    assert job.started_at is not None  # the claim sets it
     metrics.queue_wait.labels(job.model_key).observe(
         (job.started_at - job.created_at).total_seconds()
-    )  # type: ignore[operator]
+    )
     log.info("job started", extra={"job_id": job_id, "attempt": claim.attempt})
 
     heartbeat = Heartbeat(ctx, job_id)

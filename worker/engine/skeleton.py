@@ -51,7 +51,7 @@ def draw_skeleton(keypoints: Keypoints, *, width: int, height: int) -> Image.Ima
             360,
             1,
         )
-        cv2.fillConvexPoly(canvas, polygon, [int(c * 0.6) for c in color])
+        cv2.fillConvexPoly(canvas, np.asarray(polygon), [int(c * 0.6) for c in color])
     for point, color in zip(keypoints, COLORS, strict=False):
         if point is None:
             continue

@@ -39,7 +39,8 @@ def _tokenizer() -> Any:
     tokens = [*chars, *(c + "</w>" for c in chars), *("".join(m) for m in merges)]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    # The backend (tokenizers' BPE) takes merges as pairs; transformers annotates them as str.
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)  # type: ignore[arg-type]
 
 
 def _text_config(vocab_size: int) -> Any:
