@@ -13,6 +13,7 @@ from celery import Celery, signals
 from posegen.logs import configure_logging
 from posegen.queue import PURGE_TASK, RECONCILE_TASK, SWEEP_WEBHOOKS_TASK, configure_celery
 from posegen.settings import Settings, get_settings
+from worker.context import finish_pending
 from worker.tasks import register
 
 
@@ -37,6 +38,13 @@ def _json_logs(**_: Any) -> None:
     # does not say which Celery program runs; `posegen beat` and `celery ... beat` both have
     # "beat" among their arguments.
     configure_logging(get_settings(), process="beat" if "beat" in sys.argv else "worker")
+
+
+@signals.worker_process_shutdown.connect  # a pool process leaving (prefork)
+@signals.worker_shutdown.connect  # the worker leaving (the solo and thread pools)
+def _finish_pending(**_: Any) -> None:
+    # A job finished just before is recorded before the process goes.
+    finish_pending()
 
 
 # Celery's CLI and worker processes look the app up by module attribute. Building it

@@ -23,6 +23,7 @@ from posegen.storage import Storage, storage_from_settings
 
 if TYPE_CHECKING:
     from worker.engine.engine import Engine
+    from worker.runner import Finisher
 
 
 @dataclass
@@ -56,6 +57,14 @@ class WorkerContext:
                 process_index=getattr(current_process(), "index", 0) or 0,
             )
         )
+
+    @cached_property
+    def finisher(self) -> Finisher:
+        """Records finished jobs one behind the current one (a thread, made on first use in
+        the process that runs tasks)."""
+        from worker.runner import Finisher
+
+        return Finisher()
 
     def warm(self) -> None:
         """Import the inference stack and build the engine now (a worker child's start)."""
@@ -92,7 +101,8 @@ def context() -> WorkerContext:
     global _context, _context_pid
     if _context is None or _context_pid != os.getpid():
         settings = get_settings()
-        engine = make_engine(settings.database_url, pool_size=3)
+        # The job's thread, its heartbeat, and the job before it: its heartbeat and record.
+        engine = make_engine(settings.database_url, pool_size=4)
         _context = WorkerContext(
             settings=settings,
             sessions=make_session_factory(engine),
@@ -101,3 +111,10 @@ def context() -> WorkerContext:
         )
         _context_pid = os.getpid()
     return _context
+
+
+def finish_pending() -> None:
+    """Wait for the record of a finished job still pending in this process, if any: a worker
+    process that is leaving writes it first."""
+    if _context is not None and _context_pid == os.getpid() and "finisher" in vars(_context):
+        _context.finisher.wait()

@@ -3,13 +3,20 @@
 It owns the job's state while it runs: a heartbeat thread renews the lease, writes progress
 (at most a few writes a second) and turns a cancel into a flag the engine checks between
 steps. Every outcome is one domain transition: complete, fail, or nothing (canceled).
+
+A Celery worker records a finished job behind the next one (`Finisher`): once the model has
+returned its image, the PNG, the upload and the completion run on a thread of their own while
+the task returns and the worker takes its next job, so the GPU does not wait for them.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from celery.exceptions import SoftTimeLimitExceeded
 
@@ -19,7 +26,42 @@ from posegen.errors import JobError
 from posegen.metrics import job_metrics
 from worker.context import WorkerContext
 
+if TYPE_CHECKING:
+    from worker.engine.engine import EngineResult
+
 log = logging.getLogger(__name__)
+
+
+class Finisher:
+    """Records finished jobs on a thread of its own, one behind the worker's current job.
+
+    At most one is pending: a new one first waits for the last (its image in memory, its
+    lease still renewed by its heartbeat). The job's message is acknowledged when the task
+    returns, before the record is written; a process that dies in between leaves the job
+    `processing` with a lease that runs out, and the reconciler queues it again, as it does
+    for a process that dies mid-job (that job's redelivered message finds it claimed)."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finisher")
+        self._pending: Future[str] | None = None
+
+    def submit(self, record: Callable[[], str]) -> None:
+        self.wait()
+        self._pending = self._pool.submit(self._logged, record)
+
+    def wait(self) -> str | None:
+        """Wait for the pending record, if any; its outcome ("completed", "canceled", or
+        "failed" where recording raised)."""
+        pending, self._pending = self._pending, None
+        return None if pending is None else pending.result()
+
+    @staticmethod
+    def _logged(record: Callable[[], str]) -> str:
+        try:
+            return record()
+        except Exception:
+            log.exception("recording a finished job failed; it runs again once its lease ends")
+            return "failed"
 
 
 @dataclass
@@ -76,8 +118,9 @@ class Heartbeat:
             self._lost.set()
 
 
-def run_job(ctx: WorkerContext, job_id: str) -> str:
-    """Claim, run and finish one job. Returns what happened, for logs and tests."""
+def run_job(ctx: WorkerContext, job_id: str, *, behind: Finisher | None = None) -> str:
+    """Claim, run and finish one job. Returns what happened, for logs and tests: with a
+    `behind` finisher, "finishing" once the model is done and the record is handed to it."""
     from worker.engine.engine import Canceled, EngineJob
     from worker.engine.run import RunParams, steps_for
 
@@ -101,6 +144,7 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
 
     heartbeat = Heartbeat(ctx, job_id)
     heartbeat.start()
+    result: EngineResult | None = None
     try:
         p = job.params
         engine_job = EngineJob(
@@ -145,27 +189,47 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
         ctx.restart_requested = True  # state after an unknown error is not to be trusted
         return _fail(ctx, job_id, "internal_error", f"The worker failed: {type(exc).__name__}.")
     finally:
-        heartbeat.stop()
+        if result is None:  # no output to record: the lease is done with
+            heartbeat.stop()
 
-    key = f"outputs/{job_id}/0.png"
+    # Now, on the job's own thread: a finished job's record runs beside the next job.
+    if ctx.engine.leaked_bytes() > 256 * 1024**2:
+        log.warning("GPU memory did not return to its baseline; this process will be replaced")
+        ctx.restart_requested = True
+
+    def record() -> str:
+        assert result is not None
+        try:
+            return _record(ctx, job, result, steps=steps_for(engine_job.params))
+        finally:
+            heartbeat.stop()  # after the completion: a slow upload keeps its lease
+
+    if behind is None:
+        return record()
+    behind.submit(record)
+    return "finishing"
+
+
+def _record(ctx: WorkerContext, job: Generation, result: EngineResult, *, steps: int) -> str:
+    """Store the output and complete the job (or drop the output: no longer ours)."""
+    key = f"outputs/{job.id}/0.png"
     ctx.storage.put(key, result.png)
     with ctx.session() as session:
         done = lifecycle.complete(
             session,
-            job_id=job_id,
+            job_id=job.id,
             worker_id=ctx.worker_id,
             outputs=[{"index": 0, "key": key, "width": result.width, "height": result.height}],
-            steps=steps_for(engine_job.params),
+            steps=steps,
         )
     if done is None:  # canceled (or lease lost) just before the end: the output is not ours
         ctx.storage.delete(key)
+        log.info("job canceled while finishing", extra={"job_id": job.id})
         return "canceled"
+    metrics = job_metrics()
     metrics.finished.labels("completed", job.model_key).inc()
     metrics.run_time.labels(job.model_key).observe(result.seconds)
-    if ctx.engine.leaked_bytes() > 256 * 1024**2:
-        log.warning("GPU memory did not return to its baseline; this process will be replaced")
-        ctx.restart_requested = True
-    log.info("job completed", extra={"job_id": job_id, "seconds": round(result.seconds, 3)})
+    log.info("job completed", extra={"job_id": job.id, "seconds": round(result.seconds, 3)})
     return "completed"
 
 

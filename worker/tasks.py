@@ -28,14 +28,15 @@ def register(app: Celery) -> None:
     def generate(job_id: str) -> str:
         ctx = context()
         if ctx.restart_requested:
-            # An earlier job leaked GPU memory, timed out or crashed: leave before claiming.
-            # The message is not acked (late acks), so Celery redelivers it to the
-            # replacement process.
+            # An earlier job leaked GPU memory, timed out or crashed: leave before claiming,
+            # once the job before has been recorded. The message is not acked (late acks), so
+            # Celery redelivers it to the replacement process.
+            ctx.finisher.wait()
             log.warning("exiting so that Celery replaces this process (GPU memory or state)")
             os._exit(1)
         from worker.runner import run_job
 
-        return run_job(ctx, job_id)
+        return run_job(ctx, job_id, behind=ctx.finisher)
 
     @app.task(name=DELIVER_WEBHOOK_TASK)
     def deliver_webhook(delivery_id: str) -> str:

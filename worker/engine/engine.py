@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -76,10 +77,22 @@ class EngineJob:
 
 @dataclass(frozen=True)
 class EngineResult:
-    png: bytes
-    width: int
-    height: int
-    seconds: float
+    image: Image.Image
+    seconds: float  # the engine's run, without the PNG
+
+    @property
+    def width(self) -> int:
+        return self.image.width
+
+    @property
+    def height(self) -> int:
+        return self.image.height
+
+    @cached_property
+    def png(self) -> bytes:
+        """Encoded on first use: the worker does it off the GPU's path, on its finisher
+        thread (`worker.runner.Finisher`), while the next job runs."""
+        return as_png(self.image)
 
 
 def _open(data: bytes) -> Image.Image:
@@ -222,10 +235,7 @@ class Engine:
         if on_step is not None:
             on_step(0, steps_for(job.params))
         image = self._run_with_oom_retry(pipe, job, subject, control, on_step, should_cancel)
-        return EngineResult(
-            png=as_png(image), width=image.width, height=image.height,
-            seconds=time.perf_counter() - started,
-        )  # fmt: skip
+        return EngineResult(image=image, seconds=time.perf_counter() - started)
 
     def _run_with_oom_retry(
         self,
