@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     # core). On a machine that also runs the API and the database, leave them a core: two
     # threads on two busy cores wait for each other at every operator.
     torch_threads: int = Field(default=0, ge=0, le=512)
+    # Record a finished job (PNG, upload, completion) on a thread of its own while the next job
+    # runs. "auto": where the model leaves the CPU time for it (on a GPU, or on CPU threads that
+    # leave a core free); on a CPU whose every core runs the model it would only take from it.
+    record_behind: Literal["auto", "on", "off"] = "auto"
 
     # -- API limits ---------------------------------------------------------------------------
     # Requests one API process works on at once (its thread pool), and the database

@@ -66,6 +66,15 @@ class WorkerContext:
 
         return Finisher()
 
+    @cached_property
+    def behind(self) -> Finisher | None:
+        """The finisher the Celery task records finished jobs with (POSEGEN_RECORD_BEHIND), or
+        None: each job is recorded before its task returns."""
+        mode = self.settings.record_behind
+        if mode == "off" or (mode == "auto" and not self.engine.leaves_cpu_time):
+            return None
+        return self.finisher
+
     def warm(self) -> None:
         """Import the inference stack and build the engine now (a worker child's start)."""
         import gc

@@ -36,7 +36,7 @@ def register(app: Celery) -> None:
             os._exit(1)
         from worker.runner import run_job
 
-        return run_job(ctx, job_id, behind=ctx.finisher)
+        return run_job(ctx, job_id, behind=ctx.behind)
 
     @app.task(name=DELIVER_WEBHOOK_TASK)
     def deliver_webhook(delivery_id: str) -> str:

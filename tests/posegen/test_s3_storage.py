@@ -69,6 +69,7 @@ def s3_env(base_env, moto, aws_env):
         "POSEGEN_STORAGE_URL": f"s3://{BUCKET}/avatars",
         "POSEGEN_S3_ENDPOINT_URL": moto,
         "POSEGEN_BROKER_URL": S3_BROKER,
+        "POSEGEN_RECORD_BEHIND": "off",  # the other way through Celery (the CPU's default)
     }
 
 

@@ -25,6 +25,7 @@ from tests.conftest import astronaut_png
 from tests.posegen.conftest import job_row, tiny_model
 from worker import context as worker_context
 from worker.context import WorkerContext
+from worker.engine.engine import leaves_cpu_time
 from worker.runner import run_job
 
 LEASE_S = 1.0
@@ -199,3 +200,23 @@ def test_the_pool_process_of_another_pid_leaves_the_pending_record_alone(ctx, mo
     assert time.monotonic() - started < 1  # it did not wait
     pending.set()
     assert ctx.finisher.wait() == "True"
+
+
+def test_auto_records_behind_only_where_the_model_leaves_the_cpu_time():
+    assert leaves_cpu_time("cuda:0", 0)
+    assert not leaves_cpu_time("cpu", 0)  # torch's default: a thread on every core
+    assert leaves_cpu_time("cpu", 1) == ((os.cpu_count() or 1) > 1)
+    assert not leaves_cpu_time("cpu", os.cpu_count() or 1)
+
+
+@pytest.mark.parametrize(("mode", "behind"), [("on", True), ("off", False), ("auto", False)])
+def test_the_setting_picks_how_the_celery_task_records(ctx, mode, behind):
+    # This process's engine runs on the CPU on torch's default threads.
+    chosen = WorkerContext(
+        settings=ctx.settings.model_copy(update={"record_behind": mode}),
+        sessions=ctx.sessions,
+        storage=ctx.storage,
+        dispatcher=ctx.dispatcher,
+    )
+    chosen.engine = ctx.engine  # the warm one: no second engine
+    assert (chosen.behind is chosen.finisher) if behind else (chosen.behind is None)

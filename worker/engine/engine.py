@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import io
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -102,6 +103,14 @@ def _open(data: bytes) -> Image.Image:
         raise JobError("invalid_input", "A stored input image could not be decoded.") from exc
 
 
+def leaves_cpu_time(device: str, torch_threads: int) -> bool:
+    """Whether the CPU has time to spare while the model runs: on a GPU, or on torch threads
+    (0: one per core) that leave a core free."""
+    if not device.startswith("cpu"):
+        return True
+    return 0 < torch_threads < (os.cpu_count() or 1)
+
+
 class Engine:
     def __init__(self, config: EngineConfig) -> None:
         import torch
@@ -126,6 +135,10 @@ class Engine:
         if self.device.startswith("cuda"):
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+
+    @property
+    def leaves_cpu_time(self) -> bool:
+        return leaves_cpu_time(self.device, self.config.torch_threads)
 
     # -- pose -----------------------------------------------------------------------------------
     @property
