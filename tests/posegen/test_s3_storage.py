@@ -17,13 +17,36 @@ from PIL import Image
 
 from posegen.storage.base import check_key
 from posegen.storage.s3 import S3Storage
-from tests.conftest import Proc, astronaut_png, settings_from, submit, wait_for
+from tests.conftest import (
+    Proc,
+    astronaut_png,
+    fresh_database,
+    seeded_engine,
+    settings_from,
+    submit,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 BUCKET = "posegen-test"
 S3_BROKER = (
     "redis://127.0.0.1:6379/14"  # its own queue: the file-storage worker must not take these jobs
 )
+
+
+# Its own database too: the session's reconciler counts the queued jobs of its database against
+# its own Redis DB, and would publish this module's job there for the file-storage worker.
+@pytest.fixture(scope="module")
+def s3_db():
+    with fresh_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def db_engine(s3_db):
+    engine = seeded_engine(s3_db)
+    yield engine
+    engine.dispose()
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +81,7 @@ def aws_env():
 
 
 @pytest.fixture(scope="module")
-def s3_env(base_env, moto, aws_env):
+def s3_env(base_env, s3_db, moto, aws_env):
     import os
 
     os.environ.update(aws_env)
@@ -69,6 +92,7 @@ def s3_env(base_env, moto, aws_env):
         "POSEGEN_STORAGE_URL": f"s3://{BUCKET}/avatars",
         "POSEGEN_S3_ENDPOINT_URL": moto,
         "POSEGEN_BROKER_URL": S3_BROKER,
+        "POSEGEN_DATABASE_URL": s3_db,
         "POSEGEN_RECORD_BEHIND": "off",  # the other way through Celery (the CPU's default)
     }
 
