@@ -59,6 +59,21 @@ def pg_url() -> Iterator[str]:
         yield url
 
 
+# For a module whose jobs the session's workers and reconciler must not touch: a database of
+# its own (override `db_engine` with `module_db_engine` there).
+@pytest.fixture(scope="module")
+def module_db() -> Iterator[str]:
+    with fresh_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def module_db_engine(module_db: str) -> Iterator[object]:
+    engine = seeded_engine(module_db)
+    yield engine
+    engine.dispose()  # type: ignore[attr-defined]
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from worker.engine.tiny import build_tiny

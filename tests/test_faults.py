@@ -13,7 +13,7 @@ import redis
 from sqlalchemy import func, select
 
 from db.models import CreditLedger, Generation
-from tests.conftest import Proc, fresh_database, seeded_engine, settings_from, submit, wait_for
+from tests.conftest import Proc, settings_from, submit, wait_for
 
 pytestmark = pytest.mark.slow
 FAULT_BROKER = "redis://127.0.0.1:6379/13"  # its own queue, consumed only by this module's workers
@@ -22,16 +22,13 @@ FAULT_BROKER = "redis://127.0.0.1:6379/13"  # its own queue, consumed only by th
 # This module runs on its own database and Redis DB: the session's workers and reconciler
 # must not touch the jobs whose faults are staged here.
 @pytest.fixture(scope="module")
-def fault_db():
-    with fresh_database() as url:
-        yield url
+def fault_db(module_db):
+    return module_db
 
 
 @pytest.fixture(scope="module")
-def db_engine(fault_db):
-    engine = seeded_engine(fault_db)
-    yield engine
-    engine.dispose()
+def db_engine(module_db_engine):
+    return module_db_engine
 
 
 @pytest.fixture

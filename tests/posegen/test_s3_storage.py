@@ -17,15 +17,7 @@ from PIL import Image
 
 from posegen.storage.base import check_key
 from posegen.storage.s3 import S3Storage
-from tests.conftest import (
-    Proc,
-    astronaut_png,
-    fresh_database,
-    seeded_engine,
-    settings_from,
-    submit,
-    wait_for,
-)
+from tests.conftest import Proc, astronaut_png, settings_from, submit, wait_for
 
 pytestmark = pytest.mark.slow
 BUCKET = "posegen-test"
@@ -37,16 +29,8 @@ S3_BROKER = (
 # Its own database too: the session's reconciler counts the queued jobs of its database against
 # its own Redis DB, and would publish this module's job there for the file-storage worker.
 @pytest.fixture(scope="module")
-def s3_db():
-    with fresh_database() as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def db_engine(s3_db):
-    engine = seeded_engine(s3_db)
-    yield engine
-    engine.dispose()
+def db_engine(module_db_engine):
+    return module_db_engine
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +65,7 @@ def aws_env():
 
 
 @pytest.fixture(scope="module")
-def s3_env(base_env, s3_db, moto, aws_env):
+def s3_env(base_env, module_db, moto, aws_env):
     import os
 
     os.environ.update(aws_env)
@@ -92,7 +76,7 @@ def s3_env(base_env, s3_db, moto, aws_env):
         "POSEGEN_STORAGE_URL": f"s3://{BUCKET}/avatars",
         "POSEGEN_S3_ENDPOINT_URL": moto,
         "POSEGEN_BROKER_URL": S3_BROKER,
-        "POSEGEN_DATABASE_URL": s3_db,
+        "POSEGEN_DATABASE_URL": module_db,
         "POSEGEN_RECORD_BEHIND": "off",  # the other way through Celery (the CPU's default)
     }
 
