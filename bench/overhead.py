@@ -4,6 +4,7 @@
     python -m bench.overhead --throughput 100   # 100 jobs through one worker vs a bare loop
         [--rounds 20]                           # in 20 alternating blocks of 5
         [--torch-threads N]                     # both sides on N torch threads
+        [--record-behind auto|on|off]           # the worker's POSEGEN_RECORD_BEHIND
     python -m bench.overhead --bookkeeping 100  # the worker's own work a job, in process
                                                 # (whole, and left on the path when recorded behind)
 
@@ -170,7 +171,9 @@ def latency(jobs: int) -> dict[str, Any]:
     }
 
 
-def throughput(jobs: int, rounds: int = 20, torch_threads: int = 0) -> dict[str, Any]:
+def throughput(
+    jobs: int, rounds: int = 20, torch_threads: int = 0, record_behind: str = "auto"
+) -> dict[str, Any]:
     """`jobs` jobs through the worker against as many bare calls, in `rounds` alternating
     blocks (a block through the queue and a block of bare calls while the worker idles, the
     bare block first in every other round), so both sides see the same machine and the same
@@ -192,7 +195,7 @@ def throughput(jobs: int, rounds: int = 20, torch_threads: int = 0) -> dict[str,
     bares: list[float] = []
     handoffs: list[float] = []
     overlapped = 0
-    with stack(POSEGEN_TORCH_THREADS=str(torch_threads)) as s:
+    with stack(POSEGEN_TORCH_THREADS=str(torch_threads), POSEGEN_RECORD_BEHIND=record_behind) as s:
         base, headers = _start(s)
         bare_call = bare_runner(Path(s.env["POSEGEN_MODEL_DIR"]), torch_threads)
         image = fitted_astronaut(SIZE, SIZE)
@@ -222,6 +225,7 @@ def throughput(jobs: int, rounds: int = 20, torch_threads: int = 0) -> dict[str,
         "jobs": per_round * rounds,
         "rounds": rounds,
         "torch_threads": torch_threads or "default",
+        "record_behind": record_behind,
         "worker_wall_s": round(worker_wall, 3),
         "bare_loop_s": round(bare, 3),
         "ratio_bare_over_worker": round(bare / worker_wall, 4),
@@ -323,9 +327,16 @@ def main() -> None:
     parser.add_argument(
         "--torch-threads", type=int, default=0, help="throughput: torch threads, both sides"
     )
+    parser.add_argument(
+        "--record-behind", choices=["auto", "on", "off"], default="auto",
+        help="throughput: the worker's POSEGEN_RECORD_BEHIND",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.throughput:
-        result = throughput(args.throughput, rounds=args.rounds, torch_threads=args.torch_threads)
+        result = throughput(
+            args.throughput, rounds=args.rounds, torch_threads=args.torch_threads,
+            record_behind=args.record_behind,
+        )  # fmt: skip
     elif args.bookkeeping:
         result = bookkeeping(args.bookkeeping)
     else:

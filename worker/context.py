@@ -6,6 +6,7 @@ forks children that have touched neither CUDA nor a database connection.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -24,6 +25,8 @@ from posegen.storage import Storage, storage_from_settings
 if TYPE_CHECKING:
     from worker.engine.engine import Engine
     from worker.runner import Finisher
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -82,6 +85,10 @@ class WorkerContext:
         import diffusers  # noqa: F401 - the import is the point: seconds, paid once
 
         _ = self.engine
+        log.info(
+            "worker process ready",
+            extra={"device": self.engine.device, "record_behind": self.behind is not None},
+        )
         # Torch, diffusers and the engine are some 600,000 objects that live as long as the
         # process: frozen, a full collection no longer scans them in the middle of a job.
         gc.collect()
