@@ -4,9 +4,10 @@ It owns the job's state while it runs: a heartbeat thread renews the lease, writ
 (at most a few writes a second) and turns a cancel into a flag the engine checks between
 steps. Every outcome is one domain transition: complete, fail, or nothing (canceled).
 
-A Celery worker records a finished job behind the next one (`Finisher`): once the model has
-returned its image, the PNG, the upload and the completion run on a thread of their own while
-the task returns and the worker takes its next job, so the GPU does not wait for them.
+On a GPU (POSEGEN_RECORD_BEHIND), the Celery task records a finished job behind the next one
+(`Finisher`): once the model has returned its image, the PNG, the upload and the completion
+run on a thread of their own while the task returns and the worker takes its next job, so the
+GPU does not wait for them.
 """
 
 from __future__ import annotations
@@ -206,7 +207,11 @@ def run_job(ctx: WorkerContext, job_id: str, *, behind: Finisher | None = None) 
 
     if behind is None:
         return record()
-    behind.submit(record)
+    try:
+        behind.submit(record)  # waits for the record before it, if that one is still running
+    except BaseException:  # a time limit while waiting: the lease, unrenewed, gives the job back
+        heartbeat.stop()
+        raise
     return "finishing"
 
 

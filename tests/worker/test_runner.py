@@ -7,11 +7,12 @@ import io
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from celery import signals
+from celery.exceptions import SoftTimeLimitExceeded
 from PIL import Image
 from sqlalchemy import select
 
@@ -26,7 +27,7 @@ from tests.posegen.conftest import job_row, tiny_model
 from worker import context as worker_context
 from worker.context import WorkerContext
 from worker.engine.engine import leaves_cpu_time
-from worker.runner import run_job
+from worker.runner import Finisher, run_job
 
 LEASE_S = 1.0
 
@@ -165,6 +166,22 @@ def test_a_record_that_fails_leaves_the_job_to_its_lease(ctx, gate, user_id, ses
     # no longer held by the process that failed to record it.
     again = state(ctx, job_id)
     assert again.worker_id != ctx.worker_id and again.status != "failed"
+
+
+def test_a_time_limit_while_handing_over_the_record_stops_renewing_the_lease(ctx, gate, user_id):
+    class Expiring(Finisher):
+        def submit(self, record: Callable[[], str]) -> None:
+            # What Celery's soft limit raises (from a signal) in a wait for the record before.
+            raise SoftTimeLimitExceeded()
+
+    job_id = new_job(ctx, user_id)
+    with pytest.raises(SoftTimeLimitExceeded):
+        run_job(ctx, job_id, behind=Expiring())
+    left = state(ctx, job_id)
+    assert left.status == "processing"
+    time.sleep(3 * ctx.settings.heartbeat_seconds)
+    # No heartbeat renews it: the lease runs out and the reconciler gives the job back.
+    assert state(ctx, job_id).lease_expires_at == left.lease_expires_at
 
 
 def test_a_leaving_worker_process_records_its_pending_job_first(ctx, gate, user_id, monkeypatch):
