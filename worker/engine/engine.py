@@ -91,8 +91,8 @@ class EngineResult:
 
     @cached_property
     def png(self) -> bytes:
-        """Encoded on first use: the worker does it off the GPU's path, on its finisher
-        thread (`worker.runner.Finisher`), while the next job runs."""
+        """Encoded on first use: in the job's record, which on a GPU runs on the worker's
+        finisher thread while the next job runs (`worker.runner.Finisher`)."""
         return as_png(self.image)
 
 
