@@ -31,7 +31,17 @@ ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN = os.environ.get(
     "POSEGEN_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
-REDIS_URL = os.environ.get("POSEGEN_TEST_REDIS", "redis://127.0.0.1:6379/15")
+# The test Redis server (POSEGEN_TEST_REDIS_SERVER, e.g. another port for a second run of the
+# suite on the same machine); each module that must not share a queue takes a DB of its own.
+REDIS_SERVER = os.environ.get("POSEGEN_TEST_REDIS_SERVER", "redis://127.0.0.1:6379")
+REDIS_PORT = int(REDIS_SERVER.rsplit(":", 1)[1])
+
+
+def redis_db(number: int) -> str:
+    return f"{REDIS_SERVER}/{number}"
+
+
+REDIS_URL = redis_db(15)
 DATA_TABLES = "api_keys, credit_ledger, webhook_deliveries, idempotency_keys, generations, users"
 
 

@@ -13,10 +13,10 @@ import redis
 from sqlalchemy import func, select
 
 from db.models import CreditLedger, Generation
-from tests.conftest import Proc, settings_from, submit, wait_for
+from tests.conftest import REDIS_PORT, Proc, redis_db, settings_from, submit, wait_for
 
 pytestmark = pytest.mark.slow
-FAULT_BROKER = "redis://127.0.0.1:6379/13"  # its own queue, consumed only by this module's workers
+FAULT_BROKER = redis_db(13)  # its own queue, consumed only by this module's workers
 
 
 # This module runs on its own database and Redis DB: the session's workers and reconciler
@@ -202,9 +202,9 @@ def test_broker_down_at_submit_loses_nothing(fault_env, db_engine, make_account,
 
     from api.app import create_app
 
-    proxy = TcpProxy(("127.0.0.1", 6379))
+    proxy = TcpProxy(("127.0.0.1", REDIS_PORT))
     proxy.up()
-    api_env = {**fault_env, "POSEGEN_BROKER_URL": FAULT_BROKER.replace("6379", str(proxy.port))}
+    api_env = {**fault_env, "POSEGEN_BROKER_URL": FAULT_BROKER.replace(str(REDIS_PORT), str(proxy.port))}
     account = make_account(credits=1)
     with TestClient(create_app(settings_from(api_env))) as client:
         proxy.down()

@@ -5,15 +5,14 @@ the modules ran in. Here `app` publishes to a Redis database no worker listens o
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
 import redis
 
-from tests.conftest import settings_from
+from tests.conftest import redis_db, settings_from
 
-QUIET_REDIS_URL = os.environ.get("POSEGEN_TEST_QUIET_REDIS", "redis://127.0.0.1:6379/11")
+QUIET_REDIS_URL = redis_db(11)
 
 
 @pytest.fixture

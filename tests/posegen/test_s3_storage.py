@@ -17,13 +17,11 @@ from PIL import Image
 
 from posegen.storage.base import check_key
 from posegen.storage.s3 import S3Storage
-from tests.conftest import Proc, astronaut_png, settings_from, submit, wait_for
+from tests.conftest import Proc, astronaut_png, redis_db, settings_from, submit, wait_for
 
 pytestmark = pytest.mark.slow
 BUCKET = "posegen-test"
-S3_BROKER = (
-    "redis://127.0.0.1:6379/14"  # its own queue: the file-storage worker must not take these jobs
-)
+S3_BROKER = redis_db(14)  # its own queue: the file-storage worker must not take these jobs
 
 
 # Its own database too: the session's reconciler counts the queued jobs of its database against
