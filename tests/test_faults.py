@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
 import time
 from pathlib import Path
 
@@ -13,7 +10,15 @@ import redis
 from sqlalchemy import func, select
 
 from db.models import CreditLedger, Generation
-from tests.conftest import REDIS_PORT, Proc, redis_db, settings_from, submit, wait_for
+from tests.conftest import (
+    REDIS_PORT,
+    Proc,
+    TcpProxy,
+    redis_db,
+    settings_from,
+    submit,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 FAULT_BROKER = redis_db(13)  # its own queue, consumed only by this module's workers
@@ -101,61 +106,6 @@ def test_redis_flushed_with_jobs_queued_all_complete(fault_app, make_account, pr
     procs("worker", "--queues", "maintenance", "--concurrency", "1", name="housekeeping")
     for job_id in ids:
         assert wait_for(fault_app, account, job_id, timeout=120)["status"] == "completed"
-
-
-class TcpProxy:
-    """127.0.0.1:<port> -> Postgres; `down()` refuses connections and cuts open ones."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.conns: list[socket.socket] = []
-        self.listener: socket.socket | None = None
-
-    def up(self) -> None:
-        self.listener = socket.socket()
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", self.port))
-        self.listener.listen(64)
-        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
-
-    def down(self) -> None:
-        if self.listener:
-            # shutdown() wakes the thread blocked in accept(); close() alone would not.
-            with contextlib.suppress(OSError):
-                self.listener.shutdown(socket.SHUT_RDWR)
-            self.listener.close()
-            self.listener = None
-        for conn in self.conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-            conn.close()
-        self.conns.clear()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target)
-            self.conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
 
 
 def test_database_refusing_connections_is_503_then_recovers(

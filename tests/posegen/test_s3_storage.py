@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import io
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import boto3
@@ -32,25 +28,8 @@ def db_engine(module_db_engine):
 
 
 @pytest.fixture(scope="module")
-def moto(tmp_path_factory: pytest.TempPathFactory):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            httpx.get(url, timeout=0.5)
-            break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    yield url
-    server.terminate()
-    server.wait(timeout=10)
+def moto(moto_server: str) -> str:
+    return moto_server
 
 
 @pytest.fixture(scope="module")
