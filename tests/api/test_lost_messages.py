@@ -1,5 +1,5 @@
 """The reconciler counts the messages waiting on Redis (every priority list of the queue)
-and publishes again only the jobs whose messages are missing."""
+and publishes again only as many jobs as messages are missing, from the head of the queue."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from db.models import Generation
 from posegen import reconciler
 from posegen.queue import GENERATION_QUEUE, Dispatcher, priority_keys
 from tests.api.conftest import QUIET_REDIS_URL
+from tests.broker_messages import job_id_of, waiting_job_ids
 from tests.conftest import submit
 
 
@@ -46,9 +47,11 @@ def test_only_the_job_whose_message_redis_lost_is_published_again(
         return sent
 
     assert sweep() == []  # an hour in the queue, every message on Redis: nothing to add
-    lost = client.rpop(lists[0])  # kombu pops from the right: the oldest message of a list
-    assert lost is not None
-    again = sweep()
-    assert len(again) == 1 and again[0] in ids
-    assert dispatcher.waiting(GENERATION_QUEUE) == 3
+    assert waiting_job_ids(QUIET_REDIS_URL) == sorted(ids)
+    # kombu pops from the right: the oldest message of the highest priority's list (the two
+    # tiny-model jobs outrank the sd15 one), the message of the job at the head of the queue.
+    lost = client.rpop(lists[0])
+    assert lost is not None and job_id_of(lost) == ids[0]
+    assert sweep() == [ids[0]]  # exactly the job whose message went, once
+    assert waiting_job_ids(QUIET_REDIS_URL) == sorted(ids)
     assert sweep() == []
