@@ -61,6 +61,15 @@ class Unavailable(PosegenError):
     code, status = "unavailable", 503
 
 
+class StorageUnavailable(Unavailable):
+    """The object store could not be reached, or answered with a server error, after the
+    client's own retries. A submit answers 503 (its transaction rolls back: nothing charged);
+    a worker holds the job while it retries, then gives it back to the queue."""
+
+    def __init__(self, message: str, *, retry_after: int = 5) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
+
+
 class JobError(Exception):
     """A job's failure, recorded on the job with a contract code (`no_pose_detected`, ...)."""
 

@@ -16,6 +16,9 @@ from sqlalchemy.orm import Session
 from db.models import AiModel, Generation, PoseTemplate
 from db.types import utcnow
 from posegen import credits, webhooks
+from posegen.jobs import generate_message
+from posegen.queue import defer
+from posegen.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,13 @@ _COMPLETE = (
         progress_step=bindparam("steps"),
         progress_total=bindparam("steps"),
     )
+    .returning(Generation)
+)
+
+_RELEASE = (
+    update(Generation)
+    .where(*_OURS)
+    .values(status="queued", worker_id=None, lease_expires_at=None, published_at=bindparam("now"))
     .returning(Generation)
 )
 
@@ -169,12 +179,16 @@ def fail(
     return job if result.rowcount == 1 else None  # type: ignore[attr-defined]
 
 
-def release(session: Session, *, job_id: str, worker_id: str) -> bool:
-    """processing -> queued (a retryable interruption, e.g. worker shutdown)."""
-    result = session.execute(
-        update(Generation)
-        .where(*_OURS)
-        .values(status="queued", worker_id=None, lease_expires_at=None, published_at=utcnow()),
-        {"job_id": job_id, "worker": worker_id},
-    )
-    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+def release(
+    session: Session, *, job_id: str, worker_id: str, settings: Settings
+) -> Generation | None:
+    """processing -> queued, published again once the caller commits: a retryable
+    interruption (storage unreachable). The claim that takes it next counts its attempt, as
+    for a job whose worker was lost; None if the job was no longer ours (canceled)."""
+    job = session.scalars(
+        _RELEASE, {"job_id": job_id, "worker": worker_id, "now": utcnow()},
+        execution_options=_RETURNING,
+    ).one_or_none()  # fmt: skip
+    if job is not None:
+        defer(session, generate_message(job, settings))
+    return job

@@ -72,6 +72,11 @@ class Settings(BaseSettings):
     # A queued job whose message may have been lost is re-published after this long.
     requeue_after_seconds: float = 120.0
     max_attempts: int = Field(default=3, ge=1)
+    # How long a worker holds a job while storage is unreachable (an input it cannot read, an
+    # output it cannot write), retrying with backoff, before it gives the job back to the
+    # queue: an interruption, counted against max_attempts. Well under the shortest soft time
+    # limit (60 s), which the input's retries count against.
+    storage_retry_seconds: float = Field(default=30.0, ge=0, le=300)
     job_soft_time_limit: float = 900.0
     job_hard_time_limit: float = 960.0
     idempotency_ttl_seconds: int = 24 * 3600

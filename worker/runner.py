@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from celery.exceptions import SoftTimeLimitExceeded
+from kombu.utils.functional import retry_over_time
 
 from db.models import Generation
 from posegen import lifecycle
-from posegen.errors import JobError
+from posegen.errors import JobError, StorageUnavailable
 from posegen.metrics import job_metrics
 from worker.context import WorkerContext
 
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from worker.engine.engine import EngineResult
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Finisher:
@@ -164,13 +166,17 @@ def run_job(ctx: WorkerContext, job_id: str, *, behind: Finisher | None = None) 
                 width=int(p["width"]),
                 height=int(p["height"]),
             ),
-            image=ctx.storage.get(job.input_key),
+            image=_patiently(ctx, job_id, lambda: ctx.storage.get(job.input_key)),
             pose_keypoints=(
                 [tuple(k) if k else None for k in claim.pose_keypoints]
                 if claim.pose_keypoints
                 else None
             ),
-            pose_image=ctx.storage.get(job.pose_image_key) if job.pose_image_key else None,
+            pose_image=(
+                _patiently(ctx, job_id, lambda: ctx.storage.get(pose_key))
+                if (pose_key := job.pose_image_key)
+                else None
+            ),
         )
         result = ctx.engine.generate(
             engine_job, on_step=heartbeat.progress, should_cancel=heartbeat.canceled
@@ -180,6 +186,8 @@ def run_job(ctx: WorkerContext, job_id: str, *, behind: Finisher | None = None) 
         return "canceled"
     except JobError as exc:
         return _fail(ctx, job_id, exc.code, exc.message)
+    except StorageUnavailable as exc:  # an outage, not this process's fault: it stays
+        return _hand_back(ctx, job_id, attempt=claim.attempt, error=exc)
     except SoftTimeLimitExceeded:
         # The limit interrupts at any bytecode, possibly mid-way through torch or the model:
         # fail the job, then let Celery replace this process before it takes another.
@@ -218,7 +226,10 @@ def run_job(ctx: WorkerContext, job_id: str, *, behind: Finisher | None = None) 
 def _record(ctx: WorkerContext, job: Generation, result: EngineResult, *, steps: int) -> str:
     """Store the output and complete the job (or drop the output: no longer ours)."""
     key = f"outputs/{job.id}/0.png"
-    ctx.storage.put(key, result.png)
+    try:
+        _patiently(ctx, job.id, lambda: ctx.storage.put(key, result.png))
+    except StorageUnavailable as exc:  # the image goes with this attempt; the job runs again
+        return _hand_back(ctx, job.id, attempt=job.attempts, error=exc)
     with ctx.session() as session:
         done = lifecycle.complete(
             session,
@@ -247,3 +258,46 @@ def _fail(ctx: WorkerContext, job_id: str, code: str, message: str) -> str:
     if job is not None:
         job_metrics().finished.labels("failed", job.model_key).inc()
     return "failed"
+
+
+def _patiently(ctx: WorkerContext, job_id: str, call: Callable[[], T]) -> T:
+    """A storage read or write, tried again with backoff while storage is unreachable (each
+    try is botocore's own retries first) for up to POSEGEN_STORAGE_RETRY_SECONDS; then the
+    StorageUnavailable propagates. The job's heartbeat keeps its lease meanwhile."""
+    patience = ctx.settings.storage_retry_seconds
+    if not patience:  # kombu's loop reads no timeout as "forever"
+        return call()
+
+    def waiting(error: Exception, intervals: Iterator[float], retries: int) -> float:
+        delay = next(intervals)
+        log.warning(
+            "storage unavailable; retrying",
+            extra={"job_id": job_id, "retry": retries + 1, "in_s": delay, "error": str(error)},
+        )
+        return delay
+
+    result: T = retry_over_time(
+        call, StorageUnavailable, errback=waiting,
+        interval_start=0.5, interval_step=1.0, interval_max=5.0, timeout=patience,
+    )  # fmt: skip
+    return result
+
+
+def _hand_back(ctx: WorkerContext, job_id: str, *, attempt: int, error: StorageUnavailable) -> str:
+    """Storage stayed unreachable: give the job back to the queue (published again), an
+    interruption counted against POSEGEN_MAX_ATTEMPTS as a lost worker is; at the limit, fail
+    it, refunded, as the reconciler does. Neither replaces this process."""
+    if attempt >= ctx.settings.max_attempts:
+        message = f"Storage was unavailable in each of the job's {attempt} attempts; giving up."
+        return _fail(ctx, job_id, "internal_error", message)
+    with ctx.session() as session:
+        released = lifecycle.release(
+            session, job_id=job_id, worker_id=ctx.worker_id, settings=ctx.settings
+        )
+    if released is None:  # canceled meanwhile: nothing to give back
+        return "canceled"
+    log.warning(
+        "storage unavailable; job given back to the queue",
+        extra={"job_id": job_id, "attempt": attempt, "error": error.message},
+    )
+    return "given back"

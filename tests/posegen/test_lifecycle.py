@@ -15,6 +15,8 @@ from sqlalchemy.orm import Session
 
 from db.models import Generation, PoseTemplate
 from posegen import accounts, lifecycle
+from posegen.queue import GENERATE_TASK
+from posegen.settings import Settings
 from tests.posegen.conftest import make_job, tiny_model
 
 
@@ -121,8 +123,11 @@ def test_heartbeat_and_release_only_touch_a_job_this_worker_runs(any_session: Se
     assert job.lease_expires_at is not None and first_lease is not None
     assert job.lease_expires_at > first_lease
 
-    assert not lifecycle.release(s, job_id=job_id, worker_id="w2")
-    assert lifecycle.release(s, job_id=job_id, worker_id="w1")
+    assert not lifecycle.release(s, job_id=job_id, worker_id="w2", settings=Settings())
+    released = lifecycle.release(s, job_id=job_id, worker_id="w1", settings=Settings())
+    assert released is not None and released.attempts == 1  # the next claim counts one more
+    # Published again once the boundary commits: the job's message is in the outbox.
+    assert [(m.task, m.args) for m in s.info.pop("outbox")] == [(GENERATE_TASK, (job_id,))]
     s.commit()
     job = s.get_one(Generation, job_id, populate_existing=True)
     assert (job.status, job.worker_id, job.lease_expires_at) == ("queued", None, None)
