@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, func, insert, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -82,30 +82,46 @@ def charge(session: Session, *, user_id: str, generation_id: str, amount: int) -
             raise InsufficientCredits(_short(amount))
 
 
-def refund(session: Session, *, user_id: str, generation_id: str, amount: int) -> bool:
-    """Give a job's credits back once. Returns False when it was refunded already."""
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    inserted = session.execute(
-        insert(CreditLedger)
-        .values(
-            user_id=user_id,
-            generation_id=generation_id,
-            kind="refund",
-            amount=amount,
-            note="job did not complete",
-        )
-        .on_conflict_do_nothing(index_elements=["generation_id", "kind"])
-        .returning(CreditLedger.id)
-    ).scalar_one_or_none()
-    if inserted is None:
-        return False
+# A refund is the job's charge given back, in one statement: the refund row is copied from the
+# charge row, so a job that was never charged has nothing to refund, and the amount is what was
+# taken, not what the job says it costs. The ledger's unique (generation_id, kind) makes a
+# second refund a no-op.
+_LEDGER = CreditLedger.__table__
+_REFUND_COLUMNS = ("user_id", "generation_id", "kind", "amount", "note", "created_at")
+_CHARGE_GIVEN_BACK = select(
+    CreditLedger.user_id,
+    CreditLedger.generation_id,
+    literal("refund"),
+    -CreditLedger.amount,
+    literal("job did not complete"),
+    bindparam("now", type_=CreditLedger.__table__.c.created_at.type),
+).where(CreditLedger.generation_id == bindparam("generation_id"), CreditLedger.kind == "charge")
+_REFUND_ROW = {
+    # The table, not the mapped class: an INSERT ... SELECT has no ORM objects to track.
+    name: dialect.insert(_LEDGER)
+    .from_select(_REFUND_COLUMNS, _CHARGE_GIVEN_BACK)
+    .on_conflict_do_nothing(index_elements=["generation_id", "kind"])
+    .returning(_LEDGER.c.user_id, _LEDGER.c.amount)
+    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
+}
+_CREDIT = (
+    update(User)
+    .where(User.id == bindparam("user_id"))
+    .values(credits=User.credits + bindparam("amount"))
+)
+
+
+def refund(session: Session, *, generation_id: str) -> int | None:
+    """Give back what a job was charged, once: the amount refunded, or None when the job has
+    no charge to give back or was refunded already."""
+    statement = _REFUND_ROW[session.get_bind().dialect.name]
+    row = session.execute(statement, {"generation_id": generation_id, "now": utcnow()}).first()
+    if row is None:
+        return None
+    user_id, amount = row
     if amount > 0:
-        session.execute(
-            update(User).where(User.id == user_id).values(credits=User.credits + amount)
-        )
-    session.flush()
-    return True
+        session.execute(_CREDIT, {"user_id": user_id, "amount": amount}, execution_options=_NO_SYNC)
+    return int(amount)
 
 
 def ledger_sum(session: Session, *, user_id: str) -> int:

@@ -6,6 +6,7 @@ import base64
 import datetime as dt
 import hashlib
 import json
+import logging
 import math
 import secrets
 import time
@@ -20,6 +21,8 @@ from sqlalchemy import (
     and_,
     bindparam,
     case,
+    delete,
+    event,
     func,
     literal_column,
     or_,
@@ -28,15 +31,16 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, SessionTransaction
 
-from db.fast import AsyncReads, DriverQuery
+from db.fast import AsyncReads
 from db.models import (
     TERMINAL_STATUSES,
     AiModel,
     ApiKey,
     Generation,
     IdempotencyKey,
+    PoseTemplate,
     User,
     new_id,
     status_is,
@@ -47,18 +51,19 @@ from posegen.accounts import bearer_key_hash, live_key, tier_rank
 from posegen.errors import (
     AlreadyFinished,
     IdempotencyKeyReused,
-    InsufficientCredits,
     InvalidRequest,
     ModelUnavailable,
     NotFound,
+    PosegenError,
     TierRequired,
 )
-from posegen.images import check_upload
+from posegen.images import CheckedImage, check_upload
 from posegen.queue import GENERATE_TASK, GENERATION_QUEUE, Message, celery_priority, defer
 from posegen.ratelimit import check_rate_limit
 from posegen.settings import Settings
 from posegen.storage import Storage
 
+log = logging.getLogger(__name__)
 MAX_PROMPT_CHARS = 1000
 
 
@@ -140,7 +145,13 @@ def submit(
     settings: Settings,
     idempotency_key: str | None = None,
 ) -> Submitted:
-    """Validate, charge and record a job, and defer its message until the commit."""
+    """Validate, charge and record a job, and defer its message until the commit.
+
+    The cheap refusals (the request's bounds, a replay, the catalog, the balance and rate
+    limit as read, the webhook URL's form) come before the expensive work (the webhook host's
+    DNS lookup, decoding and fitting the images), so a refused caller costs little. Everything
+    this writes, the job row, its stored inputs, the charge and the message, commits together
+    or not at all: a replay or a refusal leaves no row, no file and no charge behind."""
     request.validate()
     fingerprint = request.fingerprint()
     if idempotency_key is not None:
@@ -149,24 +160,62 @@ def submit(
             return Submitted(job=replay, created=False)
     model, template = catalog.submit_choices(session, request.model_key, request.pose_template_id)
     check_model_access(model, user)
-    # A quick refusal from the balance read with the key; the charge below is what decides.
+    # Quick refusals from what was read with the key; the charge below is what decides.
     credits.check_balance(user, model.credit_cost)
-    if request.webhook_url:
+    check_rate_limit(session, user=user, settings=settings)
+    webhook_url = (
         webhooks.check_url(request.webhook_url, allow_private=settings.webhook_allow_private)
-    size = (model.width, model.height)
-    image = check_upload(request.image, max_pixels=settings.max_image_pixels, fit_to=size)
-    pose = (
-        check_upload(
-            request.pose_image,
-            max_pixels=settings.max_image_pixels,
-            field="pose_image",
-            fit_to=size,
-        )
-        if request.pose_image is not None
+        if request.webhook_url
         else None
     )
-    check_rate_limit(session, user=user, settings=settings)
+    image, pose = _fitted_images(request, settings, size=(model.width, model.height))
+    job = _new_job(request, user=user, model=model, template=template, pose=pose is not None)
+    job.webhook_url = webhook_url
+    if idempotency_key is not None:
+        winner = _record_with_key(
+            session, job, key=idempotency_key, fingerprint=fingerprint, settings=settings
+        )
+        if winner is not None:
+            return Submitted(job=winner, created=False)
+    else:
+        session.add(job)
+        session.flush()
+    inputs = {job.input_key: image.png}
+    if pose is not None and job.pose_image_key is not None:
+        inputs[job.pose_image_key] = pose.png
+    _store_inputs(session, storage, inputs)
+    # Last: the charge locks the user's balance row until the caller commits, so one user's
+    # concurrent submits take turns here (nothing slow may come after it), and the rate
+    # limit is counted again under that lock with this job in the window: exact under
+    # concurrency.
+    credits.charge(session, user_id=user.id, generation_id=job.id, amount=job.credit_cost)
+    check_rate_limit(session, user=user, settings=settings, own=1)
+    defer(session, generate_message(job, settings))
+    return Submitted(job=job, created=True)
 
+
+def _fitted_images(
+    request: GenerationRequest, settings: Settings, *, size: tuple[int, int]
+) -> tuple[CheckedImage, CheckedImage | None]:
+    """The photo and the pose photo, decoded, checked and fitted to the model's size."""
+    image = check_upload(request.image, max_pixels=settings.max_image_pixels, fit_to=size)
+    if request.pose_image is None:
+        return image, None
+    pose = check_upload(
+        request.pose_image, max_pixels=settings.max_image_pixels, field="pose_image", fit_to=size
+    )
+    return image, pose
+
+
+def _new_job(
+    request: GenerationRequest,
+    *,
+    user: User,
+    model: AiModel,
+    template: PoseTemplate | None,
+    pose: bool,
+) -> Generation:
+    """The job row a request stands for, with the model's defaults filled in."""
     job = Generation(
         id=new_id(),
         user_id=user.id,
@@ -196,51 +245,68 @@ def submit(
         pose_template_id=template.id if template else None,
         credit_cost=model.credit_cost,
         priority=model.priority,
-        webhook_url=request.webhook_url or None,
         outputs=[],
         published_at=utcnow(),
     )
     job.input_key = f"inputs/{job.id}/image.png"
     job.pose_image_key = f"inputs/{job.id}/pose.png" if pose else None
-    session.add(job)
-    if idempotency_key is not None:
-        try:
-            # A savepoint only where a concurrent twin can collide (the key's unique index).
-            with session.begin_nested():
-                session.flush()
-                session.add(
-                    IdempotencyKey(
-                        user_id=user.id,
-                        key=idempotency_key,
-                        fingerprint=fingerprint,
-                        generation_id=job.id,
-                        expires_at=utcnow()
-                        + dt.timedelta(seconds=settings.idempotency_ttl_seconds),
-                    )
-                )
-                session.flush()
-        except IntegrityError:
-            # A concurrent request with the same Idempotency-Key won: answer with its job.
-            replay = _replay(session, user_id=user.id, key=idempotency_key, fingerprint=fingerprint)
-            if replay is None:
-                raise
-            return Submitted(job=replay, created=False)
-    else:
-        session.flush()
-    storage.put(job.input_key, image.png)
-    if pose is not None and job.pose_image_key:
-        storage.put(job.pose_image_key, pose.png)
-    # Last: the charge locks the user's balance row until the caller commits, and one user's
-    # concurrent submits queue on that lock; nothing slow (storage) may come after it.
+    return job
+
+
+def _record_with_key(
+    session: Session, job: Generation, *, key: str, fingerprint: str, settings: Settings
+) -> Generation | None:
+    """Insert the job and its Idempotency-Key in a savepoint; None when they are in, or the
+    job of a concurrent twin request that won the key (its unique index).
+
+    The job is added inside the savepoint, so rolling the savepoint back takes it out of the
+    session too: added before, it would stay pending, and the caller's commit would insert it
+    after all, a job without a charge, an input or a message."""
     try:
-        credits.charge(session, user_id=user.id, generation_id=job.id, amount=job.credit_cost)
-    except InsufficientCredits:  # lost a race the balance check above did not see
-        for key in (job.input_key, job.pose_image_key):
-            if key:
-                storage.delete(key)
-        raise
-    defer(session, generate_message(job, settings))
-    return Submitted(job=job, created=True)
+        with session.begin_nested():
+            session.add(job)
+            session.flush()
+            session.add(
+                IdempotencyKey(
+                    user_id=job.user_id,
+                    key=key,
+                    fingerprint=fingerprint,
+                    generation_id=job.id,
+                    expires_at=utcnow() + dt.timedelta(seconds=settings.idempotency_ttl_seconds),
+                )
+            )
+            session.flush()
+    except IntegrityError:
+        winner = _replay(session, user_id=job.user_id, key=key, fingerprint=fingerprint)
+        if winner is None:
+            raise
+        return winner
+    return None
+
+
+def _store_inputs(session: Session, storage: Storage, inputs: dict[str, bytes]) -> None:
+    """Put a job's inputs in storage, and take them out again if its transaction does not
+    commit (a refused charge, the rate limit's second count, a failed commit): storage is not
+    part of the transaction, so the session's rollback removes what this stored."""
+    stored: list[str] = []
+
+    def forget(_: Session) -> None:
+        stored.clear()
+
+    def remove(_: Session, previous: SessionTransaction) -> None:
+        if previous.parent is None:  # the whole transaction, not a savepoint
+            for key in stored:
+                try:
+                    storage.delete(key)
+                except (OSError, PosegenError) as error:  # storage down: the rollback stands
+                    log.warning("could not remove an uncommitted input %s: %s", key, error)
+            stored.clear()
+
+    event.listen(session, "after_commit", forget, once=True)
+    event.listen(session, "after_soft_rollback", remove, once=True)
+    for key, data in inputs.items():
+        storage.put(key, data)
+        stored.append(key)
 
 
 def time_limits(job: Generation, settings: Settings) -> tuple[float, float]:
@@ -275,8 +341,14 @@ def _replay(session: Session, *, user_id: str, key: str, fingerprint: str) -> Ge
     if row is None:
         return None
     if row.expires_at <= utcnow():
-        session.delete(row)
-        session.flush()
+        # A statement, not `session.delete`: a concurrent twin may have deleted it already.
+        session.execute(
+            delete(IdempotencyKey).where(
+                IdempotencyKey.id == row.id, IdempotencyKey.expires_at <= utcnow()
+            ),
+            execution_options={"synchronize_session": False},
+        )
+        session.expunge(row)
         return None
     if row.fingerprint != fingerprint:
         raise IdempotencyKeyReused(
@@ -364,7 +436,7 @@ def cancel(session: Session, *, job_id: str, user: User) -> Generation:
     session.refresh(job)
     if result.rowcount != 1:  # type: ignore[attr-defined]
         raise AlreadyFinished(f"Generation {job.id} is {job.status} already.")
-    credits.refund(session, user_id=job.user_id, generation_id=job.id, amount=job.credit_cost)
+    credits.refund(session, generation_id=job.id)
     webhooks.record_event(session, job=job, event_type="generation.canceled")
     return job
 
@@ -433,7 +505,7 @@ _AHEAD = select(
     )
 )
 
-_CUTOFF = DriverQuery(
+_CUTOFF = (
     select(literal_column("9 - generations.priority", Integer), Generation.created_at)
     .select_from(Generation.__table__)
     .where(status_is(Generation.status, "queued"))
@@ -467,7 +539,7 @@ def queue_cutoff(db: Session | Connection) -> dict[str, Any]:
     cached = _cached_cutoff()
     if cached is not None:
         return cached
-    return _remember_cutoff(db.execute(_CUTOFF.statement).first())
+    return _remember_cutoff(db.execute(_CUTOFF).first())
 
 
 async def _queue_cutoff_async(reads: AsyncReads) -> dict[str, Any]:
@@ -502,7 +574,7 @@ def recent_run_seconds(db: Session | Connection, model_key: str) -> float | None
     cached = _RUN_SECONDS.get(model_key)
     if cached is not None and time.monotonic() - cached[0] < RUN_SECONDS_TTL:
         return cached[1]
-    rows = db.execute(_RECENT_RUNS.statement, {"model_key": model_key}).all()
+    rows = db.execute(_RECENT_RUNS, {"model_key": model_key}).all()
     return _remember_run_seconds(model_key, rows)
 
 
@@ -528,7 +600,7 @@ def recent_runs(model_key: Any) -> Select[dt.datetime | None, dt.datetime | None
     )
 
 
-_RECENT_RUNS = DriverQuery(recent_runs(bindparam("model_key")))
+_RECENT_RUNS = recent_runs(bindparam("model_key"))
 
 
 def _remember_run_seconds(model_key: str, rows: Any) -> float | None:
@@ -546,7 +618,7 @@ RENDERED_COLUMNS = (
     "id", "status", "model_key", "prompt", "negative_prompt", "params", "pose_source",
     "pose_template_id", "credit_cost", "progress_step", "progress_total", "outputs",
     "error_code", "error_message", "webhook_url", "attempts", "created_at", "started_at",
-    "finished_at",
+    "finished_at", "deleted_at",
 )  # fmt: skip
 
 
@@ -571,13 +643,13 @@ def _poll_statement() -> Any:
     )
 
 
-_POLL = DriverQuery(_poll_statement())
+_POLL = _poll_statement()
 
 
 async def poll(reads: AsyncReads, *, authorization: str | None, job_id: str) -> dict[str, Any]:
     """A status poll in one round trip: the key, the caller's job and its queue position.
     Polls are the hottest route; auth, fetch and position as separate queries cost three.
-    Awaited on the API's event loop (`AsyncReads`: asyncpg's own `fetchrow` on Postgres)."""
+    Awaited on the API's event loop (`AsyncReads`)."""
     key_hash = bearer_key_hash(authorization)
     # An id that is not a UUID matches no job; the key is still checked (401 before 404).
     params = {"job_id": job_id if catalog.is_uuid(job_id) else None, "key_hash": key_hash}
@@ -638,7 +710,8 @@ def render_job(
                 "width": out["width"],
                 "height": out["height"],
             }
-            for out in job.outputs
+            # A deleted job's output keys stay in the row until its files are gone.
+            for out in ([] if job.deleted_at else job.outputs)
         ],
         "error": (
             {"code": job.error_code, "message": job.error_message} if job.error_code else None
@@ -648,6 +721,7 @@ def render_job(
         "created_at": _iso(job.created_at),
         "started_at": _iso(job.started_at),
         "finished_at": _iso(job.finished_at),
+        "deleted_at": _iso(job.deleted_at),
     }
 
 
@@ -657,7 +731,7 @@ def _iso(value: dt.datetime | None) -> str | None:
 
 def output_key(session: Session, *, job_id: str, index: int, user: User) -> str:
     job = get_for_user(session, job_id=job_id, user=user)
-    for out in job.outputs:
+    for out in [] if job.deleted_at else job.outputs:
         if out["index"] == index:
             return str(out["key"])
     raise NotFound(f"Generation {job_id} has no output {index}.")

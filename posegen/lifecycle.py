@@ -174,7 +174,7 @@ def fail(
     if job.status == "failed":
         # The refund is guarded by the ledger's unique key, and the event by the deliveries'
         # unique key: running this path twice changes nothing the second time.
-        credits.refund(session, user_id=job.user_id, generation_id=job.id, amount=job.credit_cost)
+        credits.refund(session, generation_id=job.id)
         webhooks.record_event(session, job=job, event_type="generation.failed")
     return job if result.rowcount == 1 else None  # type: ignore[attr-defined]
 

@@ -12,6 +12,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 Tier = Literal["free", "basic", "pro", "enterprise"]
 
 
+DEFAULT_RATE_LIMITS = {"free": 30, "basic": 120, "pro": 600, "enterprise": 3000}
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="POSEGEN_", extra="ignore")
 
@@ -53,9 +56,7 @@ class Settings(BaseSettings):
     api_threads: int = Field(default=8, ge=1, le=256)
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(default=40_000_000, ge=1)
-    rate_limit_per_minute: Annotated[dict[str, int], NoDecode] = Field(
-        default={"free": 30, "basic": 120, "pro": 600, "enterprise": 3000}
-    )
+    rate_limit_per_minute: Annotated[dict[str, int], NoDecode] = Field(default=DEFAULT_RATE_LIMITS)
     list_limit_max: int = 100
 
     # -- webhooks -----------------------------------------------------------------------------
@@ -82,6 +83,9 @@ class Settings(BaseSettings):
     idempotency_ttl_seconds: int = 24 * 3600
     # How often a running job writes progress and renews its lease.
     heartbeat_seconds: float = 0.5
+    # Outputs older than this many days are deleted as `DELETE /v1/generations/{id}` does
+    # (posegen.retention); unset: kept until their owner deletes them.
+    output_retention_days: int | None = Field(default=None, ge=1)
 
     log_json: bool = True
     log_level: str = "INFO"
@@ -93,17 +97,28 @@ class Settings(BaseSettings):
             return [float(part) for part in value.split(",") if part.strip()]
         return value
 
+    @field_validator("output_retention_days", mode="before")
+    @classmethod
+    def _unset_when_empty(cls, value: object) -> object:
+        # `POSEGEN_OUTPUT_RETENTION_DAYS=` (a compose file's empty default) means unset.
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("rate_limit_per_minute", mode="before")
     @classmethod
     def _parse_rate_limits(cls, value: object) -> object:
-        # "free=30,basic=120" or a single number for every tier.
+        # "free=30,basic=120" (the tiers not named keep their defaults) or a single number for
+        # every tier; 0 means unlimited.
         if isinstance(value, str):
             value = value.strip()
             if "=" not in value:
-                n = int(value)
-                return {t: n for t in ("free", "basic", "pro", "enterprise")}
+                return dict.fromkeys(DEFAULT_RATE_LIMITS, int(value))
             pairs = (part.split("=", 1) for part in value.split(",") if part.strip())
-            return {k.strip(): int(v) for k, v in pairs}
+            value = {k.strip(): int(v) for k, v in pairs}
+        if isinstance(value, dict):
+            unknown = set(value) - set(DEFAULT_RATE_LIMITS)
+            if unknown:
+                raise ValueError(f"unknown tier {sorted(unknown)[0]!r}")
+            return {**DEFAULT_RATE_LIMITS, **value}
         return value
 
     @property

@@ -1,4 +1,4 @@
-"""/v1/generations: submit, poll, list, cancel, fetch outputs."""
+"""/v1/generations: submit, poll, list, cancel, delete, fetch outputs."""
 
 from __future__ import annotations
 
@@ -13,18 +13,19 @@ from starlette.types import Scope
 from api.deps import (
     CurrentUser,
     DispatcherDep,
+    KeyFirstRoute,
     ReadSessionDep,
     SessionDep,
     SettingsDep,
     StorageDep,
 )
 from api.schemas import ErrorResponse, Job, JobPage
-from posegen import jobs
+from posegen import jobs, retention
 from posegen.errors import NotFound, PayloadTooLarge
 from posegen.settings import Settings
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1/generations", tags=["generations"])
+router = APIRouter(prefix="/v1/generations", tags=["generations"], route_class=KeyFirstRoute)
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (401, 402, 403, 404, 409, 413, 415, 422, 429, 503)
 }
@@ -176,6 +177,27 @@ def cancel_generation(
     request.app.state.metrics.jobs.finished.labels("canceled", job.model_key).inc()
     log.info("job canceled", extra={"job_id": job.id, "user_id": user.id})
     return JSONResponse(answer)
+
+
+@router.delete("/{job_id}", status_code=204, response_class=Response, responses=ERRORS)
+def delete_generation(
+    job_id: str,
+    user: CurrentUser,
+    session: SessionDep,
+    storage: StorageDep,
+    dispatcher: DispatcherDep,
+    request: Request,
+) -> Response:
+    """Remove the job's photos and outputs from storage, canceling it first if it still runs
+    (refunded as any cancel). The job stays listed, with `deleted_at` and no outputs."""
+    deleted = retention.delete(session, job_id=job_id, user=user)
+    model_key = deleted.job.model_key
+    dispatcher.commit(session)  # the intent first: the storage sweep finishes what this cannot
+    if deleted.canceled:
+        request.app.state.metrics.jobs.finished.labels("canceled", model_key).inc()
+    retention.purge_now(request.app.state.sessions, storage=storage, job_id=deleted.job.id)
+    log.info("job deleted", extra={"job_id": job_id, "user_id": user.id})
+    return Response(status_code=204)
 
 
 @router.get(

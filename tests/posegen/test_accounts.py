@@ -131,7 +131,7 @@ def test_eta_from_recent_run_times(app, make_account, gpu_worker):
 
 def test_settings_parse_contract_formats():
     s = settings_from({"POSEGEN_WEBHOOK_RETRY_SCHEDULE": "5,30", "POSEGEN_RATE_LIMIT_PER_MINUTE": "free=1,pro=9"})  # fmt: skip
-    assert s.webhook_retry_schedule == [5.0, 30.0] and s.rate_limit_per_minute == {"free": 1, "pro": 9}  # fmt: skip
+    assert s.webhook_retry_schedule == [5.0, 30.0] and s.rate_limit_per_minute == {"free": 1, "basic": 120, "pro": 9, "enterprise": 3000}  # fmt: skip
 
 
 def test_expired_idempotency_keys_are_purged_and_reusable(app, make_account, sessions):
