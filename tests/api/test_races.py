@@ -147,7 +147,7 @@ def test_a_job_never_charged_refunds_nothing(api, make_account, sessions):
                 priority=0,
                 outputs=[],
                 input_key="inputs/none/image.png",
-            )  # fmt: skip
+            )
             .returning(Generation.id)
         ).scalar_one()
         s.commit()
