@@ -59,6 +59,9 @@ class Job(BaseModel):
     created_at: str
     started_at: str | None
     finished_at: str | None
+    # Set once the job was deleted (by its owner, or its outputs' retention ran out): its
+    # photos and outputs are gone from storage, `outputs` is empty.
+    deleted_at: str | None
 
 
 class JobPage(BaseModel):

@@ -181,6 +181,20 @@ class Generation(Base):
             postgresql_where=text("status = 'completed'"),
             sqlite_where=text("status = 'completed'"),
         ),
+        # Finished jobs whose files are still to be removed (posegen.retention): a handful.
+        Index(
+            "ix_generations_unpurged",
+            "finished_at",
+            postgresql_where=text(f"status IN {TERMINAL_STATUSES!r} AND purged_at IS NULL"),
+            sqlite_where=text(f"status IN {TERMINAL_STATUSES!r} AND purged_at IS NULL"),
+        ),
+        # Outputs still kept, oldest first: what POSEGEN_OUTPUT_RETENTION_DAYS expires.
+        Index(
+            "ix_generations_kept_outputs",
+            "finished_at",
+            postgresql_where=text("status = 'completed' AND deleted_at IS NULL"),
+            sqlite_where=text("status = 'completed' AND deleted_at IS NULL"),
+        ),
     )
 
     id: Mapped[str] = _uuid_pk()
@@ -215,6 +229,13 @@ class Generation(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # When the job was deleted (by its owner, or its outputs' retention ran out): it stays
+    # listed, without outputs; its files go (`purged_at`).
+    deleted_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # When storage last held no more of the job than it keeps: no inputs once it finished, no
+    # outputs either once deleted. NULL on a finished job: files still to remove (the
+    # database commits the intent first; storage follows, and the sweep retries).
+    purged_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class CreditLedger(Base):

@@ -28,6 +28,7 @@ DELIVER_WEBHOOK_TASK = "posegen.deliver_webhook"
 RECONCILE_TASK = "posegen.reconcile"
 SWEEP_WEBHOOKS_TASK = "posegen.sweep_webhooks"
 PURGE_TASK = "posegen.purge_expired"
+SWEEP_STORAGE_TASK = "posegen.sweep_storage"
 
 # Redis priority steps: kombu keeps one list per step and pops them in order, lowest number
 # first. Our model priorities are "higher runs first", so the Celery priority is 9 - priority.
@@ -98,6 +99,7 @@ def configure_celery(app: Celery, settings: Settings) -> None:
             SWEEP_WEBHOOKS_TASK: {"queue": MAINTENANCE_QUEUE},
             RECONCILE_TASK: {"queue": MAINTENANCE_QUEUE},
             PURGE_TASK: {"queue": MAINTENANCE_QUEUE},
+            SWEEP_STORAGE_TASK: {"queue": MAINTENANCE_QUEUE},
         },
         # Publishing gives up quickly: the job row is committed already and the reconciler
         # re-publishes it, so a request must not wait on a broker that is down.

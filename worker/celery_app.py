@@ -11,7 +11,13 @@ from typing import Any
 from celery import Celery, signals
 
 from posegen.logs import configure_logging
-from posegen.queue import PURGE_TASK, RECONCILE_TASK, SWEEP_WEBHOOKS_TASK, configure_celery
+from posegen.queue import (
+    PURGE_TASK,
+    RECONCILE_TASK,
+    SWEEP_STORAGE_TASK,
+    SWEEP_WEBHOOKS_TASK,
+    configure_celery,
+)
 from posegen.settings import Settings, get_settings
 from worker.context import finish_pending
 from worker.tasks import register
@@ -27,6 +33,9 @@ def create_celery(settings: Settings) -> Celery:
             "schedule": settings.webhook_sweep_interval,
         },
         "purge-expired": {"task": PURGE_TASK, "schedule": 3600.0},
+        # Files of finished jobs the worker or the API could not remove at once, and outputs
+        # past their retention: as often as the reconciler, so a missed purge is short-lived.
+        "sweep-storage": {"task": SWEEP_STORAGE_TASK, "schedule": settings.reconcile_interval},
     }
     register(app)
     return app

@@ -23,7 +23,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from kombu.utils.functional import retry_over_time
 
 from db.models import Generation
-from posegen import lifecycle
+from posegen import lifecycle, retention
 from posegen.errors import JobError, StorageUnavailable
 from posegen.metrics import job_metrics
 from worker.context import WorkerContext
@@ -242,6 +242,7 @@ def _record(ctx: WorkerContext, job: Generation, result: EngineResult, *, steps:
         ctx.storage.delete(key)
         log.info("job canceled while finishing", extra={"job_id": job.id})
         return "canceled"
+    retention.purge_now(ctx.sessions, storage=ctx.storage, job_id=job.id)  # its inputs
     metrics = job_metrics()
     metrics.finished.labels("completed", job.model_key).inc()
     metrics.run_time.labels(job.model_key).observe(result.seconds)
@@ -255,6 +256,7 @@ def _fail(ctx: WorkerContext, job_id: str, code: str, message: str) -> str:
         job = lifecycle.fail(
             session, job_id=job_id, code=code, message=message, worker_id=ctx.worker_id
         )
+    retention.purge_now(ctx.sessions, storage=ctx.storage, job_id=job_id)  # its inputs
     if job is not None:
         job_metrics().finished.labels("failed", job.model_key).inc()
     return "failed"

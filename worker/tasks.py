@@ -7,7 +7,7 @@ import os
 
 from celery import Celery
 
-from posegen import reconciler, webhooks
+from posegen import reconciler, retention, webhooks
 from posegen.metrics import job_metrics
 from posegen.queue import (
     DELIVER_WEBHOOK_TASK,
@@ -15,6 +15,7 @@ from posegen.queue import (
     GENERATION_QUEUE,
     PURGE_TASK,
     RECONCILE_TASK,
+    SWEEP_STORAGE_TASK,
     SWEEP_WEBHOOKS_TASK,
 )
 from posegen.webhooks import deliver_message
@@ -83,3 +84,19 @@ def register(app: Celery) -> None:
     def purge_expired() -> int:
         with context().session() as session:
             return reconciler.purge_expired_idempotency_keys(session)
+
+    @app.task(name=SWEEP_STORAGE_TASK)
+    def sweep_storage() -> dict[str, int]:
+        ctx = context()
+        settings = ctx.settings
+        # A run takes about one interval at most, so runs seldom overlap (they would skip
+        # the jobs the other holds).
+        sweep = retention.sweep(
+            ctx.sessions,
+            storage=ctx.storage,
+            settings=settings,
+            budget_seconds=settings.reconcile_interval,
+        )
+        if sweep.expired or sweep.purged or sweep.failed:
+            log.info("storage swept", extra=sweep.counts())
+        return sweep.counts()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -32,7 +33,12 @@ class LocalStorage:
         return self._path(key).read_bytes()
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        # A job's folder goes with its last file: deleted jobs leave no empty folders behind.
+        if path.parent != self.root:
+            with contextlib.suppress(OSError):  # not empty, or gone already
+                path.parent.rmdir()
 
     def local_path(self, key: str) -> Path | None:
         return self._path(key)

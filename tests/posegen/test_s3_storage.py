@@ -101,7 +101,6 @@ def test_job_output_redirects_to_a_presigned_url(s3_env, s3_worker, db_engine, m
             Bucket=BUCKET, Prefix="avatars/"
         )["Contents"]
     ]
-    assert (
-        f"avatars/inputs/{job['id']}/image.png" in keys
-        and f"avatars/outputs/{job['id']}/0.png" in keys
-    )
+    # The output is kept; the photo went once the job completed.
+    assert f"avatars/outputs/{job['id']}/0.png" in keys
+    assert f"avatars/inputs/{job['id']}/image.png" not in keys

@@ -30,6 +30,7 @@ from worker.engine.engine import leaves_cpu_time
 from worker.runner import Finisher, run_job
 
 LEASE_S = 1.0
+ASTRONAUT = astronaut_png()
 
 
 class GatedStorage:
@@ -63,7 +64,6 @@ def ctx(settings: Settings, db_engine: object) -> Iterator[WorkerContext]:
         storage=storage,  # type: ignore[arg-type]
         dispatcher=Dispatcher(make_producer(s)),
     )
-    context.storage.put("inputs/runner-test.png", astronaut_png())
     context.warm()
     yield context
     context.finisher.wait()
@@ -86,7 +86,9 @@ def new_job(ctx: WorkerContext, user_id: str) -> str:
         row = job_row(
             tiny_model(session), user_id, created_at=jobs.utcnow(), pose_template_id=template.id
         )
-        row["input_key"] = "inputs/runner-test.png"
+        # Its own photo: a finished job's inputs are removed.
+        row["input_key"] = f"inputs/{row['id']}/image.png"
+        ctx.storage.put(row["input_key"], ASTRONAUT)
         row["params"] |= {"guidance_scale": 7.5, "controlnet_conditioning_scale": 1.0, "strength": 1.0, "seed": 5}  # fmt: skip
         session.add(Generation(**row))
     return str(row["id"])
