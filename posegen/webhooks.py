@@ -10,13 +10,15 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import re
 import socket
 import time
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 import httpx
+import idna
 from sqlalchemy import Select, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -32,14 +34,28 @@ MAX_RESPONSE_BYTES = 64 * 1024
 
 
 class RefusedUrl(InvalidRequest):
-    """A webhook URL that is not https, or that resolves to a non-public address."""
+    """A webhook URL that is not a plain https URL, or whose host is not a public address."""
 
 
 # -- SSRF guard -------------------------------------------------------------------------------
 
+# Ranges that `is_global` (which follows the IANA registries) lets through but that reach
+# addresses we must not: NAT64 prefixes translate to any IPv4 address, including private ones;
+# site-local and IPv4-compatible addresses are deprecated forms that some stacks still route.
+_NEVER_PUBLIC = tuple(
+    ipaddress.IPv6Network(net) for net in ("64:ff9b::/96", "64:ff9b:1::/48", "fec0::/10", "::/96")
+)
+# A host whose last label is a number is an IPv4 address in any of inet_aton's spellings
+# (0x7f.1, 2130706433, 0177.0.0.1), as browsers read it (WHATWG URL, "ends in a number").
+_NUMERIC_LABEL = re.compile(r"(0x[0-9a-f]*|[0-9]+)")
+_HOST_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?")
+MAX_URL_LENGTH = 2048
+
 
 def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     if isinstance(address, ipaddress.IPv6Address):
+        if any(address in net for net in _NEVER_PUBLIC):
+            return False
         # ::ffff:127.0.0.1 and friends: judge the IPv4 address they carry.
         embedded = address.ipv4_mapped or address.sixtofour
         if embedded is None and address.teredo:
@@ -51,8 +67,49 @@ def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return address.is_global and not address.is_multicast
 
 
-def resolve_checked(url: str, *, allow_private: bool) -> tuple[str, int, list[str]]:
-    """Check a webhook URL and return (host, port, addresses to connect to)."""
+@dataclass(frozen=True)
+class Target:
+    """A webhook URL in the one spelling we store, check and send to."""
+
+    url: str  # ASCII: IDNA host, percent-encoded path and query, no fragment
+    host: str  # as it goes into DNS and TLS SNI (an IPv6 literal without brackets)
+    port: int
+
+
+def _ascii_host(parts: SplitResult) -> str:
+    host = parts.hostname
+    if not host:
+        raise RefusedUrl("webhook_url has no host.")
+    if parts.netloc.rsplit("@", 1)[-1].startswith("["):
+        try:
+            return ipaddress.IPv6Address(host).compressed  # refuses zone ids (%eth0) too
+        except ValueError:
+            raise RefusedUrl("webhook_url has an invalid IPv6 address.") from None
+    if not host.isascii():
+        try:
+            # UTS 46, as browsers and getaddrinfo's own codec map names (full-width letters
+            # included), so the name we check is the name that would be looked up.
+            host = idna.encode(host, uts46=True).decode("ascii")
+        except idna.IDNAError as exc:
+            raise RefusedUrl(f"webhook_url host is not a valid domain name ({exc}).") from None
+    if _NUMERIC_LABEL.fullmatch(host.rstrip(".").rsplit(".", 1)[-1]):
+        try:
+            return socket.inet_ntoa(socket.inet_aton(host.rstrip(".")))
+        except OSError:
+            raise RefusedUrl("webhook_url has an invalid IPv4 address.") from None
+    if not _HOST_NAME.fullmatch(host) or len(host) > 253:
+        raise RefusedUrl("webhook_url host is not a valid domain name.")
+    return host
+
+
+def normalise(url: str, *, allow_private: bool) -> Target:
+    """Parse a webhook URL strictly and spell it one way; refuse what a sender could not send."""
+    if len(url) > MAX_URL_LENGTH:
+        raise RefusedUrl(f"webhook_url is longer than {MAX_URL_LENGTH} characters.")
+    # Control and format characters, and whitespace of any script: urlsplit would drop some
+    # and keep others, and the HTTP client refuses them only when it sends.
+    if any(ch.isspace() or not ch.isprintable() for ch in url):
+        raise RefusedUrl("webhook_url contains whitespace or control characters.")
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -61,28 +118,49 @@ def resolve_checked(url: str, *, allow_private: bool) -> tuple[str, int, list[st
     allowed_schemes = {"https", "http"} if allow_private else {"https"}
     if parts.scheme not in allowed_schemes:
         raise RefusedUrl("webhook_url must be an https URL.")
-    host = parts.hostname
-    if not host:
-        raise RefusedUrl("webhook_url has no host.")
-    if parts.username or parts.password:
+    if "@" in parts.netloc:
         raise RefusedUrl("webhook_url must not carry credentials.")
-    port = port or (443 if parts.scheme == "https" else 80)
+    if port == 0:
+        raise RefusedUrl("webhook_url has port 0.")
+    host = _ascii_host(parts)
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError):
-        raise RefusedUrl(f"webhook_url host {host!r} does not resolve.") from None
-    addresses = sorted({str(info[4][0]) for info in infos})
+        # httpx percent-encodes the path and query as it will when it sends.
+        netloc = (f"[{host}]" if ":" in host else host) + (f":{port}" if port else "")
+        parsed = httpx.URL(urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, "")))
+    except (httpx.InvalidURL, UnicodeError):
+        raise RefusedUrl("webhook_url is not a valid URL.") from None
+    normalised = str(parsed)
+    if not normalised.isascii() or len(normalised) > MAX_URL_LENGTH:
+        raise RefusedUrl("webhook_url is not a valid URL.")
+    return Target(url=normalised, host=host, port=port or (443 if parts.scheme == "https" else 80))
+
+
+def resolve(host: str, port: int) -> list[str]:
+    """The addresses a name resolves to (the one DNS lookup of a check)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return sorted({str(info[4][0]) for info in infos})
+
+
+def resolve_checked(url: str, *, allow_private: bool) -> tuple[Target, list[str]]:
+    """Check a webhook URL and return it normalised, with the addresses to connect to."""
+    target = normalise(url, allow_private=allow_private)
+    try:
+        addresses = resolve(target.host, target.port)
+    except (OSError, UnicodeError):
+        raise RefusedUrl(f"webhook_url host {target.host!r} does not resolve.") from None
     if not allow_private:
         for raw in addresses:
             if not _is_public(ipaddress.ip_address(raw.split("%", 1)[0])):
-                raise RefusedUrl(f"webhook_url host {host!r} resolves to a non-public address.")
-    return host, port, addresses
+                raise RefusedUrl(
+                    f"webhook_url host {target.host!r} resolves to a non-public address."
+                )
+    return target, addresses
 
 
-def check_url(url: str, *, allow_private: bool) -> None:
-    if len(url) > 2048:
-        raise RefusedUrl("webhook_url is longer than 2048 characters.")
-    resolve_checked(url, allow_private=allow_private)
+def check_url(url: str, *, allow_private: bool) -> str:
+    """Refuse a URL we would not send to; return the spelling to store (and send to)."""
+    target, _ = resolve_checked(url, allow_private=allow_private)
+    return target.url
 
 
 # -- signing ----------------------------------------------------------------------------------
@@ -157,6 +235,11 @@ class Attempt:
     def ok(self) -> bool:
         return self.status_code is not None and 200 <= self.status_code < 300
 
+    @classmethod
+    def raised(cls, exc: Exception, *, started: float) -> Attempt:
+        """A failed attempt for an exception, `started` being its time.monotonic()."""
+        return cls(status_code=None, error=f"{type(exc).__name__}: {exc}", duration_ms=_ms(started))
+
 
 def claim_delivery(session: Session, *, delivery_id: str, settings: Settings) -> bool:
     """Take a due delivery for one attempt; a second worker or a duplicate message gets False."""
@@ -204,7 +287,7 @@ def record_attempt(
         {
             "at": now.isoformat(),
             "status_code": attempt.status_code,
-            "error": attempt.error,
+            "error": _printable(attempt.error),
             "duration_ms": attempt.duration_ms,
         },
     ]
@@ -237,14 +320,20 @@ def due_deliveries(session: Session, *, limit: int = 500) -> list[str]:
 
 def post_signed(message: Outgoing, *, settings: Settings) -> Attempt:
     """One POST with a total deadline, no redirects, to an address checked just now."""
-    url, msg_id, body = message.url, message.msg_id, message.body
+    msg_id, body = message.msg_id, message.body
     started = time.monotonic()
     try:
-        host, port, addresses = resolve_checked(url, allow_private=settings.webhook_allow_private)
+        # Stored URLs are normalised at submit; rows from before that are normalised (or
+        # refused, as a recorded attempt) here.
+        target, addresses = resolve_checked(
+            message.url, allow_private=settings.webhook_allow_private
+        )
     except RefusedUrl as exc:
         return Attempt(status_code=None, error=f"refused: {exc.message}", duration_ms=0)
     timestamp = int(time.time())
+    url = httpx.URL(target.url)
     headers = {
+        "host": url.netloc.decode("ascii"),
         "content-type": "application/json",
         "user-agent": "posegen-webhooks/1",
         "webhook-id": msg_id,
@@ -253,19 +342,16 @@ def post_signed(message: Outgoing, *, settings: Settings) -> Attempt:
             secret=message.secret, msg_id=msg_id, timestamp=timestamp, body=body
         ),
     }
-    parts = urlsplit(url)
     # Connect to the address we checked, not to whatever the name resolves to next (DNS
     # rebinding): the URL carries the IP, the Host header and TLS SNI carry the name.
-    ip = addresses[0]
-    netloc_ip = f"[{ip}]" if ":" in ip else ip
-    pinned = parts._replace(netloc=f"{netloc_ip}:{port}").geturl()
-    headers["host"] = parts.netloc.rsplit("@", 1)[-1]
+    pinned = url.copy_with(host=addresses[0].split("%", 1)[0], port=target.port)
+    sni = {"sni_hostname": target.host}
     deadline = started + settings.webhook_timeout
     try:
         with (
             httpx.Client(timeout=settings.webhook_timeout, follow_redirects=False) as client,
             client.stream(
-                "POST", pinned, content=body, headers=headers, extensions={"sni_hostname": host}
+                "POST", pinned, content=body, headers=headers, extensions=sni
             ) as response,
         ):
             received = 0
@@ -275,9 +361,7 @@ def post_signed(message: Outgoing, *, settings: Settings) -> Attempt:
                     break
             code = response.status_code
     except httpx.HTTPError as exc:
-        return Attempt(
-            status_code=None, error=f"{type(exc).__name__}: {exc}"[:500], duration_ms=_ms(started)
-        )
+        return Attempt.raised(exc, started=started)
     if time.monotonic() > deadline:
         return Attempt(status_code=None, error="timeout", duration_ms=_ms(started))
     return Attempt(
@@ -285,6 +369,14 @@ def post_signed(message: Outgoing, *, settings: Settings) -> Attempt:
         error=None if 200 <= code < 300 else f"HTTP {code}",
         duration_ms=_ms(started),
     )
+
+
+def _printable(error: str | None) -> str | None:
+    """An error as the log can hold it: Postgres JSON refuses NUL, and a client shows escapes
+    better than raw control characters (an exception may quote the URL it choked on)."""
+    if error is None:
+        return None
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in error)[:500]
 
 
 def _ms(started: float) -> int:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
 
 from posegen import reconciler, retention, webhooks
 from posegen.metrics import job_metrics
@@ -45,9 +47,20 @@ def register(app: Celery) -> None:
         with ctx.session() as session:
             if not webhooks.claim_delivery(session, delivery_id=delivery_id, settings=ctx.settings):
                 return "not due"
-            message = webhooks.outgoing(session, delivery_id=delivery_id)
-        # The HTTP call happens outside any transaction.
-        attempt = webhooks.post_signed(message, settings=ctx.settings)
+        started = time.monotonic()
+        try:
+            with ctx.session() as session:
+                message = webhooks.outgoing(session, delivery_id=delivery_id)
+            # The HTTP call happens outside any transaction.
+            attempt = webhooks.post_signed(message, settings=ctx.settings)
+        except SoftTimeLimitExceeded:
+            raise
+        except Exception as exc:
+            # The task's last resort: an attempt that raised is a failed attempt like any
+            # other, recorded and retried on the schedule; unrecorded, the sweep would send
+            # it again forever (the claim only holds it for a while).
+            log.exception("webhook attempt raised", extra={"delivery_id": delivery_id})
+            attempt = webhooks.Attempt.raised(exc, started=started)
         outcome = "success" if attempt.ok else ("http_error" if attempt.status_code else "error")
         job_metrics().webhook_attempts.labels(outcome).inc()
         with ctx.session() as session:

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from posegen import accounts, webhooks
 from posegen.webhooks import RefusedUrl
 from tests.conftest import submit, wait_for
 
+# "localhost" in full-width letters: another name until UTS 46 maps it (as resolvers do).
+FULL_WIDTH_LOCALHOST = "\uff4c\uff4f\uff43\uff41\uff4c\uff48\uff4f\uff53\uff54"
+
 
 class Receiver:
-    def __init__(self, codes: list[int]) -> None:
+    def __init__(self, codes: list[int], *, host: str = "127.0.0.1", port: int = 0) -> None:
         self.codes = list(codes)
         self.requests: list[tuple[dict[str, str], bytes]] = []
         receiver = self
@@ -31,8 +37,9 @@ class Receiver:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.port = self.server.server_address[1]
+        self.url = f"http://{host}:{self.port}/hook"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def wait(self, count: int, timeout: float = 30) -> None:
@@ -46,8 +53,8 @@ class Receiver:
 def receiver():
     made: list[Receiver] = []
 
-    def make(codes: list[int] | None = None) -> Receiver:
-        made.append(Receiver(codes or []))
+    def make(codes: list[int] | None = None, **where: object) -> Receiver:
+        made.append(Receiver(codes or [], **where))  # type: ignore[arg-type]
         return made[-1]
 
     yield make
@@ -68,9 +75,11 @@ def test_completed_event_is_signed_with_the_users_secret(
     assert wait_for(app, account, job["id"])["status"] == "completed"
     hook.wait(1)
     headers, body = hook.requests[0]
+    # The Standard Webhooks reference implementation, not our own sign(), checks the signature.
+    event = Webhook(secret).verify(body, headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(accounts.new_webhook_secret()).verify(body, headers)
     assert webhooks.verify(secret=secret, headers=headers, body=body)
-    assert not webhooks.verify(secret=accounts.new_webhook_secret(), headers=headers, body=body)
-    event = json.loads(body)
     assert event["type"] == "generation.completed" and event["data"]["id"] == job["id"]
     assert event["data"]["status"] == "completed" and event["data"]["outputs"]
 
@@ -152,6 +161,13 @@ def test_410_stops_retrying(app, make_account, housekeeping, receiver, sessions)
         "https://0177.0.0.1/hook",  # octal
         "https://0.0.0.0/hook",
         "https://user:pw@8.8.8.8/hook",
+        "https://[64:ff9b::7f00:1]/hook",  # NAT64 of 127.0.0.1
+        "https://[64:ff9b::808:808]/hook",  # NAT64, even of a public address
+        "https://[64:ff9b:1::1]/hook",  # local-use NAT64
+        "https://[fec0::1]/hook",  # site-local
+        "https://[::7f00:1]/hook",  # IPv4-compatible ::127.0.0.1
+        "https://[::808:808]/hook",  # IPv4-compatible ::8.8.8.8
+        "https://" + FULL_WIDTH_LOCALHOST + "/hook",  # full-width: localhost once mapped (UTS 46)
     ],
 )
 def test_refused_urls(url):
@@ -183,20 +199,40 @@ def test_send_checks_the_url_again(settings):
     assert attempt.status_code is None and attempt.error.startswith("refused")
 
 
-def test_connection_goes_to_the_checked_address_with_the_name_in_host(settings, receiver):
-    hook = receiver()
-    port = hook.server.server_address[1]
+def test_connection_goes_to_the_checked_address_with_the_name_in_host(
+    settings, receiver, monkeypatch
+):
+    """DNS rebinding: the name answers 127.0.0.1 when it is checked and 127.0.0.2 after, with a
+    receiver on each; the POST must reach the address that was checked."""
+    checked = receiver()
+    rebound = receiver(host="127.0.0.2", port=checked.port)
+    real_getaddrinfo = socket.getaddrinfo
+    lookups: list[str] = []
+
+    def rebinding(host, port, *args, **kwargs):
+        if host != "hooks.rebind.test":
+            return real_getaddrinfo(host, port, *args, **kwargs)
+        lookups.append(host)
+        address = "127.0.0.1" if len(lookups) == 1 else "127.0.0.2"
+        return real_getaddrinfo(address, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    secret = accounts.new_webhook_secret()
     message = webhooks.Outgoing(
-        url=f"http://localhost:{port}/hook",
+        url=f"http://hooks.rebind.test:{checked.port}/hook",
         msg_id="m-1",
-        secret=accounts.new_webhook_secret(),
+        secret=secret,
         body=b'{"a":1}',
     )
     attempt = webhooks.post_signed(message, settings=settings)
     assert attempt.ok, attempt
-    headers, body = hook.requests[0]
-    assert headers["host"] == f"localhost:{port}" and body == b'{"a":1}'
+    assert rebound.requests == [] and len(checked.requests) == 1
+    headers, body = checked.requests[0]
+    assert headers["host"] == f"hooks.rebind.test:{checked.port}" and body == b'{"a":1}'
     assert headers["webhook-id"] == "m-1"
+    assert Webhook(secret).verify(body, headers) == {"a": 1}
+    # The name is not looked up again when it is sent: a sender that did would meet 127.0.0.2.
+    assert lookups == ["hooks.rebind.test"]
 
 
 def test_redirects_are_not_followed(settings):
@@ -224,3 +260,244 @@ def test_redirects_are_not_followed(settings):
     finally:
         server.shutdown()
     assert attempt.status_code == 307 and not attempt.ok
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://8.8.8.8/a\x01b",
+        "https://8.8.8.8/a\x7fb",
+        "https://8.8.8.8/a\x85b",  # C1 control
+        "https://8.8.8.8/a b",
+        "https://8.8.8.8/a\u200bb",  # zero-width space (a format character)
+        "https://8.8.8.8/a\u3000b",  # ideographic space
+        "https://8.8.8.8/hook\r\nX-Injected: 1",
+        "https://exa\u2028mple.com/hook",
+        "https://exa_mple\u00e9!.com/hook",  # not a domain name under IDNA
+        "https://ex!ample.com/hook",
+        "https://[fe80::1%25eth0]/hook",  # zone id
+        "https://1.2.3.4.5/hook",  # ends in a number, yet no IPv4 address
+        "https://8.8.8.8:0/hook",
+        "https://8.8.8.8:99999/hook",
+        "ftp://8.8.8.8/hook",
+        "https:///hook",
+    ],
+)
+@pytest.mark.parametrize("allow_private", [False, True])
+def test_urls_a_sender_cannot_send_are_refused_even_with_private_allowed(url, allow_private):
+    with pytest.raises(RefusedUrl):
+        webhooks.check_url(url, allow_private=allow_private)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://[64:ff9b::7f00:1]/hook",
+        "https://[fec0::1]/hook",
+        "https://[::7f00:1]/hook",
+    ],
+)
+def test_the_new_ranges_pass_when_private_addresses_are_allowed(url):
+    assert webhooks.check_url(url, allow_private=True) == url
+
+
+@pytest.mark.parametrize(
+    ("url", "stored"),
+    [
+        ("https://8.8.8.8/hook", "https://8.8.8.8/hook"),
+        ("HTTPS://8.8.8.8:443/hook", "https://8.8.8.8/hook"),
+        ("https://8.8.8.8:8443", "https://8.8.8.8:8443/"),
+        ("https://8.8.8.8/p/\u00e4?q=\u00e9&r=1#fragment", "https://8.8.8.8/p/%C3%A4?q=%C3%A9&r=1"),
+        ("https://134744072/hook", "https://8.8.8.8/hook"),  # decimal spelling of 8.8.8.8
+        ("https://0x8.0x8.0x8.0x8/hook", "https://8.8.8.8/hook"),
+        ("https://[2001:4860:4860:0:0:0:0:8888]/hook", "https://[2001:4860:4860::8888]/hook"),
+        (
+            f"http://{FULL_WIDTH_LOCALHOST}:8080/h",
+            "http://localhost:8080/h",
+        ),
+        ("http://LocalHost/h", "http://localhost/h"),
+    ],
+)
+def test_check_url_returns_the_spelling_that_is_stored_and_sent(url, stored):
+    allow_private = not stored.startswith("https://8.8.8.8") and "2001:" not in stored
+    assert webhooks.check_url(url, allow_private=allow_private) == stored
+
+
+def test_international_names_are_idna_encoded():
+    # No lookup here (the sandbox has no public DNS): the spelling alone.
+    target = webhooks.normalise("https://B\u00fccher.Example/hook", allow_private=False)
+    assert target.url == "https://xn--bcher-kva.example/hook"
+    assert (target.host, target.port) == ("xn--bcher-kva.example", 443)
+
+
+def _ledger_and_jobs(sessions, user_id: str) -> tuple[int, int, int]:
+    from sqlalchemy import func, select
+
+    from db.models import CreditLedger, Generation, User
+
+    with sessions() as s:
+        jobs = s.scalar(select(func.count()).where(Generation.user_id == user_id))
+        ledger = s.scalar(select(func.count()).where(CreditLedger.user_id == user_id))
+        return jobs, ledger, s.get_one(User, user_id).credits
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:{port}/a\x01b",
+        "http://127.0.0.1:{port}/a b",
+        "http://127.0.0.1:{port}/a\x85b",
+    ],
+)
+def test_submit_refuses_a_url_the_sender_cannot_send_and_stores_nothing(
+    app, make_account, sessions, receiver, url
+):
+    hook = receiver()
+    account = make_account(credits=100)
+    before = _ledger_and_jobs(sessions, account.user_id)
+    response = submit(app, account, webhook_url=url.format(port=hook.port))
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == "invalid_request"
+    assert "webhook_url" in response.json()["error"]["message"]
+    after = _ledger_and_jobs(sessions, account.user_id)
+    assert after == before and after[0] == 0 and after[2] == 100
+
+
+def test_submit_stores_the_normalised_url_and_delivers_to_it(
+    app, make_account, sessions, housekeeping, receiver
+):
+    from sqlalchemy import select
+
+    from db.models import Generation, WebhookDelivery
+
+    hook = receiver()
+    account = make_account()
+    response = submit(
+        app, account, webhook_url=f"http://{FULL_WIDTH_LOCALHOST}:{hook.port}/hook?x=\u00e9"
+    )
+    assert response.status_code == 202, response.text
+    job = response.json()
+    stored = f"http://localhost:{hook.port}/hook?x=%C3%A9"
+    assert job["webhook_url"] == stored
+    app.post(f"/v1/generations/{job['id']}/cancel", headers=account.headers)
+    hook.wait(1)
+    headers, _ = hook.requests[0]
+    assert headers["host"] == f"localhost:{hook.port}"
+    with sessions() as s:
+        assert s.get_one(Generation, job["id"]).webhook_url == stored
+        delivery = s.scalar(
+            select(WebhookDelivery).where(WebhookDelivery.generation_id == job["id"])
+        )
+        assert delivery.url == stored
+    wait_for_delivery(sessions, job["id"], "delivered")
+
+
+def wait_for_delivery(sessions, generation_id: str, status: str, timeout: float = 20):
+    from sqlalchemy import select
+
+    from db.models import WebhookDelivery
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with sessions() as s:
+            delivery = s.scalar(
+                select(WebhookDelivery).where(WebhookDelivery.generation_id == generation_id)
+            )
+            if delivery is not None and delivery.status == status:
+                return delivery
+        assert time.monotonic() < deadline, f"delivery still {delivery and delivery.status}"
+        time.sleep(0.1)
+
+
+def _cancel_with(app, sessions, account, *, stored_url: str, hook_url: str) -> str:
+    """A canceled job whose row holds `stored_url`, as a version that checked less stored it."""
+    from sqlalchemy import update
+
+    from db.models import Generation
+
+    job = submit(app, account, webhook_url=hook_url).json()
+    with sessions() as s:
+        s.execute(
+            update(Generation).where(Generation.id == job["id"]).values(webhook_url=stored_url)
+        )
+        s.commit()
+    response = app.post(f"/v1/generations/{job['id']}/cancel", headers=account.headers)
+    assert response.status_code == 200, response.text
+    return job["id"]
+
+
+def _assert_spent_schedule(delivery, settings, error: str) -> None:
+    """Every attempt recorded, each after the schedule's delay, and then no more."""
+    from datetime import datetime
+
+    schedule = settings.webhook_retry_schedule
+    assert delivery.status == "failed" and delivery.next_attempt_at is None
+    assert delivery.attempts == len(schedule) + 1 == len(delivery.attempt_log)
+    for entry in delivery.attempt_log:
+        assert entry["status_code"] is None and error in entry["error"], entry
+    times = [datetime.fromisoformat(entry["at"]) for entry in delivery.attempt_log]
+    for (earlier, later), delay in zip(itertools.pairwise(times), schedule, strict=True):
+        assert (later - earlier).total_seconds() >= delay
+
+
+@pytest.mark.parametrize(
+    ("stored", "error"),
+    [
+        ("http://127.0.0.1:{port}/a\x01b", "refused: webhook_url contains whitespace or control"),
+        ("http://127.0.0.1:{port}/a\x85b", "refused: webhook_url contains whitespace or control"),
+    ],
+)
+def test_a_stored_url_the_sender_cannot_send_is_a_recorded_failed_attempt(
+    app, make_account, sessions, settings, housekeeping, receiver, stored, error
+):
+    hook = receiver()
+    job_id = _cancel_with(
+        app, sessions, make_account(), stored_url=stored.format(port=hook.port), hook_url=hook.url
+    )
+    delivery = wait_for_delivery(sessions, job_id, "failed")
+    time.sleep(1.5)  # room for a wrong further attempt to show up
+    delivery = wait_for_delivery(sessions, job_id, "failed")
+    _assert_spent_schedule(delivery, settings, error)
+    assert hook.requests == []
+
+
+def test_a_stored_full_width_host_is_delivered_to_its_ascii_name(
+    app, make_account, sessions, housekeeping, receiver
+):
+    hook = receiver()
+    job_id = _cancel_with(
+        app,
+        sessions,
+        make_account(),
+        stored_url=f"http://{FULL_WIDTH_LOCALHOST}:{hook.port}/hook",
+        hook_url=hook.url,
+    )
+    hook.wait(1)
+    delivery = wait_for_delivery(sessions, job_id, "delivered")
+    assert delivery.attempts == 1 and delivery.attempt_log[0]["status_code"] == 200
+    assert hook.requests[0][0]["host"] == f"localhost:{hook.port}"
+
+
+def test_an_attempt_that_raises_is_a_recorded_failed_attempt_on_the_schedule(
+    app, make_account, sessions, settings, housekeeping, receiver
+):
+    """Any exception in an attempt (here: a secret that is not base64, so signing raises)."""
+    from sqlalchemy import update
+
+    from db.models import User
+
+    hook = receiver()
+    account = make_account()
+    with sessions() as s:
+        s.execute(update(User).where(User.id == account.user_id).values(webhook_secret="whsec_abc"))
+        s.commit()
+    job_id = _cancel_with(app, sessions, account, stored_url=hook.url, hook_url=hook.url)
+    wait_for_delivery(sessions, job_id, "failed")
+    time.sleep(1.5)
+    delivery = wait_for_delivery(sessions, job_id, "failed")
+    _assert_spent_schedule(delivery, settings, "Error: Incorrect padding")
+    assert hook.requests == []
+    import httpx
+
+    metrics = httpx.get(housekeeping.metrics_url).text
+    assert 'posegen_webhook_attempts_total{outcome="error"}' in metrics
