@@ -1,6 +1,6 @@
 """What a status poll is made of, against /health: CPU per call, in one process.
 
-    python -m bench.floor [--calls 3000] [--repeats 5] [--pools]
+    python -m bench.floor [--calls 3000] [--repeats 5]
 
 `bench.api`'s status goal (>= 50 % of /health's requests/s) asks that a poll cost at most
 twice a /health request. This measures, side by side in one process on the event loop (no
@@ -11,9 +11,7 @@ HTTP, no load generator), the CPU time of:
   queue position in one statement, the job JSON);
 - `round_trip`: one `SELECT 1` on a held asyncpg connection, the least any database read
   costs this process;
-- `poll_query`: the poll's statement alone, through the API's pool (`db.fast.AsyncReads`);
-  with `--pools`, also through SQLAlchemy's async engine (what the poll ran before), that
-  engine's pool with asyncpg's `fetchrow`, asyncpg's default pool, and a held connection.
+- `poll_query`: the poll's statement alone, through the API's pool (`db.fast.AsyncReads`).
 
 `floor_ratio` = health / (health + round_trip): the status ratio a poll that cost nothing
 but one round trip on top of /health would reach.
@@ -101,10 +99,6 @@ async def _measure(app: Any, job_id: str, key: str, database_url: str, args: Any
         await app.state.async_reads.first(jobs._POLL, params)
 
     kinds = {"health": health, "status": status, "round_trip": round_trip, "poll_query": poll_query}
-    closers: list[Any] = []
-    if args.pools:
-        variants, closers = await _pool_variants(database_url, jobs._POLL, params, held)
-        kinds.update(variants)
     runs: dict[str, list[float]] = {name: [] for name in kinds}
     for fn in kinds.values():
         await _cpu_per_call(fn, 200)  # warm: statement caches, pools
@@ -112,63 +106,15 @@ async def _measure(app: Any, job_id: str, key: str, database_url: str, args: Any
         for name, fn in kinds.items():
             runs[name].append(await _cpu_per_call(fn, args.calls))
     await held.close()
-    for close in closers:
-        await close()
     return {name: round(statistics.median(values), 4) for name, values in runs.items()} | {
         "runs_ms": {name: [round(v, 4) for v in values] for name, values in runs.items()}
     }
-
-
-async def _pool_variants(
-    database_url: str, query: Any, params: dict, held: Any
-) -> tuple[dict, list[Any]]:
-    """The poll's statement through the ways `db.fast` chose between (`--pools`), and what
-    closes the pools it opened."""
-    import asyncpg
-    from sqlalchemy import make_url
-
-    from db.session import make_async_engine
-
-    engine = make_async_engine(database_url, pool_size=8, max_overflow=0)
-    dsn = make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
-    default_pool = await asyncpg.create_pool(dsn, min_size=8, max_size=8)  # resets on release
-    compiled = query.compiled
-
-    async def sqlalchemy_engine() -> None:  # what the poll ran before db.fast
-        async with engine.connect() as conn:
-            (await conn.execute(query.statement, params)).first()
-
-    async def sqlalchemy_pool_driver_fetch() -> None:  # its pool, asyncpg's fetchrow
-        async with engine.connect() as conn:
-            raw = await conn.get_raw_connection()
-            compiled.row(await raw.driver_connection.fetchrow(compiled.sql, *compiled.args(params)))
-
-    async def asyncpg_default_pool() -> None:
-        async with default_pool.acquire() as conn:
-            compiled.row(await conn.fetchrow(compiled.sql, *compiled.args(params)))
-
-    async def held_connection() -> None:
-        compiled.row(await held.fetchrow(compiled.sql, *compiled.args(params)))
-
-    variants = {
-        "poll_via_sqlalchemy_engine": sqlalchemy_engine,
-        "poll_via_sqlalchemy_pool_driver_fetch": sqlalchemy_pool_driver_fetch,
-        "poll_via_asyncpg_default_pool": asyncpg_default_pool,
-        "poll_on_held_connection": held_connection,
-    }
-    return variants, [engine.dispose, default_pool.close]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calls", type=int, default=3000)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument(
-        "--pools",
-        action="store_true",
-        help="also the poll's statement through SQLAlchemy's async engine, asyncpg's default"
-        " pool and a held connection (what db.fast chose between)",
-    )
     args = parser.parse_args()
     with stack() as s:
         base = s.api()  # for the job to poll; the measured app runs in this process

@@ -24,17 +24,21 @@ def make_async_engine(
     database_url: str, *, pool_size: int = 10, max_overflow: int | None = None
 ) -> AsyncEngine:
     """The same database through an asyncio driver (aiosqlite, asyncpg), reads only:
-    autocommit, no BEGIN/ROLLBACK. The API's hot reads use it on SQLite (the demo), through
-    `db.fast.AsyncReads`, which on Postgres skips it for asyncpg connections of its own;
-    `bench.floor --pools` still measures it on Postgres, as the poll ran before."""
+    autocommit, no BEGIN/ROLLBACK. The API's hot reads use it (`db.fast.AsyncReads`)."""
     url = make_url(database_url)
     sqlite = url.get_backend_name() == "sqlite"
     # asyncpg, not psycopg's async mode: on the status poll it cost 25 % less API CPU a
     # poll (1.50 -> 1.17 ms, side by side under wrk; the README's Performance section).
     url = url.set(drivername="sqlite+aiosqlite" if sqlite else "postgresql+asyncpg")
-    engine = create_async_engine(
-        url, isolation_level="AUTOCOMMIT", **_engine_options(url, pool_size, max_overflow)
-    )
+    options = _engine_options(url, pool_size, max_overflow)
+    if not sqlite:
+        # asyncpg runs every statement prepared. Postgres may then plan it afresh on each
+        # execution instead of keeping its generic plan: for the poll at 100,000 queued jobs
+        # it did, and a poll cost Postgres 0.31-0.46 ms of CPU instead of 0.08-0.11
+        # (`bench.scale`). The hot statements are few and fixed, and
+        # `tests/posegen/test_query_plans.py` holds each one's generic plan to its index.
+        options["connect_args"]["server_settings"] = {"plan_cache_mode": "force_generic_plan"}
+    engine = create_async_engine(url, isolation_level="AUTOCOMMIT", **options)
     if sqlite:
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
     return engine
@@ -49,9 +53,11 @@ def _engine_options(url: URL, pool_size: int, max_overflow: int | None) -> dict[
     return {
         "pool_size": pool_size,
         "max_overflow": 2 * pool_size if max_overflow is None else max_overflow,
-        # No pre-ping (a round trip on every checkout): a connection found dead fails its
-        # request with 503 and SQLAlchemy then discards the whole pool, so the next request
-        # connects afresh.
+        # A connection is pinged when it is checked out: after a restart or failover every
+        # pooled connection is dead, and without the ping each would fail one request (503)
+        # before the pool learned of it. The ping is a round trip per checkout, not per
+        # statement.
+        "pool_pre_ping": True,
         # Waiting for a free connection is load, not an outage: allow it time. A database that
         # does not answer is caught by the connect timeout instead (-> 503 unavailable).
         "pool_timeout": 30,
