@@ -146,13 +146,25 @@ def test_outage_fails_no_job_in_flight_and_refuses_submits(
             worker.tail()
         )
         worker_id = _row(sessions, warm["id"]).worker_id
-        steps = 40
+        steps = 30
         running = submit(client, account, num_inference_steps=steps, strength=1.0, seed=1).json()
         waiting = [submit(client, account, num_inference_steps=4, seed=i).json() for i in (2, 3)]
         ids = [running["id"], *(job["id"] for job in waiting)]
-        poll = f"/v1/generations/{running['id']}"
-        while client.get(poll, headers=account.headers).json()["progress"]["step"] < 1:
-            time.sleep(0.05)
+
+        def step() -> int:
+            job = client.get(f"/v1/generations/{running['id']}", headers=account.headers).json()
+            return int(job["progress"]["step"] or 0)
+
+        def reach(n: int) -> tuple[float, int]:
+            while (at := step()) < n:
+                time.sleep(0.05)
+            return time.monotonic(), at
+
+        # Cut about 3 s before the running job's last step (paced on this machine), so that
+        # its output is due, and the next job's input is read, while storage is gone.
+        t1, s1 = reach(2)
+        t2, s2 = reach(s1 + 5)
+        reach(steps - max(1, round(3 * (s2 - s1) / (t2 - t1))))
         before = _credits(client, account)
 
         proxy.down()
