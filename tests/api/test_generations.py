@@ -16,6 +16,7 @@ JOB_KEYS = {
     "pose_template_id", "credit_cost", "progress", "queue_position", "queue_position_capped",
     "eta_seconds", "outputs",
     "error", "webhook_url", "attempts", "created_at", "started_at", "finished_at",
+    "deleted_at",
 }  # fmt: skip
 
 
