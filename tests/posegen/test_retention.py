@@ -324,6 +324,19 @@ def test_the_sweep_removes_what_finished_jobs_left_and_never_a_running_jobs_phot
     assert row(sessions, ids["completed"]).deleted_at is None
 
 
+def test_beat_sweeps_the_photos_of_a_job_canceled_without_them(
+    quiet_app, make_account, housekeeping, sessions, storage
+):
+    # A cancel leaves the photos to beat's storage sweep (every POSEGEN_RECONCILE_INTERVAL).
+    account = make_account()
+    job_id = submit(quiet_app, account).json()["id"]
+    canceled = quiet_app.post(f"/v1/generations/{job_id}/cancel", headers=account.headers)
+    assert canceled.status_code == 200 and stored(storage, inputs(job_id)[0])
+    assert eventually(lambda: row(sessions, job_id).purged_at is not None), housekeeping.tail()
+    assert not stored(storage, inputs(job_id)[0])
+    assert row(sessions, job_id).deleted_at is None
+
+
 def test_retention_deletes_only_the_outputs_older_than_its_days(
     quiet_app, make_account, sessions, storage, settings
 ):
