@@ -2,10 +2,14 @@
 the status poll, through SQLAlchemy's async engine (asyncpg on Postgres, aiosqlite for the
 demo) and its pool.
 
-Every connection is pinged before use (`pool_pre_ping`), so after a database restart or
-failover, which leaves each pooled connection dead, the first read on each is not the one
-that finds out: it is replaced before the statement runs. A database that refuses
-connections raises SQLAlchemy's OperationalError, which the API answers with 503.
+After a database restart or failover every pooled connection is dead. A read that finds its
+connection dead is run once more: SQLAlchemy has by then invalidated that connection and
+every other one checked out before the failure, so the second try, and every read after it,
+gets a new one. Each read is one SELECT in autocommit, so running it again repeats nothing.
+This costs nothing while the database is up, where a ping at each checkout
+(`pool_pre_ping`, as the sync engine does for its multi-statement transactions) would add a
+round trip to every poll. A database that refuses connections raises SQLAlchemy's
+OperationalError, which the API answers with 503.
 
 A hand-written pool of asyncpg connections stood here before, with SQLAlchemy's statement
 compilation and error translation reached through private APIs. Side by side it bought too
@@ -19,7 +23,7 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeAlias
 
 from sqlalchemy import Select
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from db.session import make_async_engine
@@ -38,10 +42,26 @@ class AsyncReads:
 
     async def first(self, statement: AnySelect, params: Mapping[str, Any]) -> Any:
         """The first row (attributes by column label), or None."""
+        try:
+            return await self._first(statement, params)
+        except DBAPIError as error:
+            if not error.connection_invalidated:
+                raise
+            return await self._first(statement, params)  # on a new connection
+
+    async def all(self, statement: AnySelect, params: Mapping[str, Any]) -> list[Any]:
+        try:
+            return await self._all(statement, params)
+        except DBAPIError as error:
+            if not error.connection_invalidated:
+                raise
+            return await self._all(statement, params)
+
+    async def _first(self, statement: AnySelect, params: Mapping[str, Any]) -> Any:
         async with self._connect(statement, params) as conn:
             return (await conn.execute(statement, dict(params))).first()
 
-    async def all(self, statement: AnySelect, params: Mapping[str, Any]) -> list[Any]:
+    async def _all(self, statement: AnySelect, params: Mapping[str, Any]) -> list[Any]:
         async with self._connect(statement, params) as conn:
             return list((await conn.execute(statement, dict(params))).all())
 
