@@ -146,24 +146,25 @@ def test_outage_fails_no_job_in_flight_and_refuses_submits(
             worker.tail()
         )
         worker_id = _row(sessions, warm["id"]).worker_id
-        steps = 30
+        # Few steps: on a busy CPU a step of the tiny model can take a second, and the job's
+        # time limit is a minute.
+        steps = 15
         running = submit(client, account, num_inference_steps=steps, strength=1.0, seed=1).json()
         waiting = [submit(client, account, num_inference_steps=4, seed=i).json() for i in (2, 3)]
         ids = [running["id"], *(job["id"] for job in waiting)]
 
-        def step() -> int:
-            job = client.get(f"/v1/generations/{running['id']}", headers=account.headers).json()
-            return int(job["progress"]["step"] or 0)
-
         def reach(n: int) -> tuple[float, int]:
-            while (at := step()) < n:
+            while True:
+                job = client.get(f"/v1/generations/{running['id']}", headers=account.headers).json()  # fmt: skip
+                assert job["status"] in ("queued", "processing"), (job, worker.tail())
+                if (at := int(job["progress"]["step"] or 0)) >= n:
+                    return time.monotonic(), at
                 time.sleep(0.05)
-            return time.monotonic(), at
 
         # Cut about 3 s before the running job's last step (paced on this machine), so that
         # its output is due, and the next job's input is read, while storage is gone.
         t1, s1 = reach(2)
-        t2, s2 = reach(s1 + 5)
+        t2, s2 = reach(s1 + 3)
         reach(steps - max(1, round(3 * (s2 - s1) / (t2 - t1))))
         before = _credits(client, account)
 

@@ -9,11 +9,21 @@ import boto3
 import httpx
 import pytest
 import redis
+from botocore.exceptions import ClientError
 from PIL import Image
 
+from posegen.errors import StorageUnavailable
 from posegen.storage.base import check_key
 from posegen.storage.s3 import S3Storage
-from tests.conftest import Proc, astronaut_png, redis_db, settings_from, submit, wait_for
+from tests.conftest import (
+    Proc,
+    astronaut_png,
+    free_port,
+    redis_db,
+    settings_from,
+    submit,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 BUCKET = "posegen-test"
@@ -75,6 +85,21 @@ def test_storage_roundtrip_and_presigned_url(s3_env, moto):
     storage.delete("outputs/x/0.png")
     with pytest.raises(ValueError):
         check_key("../etc/passwd")
+
+
+def test_an_unreachable_store_is_unavailable_and_a_missing_key_is_not(s3_env, moto):
+    """An outage is a 503 the caller may retry (and a worker waits out); a key that is not
+    there is a real error, not an outage."""
+    with pytest.raises(ClientError) as missing:
+        S3Storage(bucket=BUCKET, prefix="unit", endpoint_url=moto).get("outputs/none/0.png")
+    assert missing.value.response["Error"]["Code"] == "NoSuchKey"
+    down = S3Storage(bucket=BUCKET, endpoint_url=f"http://127.0.0.1:{free_port()}")
+    for call in (lambda: down.put("inputs/x/image.png", b"png"), down.check):
+        with pytest.raises(StorageUnavailable) as caught:
+            call()
+        error = caught.value
+        assert (error.status, error.code) == (503, "unavailable")
+        assert int(error.headers["Retry-After"]) > 0
 
 
 def test_job_output_redirects_to_a_presigned_url(s3_env, s3_worker, db_engine, make_account, moto):
