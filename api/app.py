@@ -133,6 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Each holds its connection for one round trip and waits for one without holding a
         # thread, so a fixed number of connections serves them all.
         app.state.async_reads = AsyncReads(settings.database_url, pool_size=settings.api_threads)
+        await app.state.async_reads.start()
         app.state.storage = storage_from_settings(settings)
         app.state.dispatcher = Dispatcher(make_producer(settings))
         app.state.metrics = Metrics()

@@ -103,14 +103,14 @@ def hot_queries(
         # The caller's newest job is behind the whole queue: with the process's cut-off the
         # count is skipped; without one (fewer than POSITION_CAP queued) it is counted.
         "poll (key + job + queue position, one query), job behind the cut-off": (
-            jobs._POLL,
+            jobs._POLL.statement,
             poll | cutoff,
         ),
         "poll, the same job counted (no cut-off known)": (
-            jobs._POLL,
+            jobs._POLL.statement,
             poll | jobs._NO_CUTOFF,
         ),
-        "queue cut-off (each API process, once a second)": (jobs._CUTOFF, {}),
+        "queue cut-off (each API process, once a second)": (jobs._CUTOFF.statement, {}),
         "submit: model + template": (
             catalog._CHOICES,
             {"model_key": "tiny-sd15-openpose", "ref": "standing", "ref_id": None},

@@ -1,82 +1,165 @@
 """The API's hot reads, awaited on the event loop: the key check in front of every route and
-the status poll, through SQLAlchemy's async engine (asyncpg on Postgres, aiosqlite for the
-demo) and its pool.
+the status poll. On Postgres they run on asyncpg's own pool, each a statement compiled once
+(`DriverQuery`); elsewhere (aiosqlite: the demo) on SQLAlchemy's async engine.
 
-After a database restart or failover every pooled connection is dead. A read that finds its
-connection dead is run once more: SQLAlchemy has by then invalidated that connection and
-every other one checked out before the failure, so the second try, and every read after it,
-gets a new one. Each read is one SELECT in autocommit, so running it again repeats nothing.
-This costs nothing while the database is up, where a ping at each checkout
-(`pool_pre_ping`, as the sync engine does for its multi-statement transactions) would add a
-round trip to every poll. A database that refuses connections raises SQLAlchemy's
+Why not SQLAlchemy's async engine on Postgres too: side by side under wrk, the status route
+served 1,591 and 1,625 requests/s through it against 2,212 and 2,851 through asyncpg
+(README, Performance). Its execution layer (a greenlet hop per checkout, the result
+machinery) costs more than the poll's query. What SQLAlchemy did for these reads is done
+with public APIs: the statement's SQL and parameter order from its compiler, the values
+asyncpg cannot take as they are (UUIDs, JSON) by asyncpg codecs, the rows' attribute access
+by a record class, and the errors that mean the database is gone raised as SQLAlchemy's
 OperationalError, which the API answers with 503.
 
-A hand-written pool of asyncpg connections stood here before, with SQLAlchemy's statement
-compilation and error translation reached through private APIs. Side by side it bought too
-little of the status route's requests per second to keep (README, Performance).
+After a restart or failover every pooled connection is dead. asyncpg learns of it from the
+socket's end (the server closes it) and its pool replaces a closed connection at the next
+acquire, so no request after the database is back fails, and nothing is paid while it is up
+(a ping at each checkout would add a round trip to every poll).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, TypeAlias
 
-from sqlalchemy import Select
-from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncConnection
-
-from db.session import make_async_engine
+import asyncpg
+from sqlalchemy import Select, make_url
+from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 AnySelect: TypeAlias = "Select[*tuple[Any, ...]]"
 
+# asyncpg runs every statement prepared. Postgres may then plan it afresh on each execution
+# instead of keeping its generic plan: for the poll at 100,000 queued jobs it did, and a poll
+# cost Postgres 0.31-0.46 ms of CPU instead of 0.08-0.11 (`bench.scale`). The statements here
+# are few and fixed, and `tests/posegen/test_query_plans.py` holds each one's generic plan to
+# its index, so these connections always take the generic plan.
+_SERVER_SETTINGS = {"plan_cache_mode": "force_generic_plan"}
+
+# What tells that the database, or the connection to it, is gone: the socket's errors, a
+# closed connection, a server that is starting, shutting down or full, a backend terminated.
+_GONE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+)
+
+
+class DriverQuery:
+    """A SELECT for `AsyncReads`: the SQL and parameter order asyncpg takes, from
+    SQLAlchemy's compiler for asyncpg, compiled on first use."""
+
+    def __init__(self, statement: AnySelect) -> None:
+        self.statement = statement
+        self._compiled: Any = None
+
+    def sql_and_args(self, params: Mapping[str, Any]) -> tuple[str, list[Any]]:
+        if self._compiled is None:
+            self._compiled = self.statement.compile(dialect=asyncpg_dialect.dialect())
+        values = self._compiled.construct_params(params)
+        return self._compiled.string, [values[name] for name in self._compiled.positiontup]
+
+
+class _Row(asyncpg.Record):  # type: ignore[misc]
+    """A record whose columns read as attributes too, as SQLAlchemy's rows do."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+async def _codecs(connection: asyncpg.Connection) -> None:
+    """UUIDs as strings and JSON decoded, as the SQLAlchemy models read them."""
+    await connection.set_type_codec(
+        "uuid", encoder=str, decoder=str, schema="pg_catalog", format="text"
+    )
+    for name in ("json", "jsonb"):
+        await connection.set_type_codec(
+            name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+        )
+
+
+async def _no_reset(_: asyncpg.Connection) -> None:
+    """Every read is one statement in autocommit: a returned connection holds no session
+    state, and the pool's default reset would cost a round trip on every release."""
+
 
 class AsyncReads:
-    """Single-statement reads on the event loop, each on a pooled autocommit connection."""
+    """Single-statement reads on the event loop. `first` / `all` take a `DriverQuery`."""
 
     def __init__(self, database_url: str, *, pool_size: int) -> None:
-        self._engine = make_async_engine(database_url, pool_size=pool_size, max_overflow=0)
+        url = make_url(database_url)
+        self._pool: asyncpg.Pool | None = None
+        self._engine: AsyncEngine | None = None
+        self._pool_size = pool_size
+        if url.get_backend_name() == "postgresql":
+            self._dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        else:
+            from db.session import make_async_engine
+
+            self._engine = make_async_engine(database_url, pool_size=pool_size, max_overflow=0)
+
+    async def start(self) -> None:
+        # No connection at start-up (min_size 0): an API that starts while the database is
+        # down answers 503 until it is back, instead of not starting.
+        if self._engine is None:
+            self._pool = await asyncpg.create_pool(
+                self._dsn,
+                min_size=0,
+                max_size=self._pool_size,
+                init=_codecs,
+                reset=_no_reset,
+                record_class=_Row,
+                timeout=5,
+                server_settings=_SERVER_SETTINGS,
+            )
 
     async def close(self) -> None:
-        await self._engine.dispose()
+        if self._pool is not None:
+            await self._pool.close()
+        if self._engine is not None:
+            await self._engine.dispose()
 
-    async def first(self, statement: AnySelect, params: Mapping[str, Any]) -> Any:
+    async def first(self, query: DriverQuery, params: Mapping[str, Any]) -> Any:
         """The first row (attributes by column label), or None."""
+        if self._engine is not None:
+            async with self._sqlalchemy(query) as conn:
+                return (await conn.execute(query.statement, dict(params))).first()
+        return await self._run("fetchrow", query, params)
+
+    async def all(self, query: DriverQuery, params: Mapping[str, Any]) -> list[Any]:
+        if self._engine is not None:
+            async with self._sqlalchemy(query) as conn:
+                return list((await conn.execute(query.statement, dict(params))).all())
+        return list(await self._run("fetch", query, params))
+
+    async def _run(self, method: str, query: DriverQuery, params: Mapping[str, Any]) -> Any:
+        assert self._pool is not None, "AsyncReads.start() was not awaited"
+        sql, args = query.sql_and_args(params)
         try:
-            return await self._first(statement, params)
-        except DBAPIError as error:
-            if not error.connection_invalidated:
-                raise
-            return await self._first(statement, params)  # on a new connection
-
-    async def all(self, statement: AnySelect, params: Mapping[str, Any]) -> list[Any]:
-        try:
-            return await self._all(statement, params)
-        except DBAPIError as error:
-            if not error.connection_invalidated:
-                raise
-            return await self._all(statement, params)
-
-    async def _first(self, statement: AnySelect, params: Mapping[str, Any]) -> Any:
-        async with self._connect(statement, params) as conn:
-            return (await conn.execute(statement, dict(params))).first()
-
-    async def _all(self, statement: AnySelect, params: Mapping[str, Any]) -> list[Any]:
-        async with self._connect(statement, params) as conn:
-            return list((await conn.execute(statement, dict(params))).all())
+            async with self._pool.acquire() as conn:
+                return await getattr(conn, method)(sql, *args)
+        except _GONE as error:
+            raise OperationalError(sql, dict(params), error) from error
 
     @asynccontextmanager
-    async def _connect(
-        self, statement: AnySelect, params: Mapping[str, Any]
-    ) -> AsyncIterator[AsyncConnection]:
-        """A pooled connection. asyncpg lets a refused or timed-out connect through as the
-        socket's own error (psycopg raises OperationalError): it is raised as SQLAlchemy's
-        OperationalError here, so that the API answers 503 for it as for any lost database."""
+    async def _sqlalchemy(self, query: DriverQuery) -> AsyncIterator[AsyncConnection]:
+        assert self._engine is not None
         connection = self._engine.connect()
         try:
             await connection.start()
-        except (OSError, TimeoutError) as error:
-            raise OperationalError(str(statement), dict(params), error) from error
+        except (OSError, TimeoutError) as error:  # aiosqlite cannot open the file
+            raise OperationalError(str(query.statement), {}, error) from error
         try:
             yield connection
         finally:

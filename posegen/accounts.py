@@ -13,7 +13,7 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, make_transient_to_detached
 
-from db.fast import AsyncReads
+from db.fast import AsyncReads, DriverQuery
 from db.models import TIERS, ApiKey, User
 from db.types import utcnow
 from posegen.catalog import is_uuid
@@ -135,7 +135,7 @@ def live_key(row: RowT | None) -> RowT:
 
 # The key check in front of every route but the poll: the key and its user in one row, run on
 # the event loop (an async dependency: no thread hop) through `AsyncReads`.
-_KEY_USER = (
+_KEY_USER = DriverQuery(
     select(ApiKey.revoked_at, *User.__table__.c)
     .join(User, User.id == ApiKey.user_id)
     .where(ApiKey.key_hash == bindparam("key_hash"))

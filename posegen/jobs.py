@@ -33,7 +33,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, SessionTransaction
 
-from db.fast import AsyncReads
+from db.fast import AsyncReads, DriverQuery
 from db.models import (
     TERMINAL_STATUSES,
     AiModel,
@@ -505,7 +505,7 @@ _AHEAD = select(
     )
 )
 
-_CUTOFF = (
+_CUTOFF = DriverQuery(
     select(literal_column("9 - generations.priority", Integer), Generation.created_at)
     .select_from(Generation.__table__)
     .where(status_is(Generation.status, "queued"))
@@ -539,7 +539,7 @@ def queue_cutoff(db: Session | Connection) -> dict[str, Any]:
     cached = _cached_cutoff()
     if cached is not None:
         return cached
-    return _remember_cutoff(db.execute(_CUTOFF).first())
+    return _remember_cutoff(db.execute(_CUTOFF.statement).first())
 
 
 async def _queue_cutoff_async(reads: AsyncReads) -> dict[str, Any]:
@@ -574,7 +574,7 @@ def recent_run_seconds(db: Session | Connection, model_key: str) -> float | None
     cached = _RUN_SECONDS.get(model_key)
     if cached is not None and time.monotonic() - cached[0] < RUN_SECONDS_TTL:
         return cached[1]
-    rows = db.execute(_RECENT_RUNS, {"model_key": model_key}).all()
+    rows = db.execute(_RECENT_RUNS.statement, {"model_key": model_key}).all()
     return _remember_run_seconds(model_key, rows)
 
 
@@ -600,7 +600,7 @@ def recent_runs(model_key: Any) -> Select[dt.datetime | None, dt.datetime | None
     )
 
 
-_RECENT_RUNS = recent_runs(bindparam("model_key"))
+_RECENT_RUNS = DriverQuery(recent_runs(bindparam("model_key")))
 
 
 def _remember_run_seconds(model_key: str, rows: Any) -> float | None:
@@ -643,7 +643,7 @@ def _poll_statement() -> Any:
     )
 
 
-_POLL = _poll_statement()
+_POLL = DriverQuery(_poll_statement())
 
 
 async def poll(reads: AsyncReads, *, authorization: str | None, job_id: str) -> dict[str, Any]:

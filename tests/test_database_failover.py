@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.orm import Session
 
@@ -28,10 +29,10 @@ from db.models import CreditLedger, Generation, User
 from db.session import make_session_factory
 from posegen import accounts
 from posegen.cli.common import upgrade_database
-from tests.api.conftest import QUIET_REDIS_URL
-from tests.conftest import free_port, png_bytes, seeded_engine, start_api
+from tests.conftest import free_port, png_bytes, redis_db, seeded_engine, start_api
 
 pytestmark = pytest.mark.slow
+FAILOVER_BROKER = redis_db(7)  # its own: no worker takes these jobs, no other test counts them
 
 
 class PrivateServer:
@@ -115,10 +116,11 @@ def db_engine(server):
 
 @pytest.fixture(scope="module")
 def api(base_env, server, db_engine, process_logs) -> Iterator[str]:
-    env = {**base_env, "POSEGEN_DATABASE_URL": server.url, "POSEGEN_BROKER_URL": QUIET_REDIS_URL}
+    env = {**base_env, "POSEGEN_DATABASE_URL": server.url, "POSEGEN_BROKER_URL": FAILOVER_BROKER}
     proc, base = start_api(env, process_logs / "api-failover.log")
     yield base
     proc.stop()
+    redis.Redis.from_url(FAILOVER_BROKER).flushdb()
 
 
 @pytest.fixture

@@ -12,33 +12,39 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 from PIL import Image
 from sqlalchemy import func, insert, select
 
 from db.models import CreditLedger, Generation, IdempotencyKey, User
 from posegen import credits
-from tests.api.conftest import QUIET_REDIS_URL
-from tests.conftest import png_bytes, settings_from, start_api
+from tests.conftest import png_bytes, redis_db, settings_from, start_api
 
 FREE_LIMIT = 30
 
 
 # Jobs of this module stay queued: its own database, so no reconciler of the session publishes
-# them to a worker; its API publishes to a Redis DB no worker listens on.
+# them to a worker; its API publishes to a Redis DB of its own that no worker listens on. Its
+# own storage root too, so that the stored inputs counted are this module's.
+RACES_BROKER = redis_db(8)
+
+
 @pytest.fixture(scope="module")
 def db_engine(module_db_engine):
     return module_db_engine
 
 
 @pytest.fixture(scope="module")
-def env(base_env, module_db):
-    return {
+def env(base_env, module_db, tmp_path_factory):
+    yield {
         **base_env,
         "POSEGEN_DATABASE_URL": module_db,
-        "POSEGEN_BROKER_URL": QUIET_REDIS_URL,
+        "POSEGEN_BROKER_URL": RACES_BROKER,
+        "POSEGEN_STORAGE_URL": f"file://{tmp_path_factory.mktemp('races-storage')}",
         # Only the free tier named: the other tiers keep their defaults.
         "POSEGEN_RATE_LIMIT_PER_MINUTE": f"free={FREE_LIMIT}",
     }
+    redis.Redis.from_url(RACES_BROKER).flushdb()
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +86,12 @@ def _race(n: int, fn) -> list[httpx.Response]:
         return list(pool.map(fn, range(n)))
 
 
+def _input_dirs(storage_root: Path) -> set[str]:
+    """The jobs that have inputs in storage (a folder each)."""
+    inputs = storage_root / "inputs"
+    return {p.name for p in inputs.iterdir()} if inputs.exists() else set()
+
+
 def _stored(sessions, user_id: str) -> dict[str, object]:
     """What the database holds for a user: jobs, ledger rows by kind, balance, keys."""
     with sessions() as s:
@@ -103,6 +115,7 @@ def test_racing_replays_leave_one_charged_job_and_cancel_refunds_only_it(
 ):
     account = make_account(credits=5)
     image = _big_png()
+    before = _input_dirs(storage_root)
     answers = _race(
         10, lambda _: _post(api, account.key, image=image, headers={"Idempotency-Key": "k-1"})
     )
@@ -115,7 +128,7 @@ def test_racing_replays_leave_one_charged_job_and_cancel_refunds_only_it(
     listed = httpx.get(f"{api}/v1/generations", headers=account.headers).json()["items"]
     assert [j["id"] for j in listed] == [job_id]
     # The losers stored no input: the one job's inputs are all there is.
-    assert sorted(p.name for p in (storage_root / "inputs").iterdir()) == [job_id]
+    assert _input_dirs(storage_root) - before == {job_id}
 
     canceled = httpx.post(f"{api}/v1/generations/{job_id}/cancel", headers=account.headers)
     assert canceled.status_code == 200, canceled.text
@@ -161,9 +174,10 @@ def test_a_job_never_charged_refunds_nothing(api, make_account, sessions):
     assert _stored(sessions, account.user_id) == stored
 
 
-def test_rate_limit_is_exact_under_concurrency(api, make_account, sessions):
+def test_rate_limit_is_exact_under_concurrency(api, make_account, sessions, storage_root):
     account = make_account(credits=1000)
     image = png_bytes()
+    before = _input_dirs(storage_root)
     answers = _race(60, lambda _: _post(api, account.key, image=image))
     codes = Counter(r.status_code for r in answers)
     assert codes == {202: FREE_LIMIT, 429: 60 - FREE_LIMIT}, codes
@@ -174,17 +188,25 @@ def test_rate_limit_is_exact_under_concurrency(api, make_account, sessions):
     assert len(stored["jobs"]) == FREE_LIMIT
     assert stored["ledger"] == {"charge": FREE_LIMIT}
     assert stored["credits"] == 1000 - FREE_LIMIT
+    # A submit refused at the second count had stored its input: it went with the rollback.
+    assert _input_dirs(storage_root) - before == set(stored["jobs"])
 
 
-def test_another_users_submits_do_not_wait_on_a_limited_user(api, make_account):
-    """The exact count locks one user's row: a second user is served while the first races."""
-    busy, other = make_account(credits=1000), make_account(credits=10)
-    image = png_bytes()
-    with ThreadPoolExecutor(max_workers=41) as pool:
-        flood = [pool.submit(_post, api, busy.key, image=image) for _ in range(40)]
-        mine = pool.submit(_post, api, other.key, image=image)
-        assert mine.result().status_code == 202
-        assert sorted({f.result().status_code for f in flood}) == [202, 429]
+def test_the_exact_count_does_not_make_other_users_wait(api, make_account, sessions):
+    """The second count holds only the caller's own row: while one user's row is locked (as
+    a submit of theirs holds it until its commit), that user's next submit waits for it and
+    another user's submit goes through."""
+    busy, other = make_account(credits=10), make_account(credits=10)
+    with sessions() as s, ThreadPoolExecutor(max_workers=2) as pool:
+        s.execute(select(User.id).where(User.id == busy.user_id).with_for_update(key_share=True))
+        waiting = pool.submit(_post, api, busy.key, image=png_bytes())
+        mine = _post(api, other.key, image=png_bytes())
+        assert mine.status_code == 202, mine.text
+        assert not waiting.done()  # held at the busy user's row
+        s.rollback()
+        assert waiting.result().status_code == 202
+    assert len(_stored(sessions, busy.user_id)["jobs"]) == 1
+    assert len(_stored(sessions, other.user_id)["jobs"]) == 1
 
 
 def test_cheap_refusals_come_before_decoding_and_dns(api, make_account, sessions):

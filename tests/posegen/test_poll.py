@@ -26,6 +26,7 @@ def _poll(s: Session, *, authorization: str | None, job_id: str) -> dict[str, An
 
     async def go() -> dict[str, Any]:
         reads = AsyncReads(url, pool_size=2)
+        await reads.start()
         try:
             return await jobs.poll(reads, authorization=authorization, job_id=job_id)
         finally:

@@ -39,9 +39,9 @@ def conn(db_engine: Engine) -> Iterator[Connection]:
 # index at size: see `python -m bench.scale`); both need the status at planning time.
 QUEUE = ("ix_generations_queue", "ix_generations_active")
 HOT = {
-    "poll": (jobs._POLL, {"job_id": ANY_ID, "key_hash": "x"} | jobs._NO_CUTOFF, QUEUE),
+    "poll": (jobs._POLL.statement, {"job_id": ANY_ID, "key_hash": "x"} | jobs._NO_CUTOFF, QUEUE),
     "queue position": (jobs._AHEAD, {"order": 4, "created_at": NOW} | jobs._NO_CUTOFF, QUEUE),
-    "queue cut-off": (jobs._CUTOFF, {}, ("ix_generations_queue",)),
+    "queue cut-off": (jobs._CUTOFF.statement, {}, ("ix_generations_queue",)),
     "eta": (jobs.recent_runs("tiny-sd15-openpose"), {}, ("ix_generations_model_finished",)),
     "list": (
         jobs.list_statement(ANY_ID, status=None, limit=20, cursor=None),
