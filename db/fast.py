@@ -1,24 +1,21 @@
 """The API's hot reads, awaited on the event loop: the key check in front of every route and
-the status poll. On Postgres they run on asyncpg's own pool, each a statement compiled once
-(`DriverQuery`); elsewhere (aiosqlite: the demo) on SQLAlchemy's async engine.
+the status poll. On Postgres they run on asyncpg connections of the API's own (`_Pool`), each
+a statement compiled once (`DriverQuery`); elsewhere (aiosqlite: the demo) on SQLAlchemy's
+async engine.
 
-Why not SQLAlchemy's async engine on Postgres too: side by side under wrk, the status route
-served 1,591 and 1,625 requests/s through it against 2,212 and 2,851 through asyncpg
-(README, Performance). Its execution layer (a greenlet hop per checkout, the result
-machinery) costs more than the poll's query. What SQLAlchemy did for these reads is done
-with public APIs: the statement's SQL and parameter order from its compiler, the values
-asyncpg cannot take as they are (UUIDs, JSON) by asyncpg codecs, the rows' attribute access
-by a record class, and the errors that mean the database is gone raised as SQLAlchemy's
-OperationalError, which the API answers with 503.
-
-After a restart or failover every pooled connection is dead. asyncpg learns of it from the
-socket's end (the server closes it) and its pool replaces a closed connection at the next
-acquire, so no request after the database is back fails, and nothing is paid while it is up
-(a ping at each checkout would add a round trip to every poll).
+Why a pool of its own: side by side under wrk (`python -m bench.api`, three runs a tree, two
+trees in turn), the status route served 2,972 and 2,490 requests/s with it, 2,282 and 2,081
+through asyncpg's pool (its acquire and release bookkeeping) and 1,877 and 1,412 through
+SQLAlchemy's async engine (its execution layer, a greenlet hop per checkout): README,
+Performance. What SQLAlchemy did for these reads is done with public APIs: the statement's
+SQL and parameter order from its compiler, the values asyncpg cannot take as they are (UUIDs,
+JSON) by asyncpg codecs, the rows' attribute access by a record class, and the errors that
+mean the database is gone raised as SQLAlchemy's OperationalError, which the API answers 503.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -89,9 +86,58 @@ async def _codecs(connection: asyncpg.Connection) -> None:
         )
 
 
-async def _no_reset(_: asyncpg.Connection) -> None:
-    """Every read is one statement in autocommit: a returned connection holds no session
-    state, and the pool's default reset would cost a round trip on every release."""
+class _Pool:
+    """At most `size` asyncpg connections, opened when first needed and reused last in,
+    first out: a semaphore and a list. Every read is one statement in autocommit, so a
+    returned connection holds no session state to reset.
+
+    After a restart or failover every idle connection is dead. asyncpg marks a connection
+    closed as soon as the server's end of its socket closes, so one found closed is dropped
+    and the next taken (a new one opened if none is left): no request after the database is
+    back fails, and nothing is paid while it is up (a ping at each checkout would add a round
+    trip to every poll). A connection whose statement raised is closed, not reused."""
+
+    def __init__(self, dsn: str, size: int) -> None:
+        self._dsn = dsn
+        self._slots = asyncio.Semaphore(size)
+        self._idle: list[asyncpg.Connection] = []
+
+    async def _connect(self) -> asyncpg.Connection:
+        conn = await asyncpg.connect(
+            self._dsn, timeout=5, server_settings=_SERVER_SETTINGS, record_class=_Row
+        )
+        try:
+            await _codecs(conn)
+        except BaseException:
+            conn.terminate()
+            raise
+        return conn
+
+    async def _take(self) -> asyncpg.Connection:
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.is_closed():
+                return conn
+        return await self._connect()
+
+    @asynccontextmanager
+    async def acquire(self) -> AsyncIterator[asyncpg.Connection]:
+        async with self._slots:
+            conn = await self._take()
+            reusable = False
+            try:
+                yield conn
+                reusable = not conn.is_closed()
+            finally:
+                if reusable:
+                    self._idle.append(conn)
+                else:
+                    conn.terminate()
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.close(timeout=5)
 
 
 class AsyncReads:
@@ -99,7 +145,7 @@ class AsyncReads:
 
     def __init__(self, database_url: str, *, pool_size: int) -> None:
         url = make_url(database_url)
-        self._pool: asyncpg.Pool | None = None
+        self._pool: _Pool | None = None
         self._engine: AsyncEngine | None = None
         self._pool_size = pool_size
         if url.get_backend_name() == "postgresql":
@@ -110,19 +156,10 @@ class AsyncReads:
             self._engine = make_async_engine(database_url, pool_size=pool_size, max_overflow=0)
 
     async def start(self) -> None:
-        # No connection at start-up (min_size 0): an API that starts while the database is
-        # down answers 503 until it is back, instead of not starting.
+        # No connection at start-up: an API that starts while the database is down answers
+        # 503 until it is back, instead of not starting.
         if self._engine is None:
-            self._pool = await asyncpg.create_pool(
-                self._dsn,
-                min_size=0,
-                max_size=self._pool_size,
-                init=_codecs,
-                reset=_no_reset,
-                record_class=_Row,
-                timeout=5,
-                server_settings=_SERVER_SETTINGS,
-            )
+            self._pool = _Pool(self._dsn, self._pool_size)
 
     async def close(self) -> None:
         if self._pool is not None:
