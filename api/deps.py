@@ -95,7 +95,9 @@ async def current_user(
     # signature still says it takes a key.
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> User:
-    user: User = request.state.user
+    user: User | None = getattr(request.state, "user", None)
+    if user is None:  # a route outside a `KeyFirstRoute` router
+        user = await authenticate(request.app.state.async_reads, authorization)
     return user
 
 

@@ -76,10 +76,11 @@ def charge(session: Session, *, user_id: str, generation_id: str, amount: int) -
         "now": utcnow(),
     }
     session.execute(_CHARGE_ROW, params)
-    if amount > 0:
-        result = session.execute(_DEBIT, params, execution_options=_NO_SYNC)
-        if result.rowcount != 1:  # type: ignore[attr-defined]
-            raise InsufficientCredits(_short(amount))
+    # Also for a free job: the UPDATE takes the user's row lock, which the rate limit's
+    # exact count relies on.
+    result = session.execute(_DEBIT, params, execution_options=_NO_SYNC)
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        raise InsufficientCredits(_short(amount))
 
 
 # A refund is the job's charge given back, in one statement: the refund row is copied from the

@@ -288,22 +288,25 @@ def _store_inputs(session: Session, storage: Storage, inputs: dict[str, bytes]) 
     """Put a job's inputs in storage, and take them out again if its transaction does not
     commit (a refused charge, the rate limit's second count, a failed commit): storage is not
     part of the transaction, so the session's rollback removes what this stored."""
+    # Listening for the session's life: the keys are forgotten at the commit, and removed at
+    # the rollback of the whole transaction (not of a savepoint), whichever comes first.
     stored: list[str] = []
 
-    def forget(_: Session) -> None:
+    def committed(_: Session) -> None:
         stored.clear()
 
-    def remove(_: Session, previous: SessionTransaction) -> None:
-        if previous.parent is None:  # the whole transaction, not a savepoint
-            for key in stored:
-                try:
-                    storage.delete(key)
-                except (OSError, PosegenError) as error:  # storage down: the rollback stands
-                    log.warning("could not remove an uncommitted input %s: %s", key, error)
-            stored.clear()
+    def rolled_back(_: Session, previous: SessionTransaction) -> None:
+        if previous.parent is not None:  # a savepoint: the transaction goes on
+            return
+        for key in stored:
+            try:
+                storage.delete(key)
+            except (OSError, PosegenError) as error:  # storage down: the rollback stands
+                log.warning("could not remove an uncommitted input %s: %s", key, error)
+        stored.clear()
 
-    event.listen(session, "after_commit", forget, once=True)
-    event.listen(session, "after_soft_rollback", remove, once=True)
+    event.listen(session, "after_commit", committed)
+    event.listen(session, "after_soft_rollback", rolled_back)
     for key, data in inputs.items():
         storage.put(key, data)
         stored.append(key)
