@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import Connection, Engine, select
 from sqlalchemy.orm import Session
 
 from db.models import AiModel, Generation, new_id
@@ -83,3 +83,14 @@ def make_job(
     session.add(job)
     session.flush()
     return job.id
+
+
+@pytest.fixture
+def conn(db_engine: Engine) -> Iterator[Connection]:
+    """A connection on which Postgres uses an index wherever it can: a plan that still
+    scans the table has no index to use."""
+    with db_engine.connect() as c:
+        c.exec_driver_sql("SET enable_seqscan = off")
+        yield c
+        c.exec_driver_sql("RESET enable_seqscan")
+        c.rollback()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,15 +23,6 @@ from posegen import accounts, jobs, ratelimit, reconciler, webhooks
 
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 ANY_ID = "00000000-0000-4000-8000-000000000000"
-
-
-@pytest.fixture
-def conn(db_engine: Engine) -> Iterator[Connection]:
-    with db_engine.connect() as c:
-        c.exec_driver_sql("SET enable_seqscan = off")
-        yield c
-        c.exec_driver_sql("RESET enable_seqscan")
-        c.rollback()
 
 
 # The queue's count may read either partial index on a near-empty table (the queue order

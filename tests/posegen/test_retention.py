@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from sqlalchemy import Connection, Engine, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import CreditLedger, Generation, User, WebhookDelivery
@@ -376,15 +376,6 @@ def test_retention_deletes_only_the_outputs_older_than_its_days(
 
 
 # -- the sweep's queries -------------------------------------------------------------------------
-
-
-@pytest.fixture
-def conn(db_engine: Engine) -> Iterator[Connection]:
-    with db_engine.connect() as c:
-        c.exec_driver_sql("SET enable_seqscan = off")
-        yield c
-        c.exec_driver_sql("RESET enable_seqscan")
-        c.rollback()
 
 
 @pytest.mark.parametrize(
