@@ -139,15 +139,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.metrics = Metrics()
         app.state.metrics.watch_queue(lambda: _active_counts(app), lambda: _queue_depths(app))
         # What start-up made lives as long as the process: out of the collector's way, so a
-        # full collection under load scans only what requests allocate (status p99 at 4
-        # clients: see the README).
+        # full collection under load scans only what requests allocate (the status route's
+        # p99: bench.api).
         gc.collect()
         gc.freeze()
         # And collect the young generation every 50,000 allocations instead of 700. With 700,
-        # the objects of the requests in flight at each young collection (thousands a second
-        # at 2,000 polls/s) were promoted to the old generation, which made Python run a full
-        # collection (10-18 ms on the dev VM, every 2 s) in the middle of them: status p99 at
-        # 16 clients 25 -> 13 ms, side by side (README, Performance).
+        # the objects of the requests in flight at each young collection were promoted to the
+        # old generation, which made Python run full collections in the middle of them: the
+        # status route's p99 roughly doubled under load (bench.api, side by side).
         gc.set_threshold(50_000, 20, 10)
         yield
         await app.state.async_reads.close()

@@ -3,11 +3,11 @@ the status poll. On Postgres they run on asyncpg connections of the API's own (`
 a statement compiled once (`DriverQuery`); elsewhere (aiosqlite: the demo) on SQLAlchemy's
 async engine.
 
-Why a pool of its own: side by side under wrk (`python -m bench.api`, three runs a tree, two
-trees in turn), the status route served 2,972 and 2,490 requests/s with it, 2,282 and 2,081
-through asyncpg's pool (its acquire and release bookkeeping) and 1,877 and 1,412 through
-SQLAlchemy's async engine (its execution layer, a greenlet hop per checkout): README,
-Performance. What SQLAlchemy did for these reads is done with public APIs: the statement's
+Why a pool of its own: side by side under wrk (`python -m bench.api`, trees in turn), the
+status route served about a fifth more requests a second with it than through asyncpg's pool
+(its acquire and release bookkeeping) and about half as many again as through SQLAlchemy's
+async engine (its execution layer, a greenlet hop per checkout); the figures are in the
+README's Performance section. What SQLAlchemy did for these reads is done with public APIs: the statement's
 SQL and parameter order from its compiler, the values asyncpg cannot take as they are (UUIDs,
 JSON) by asyncpg codecs, the rows' attribute access by a record class, and the errors that
 mean the database is gone raised as SQLAlchemy's OperationalError, which the API answers 503.
@@ -30,8 +30,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 AnySelect: TypeAlias = "Select[*tuple[Any, ...]]"
 
 # asyncpg runs every statement prepared. Postgres may then plan it afresh on each execution
-# instead of keeping its generic plan: for the poll at 100,000 queued jobs it did, and a poll
-# cost Postgres 0.31-0.46 ms of CPU instead of 0.08-0.11 (`bench.scale`). The statements here
+# instead of keeping its generic plan: for the poll at a long queue it did, and a poll cost
+# Postgres several times the CPU (`bench.scale`). The statements here
 # are few and fixed, and `tests/posegen/test_query_plans.py` holds each one's generic plan to
 # its index, so these connections always take the generic plan.
 _SERVER_SETTINGS = {"plan_cache_mode": "force_generic_plan"}

@@ -145,7 +145,7 @@ async def get_generation(job_id: str, request: Request) -> JSONResponse:
 
 # The same poll as a plain Starlette route, which the app matches before FastAPI's router: no
 # walk through the included routers and no dependency solving for the path parameter, a
-# quarter of a poll's CPU (bench.floor: 0.48 -> 0.36 ms). It passes through the same
+# quarter of a poll's CPU (bench.floor). It passes through the same
 # middleware and exception handlers (metrics, error bodies, 503 for a lost database) and
 # answers the same methods (GET only; Starlette would add HEAD).
 class _PlainRoute(Route):
