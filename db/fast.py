@@ -6,11 +6,12 @@ async engine.
 Why a pool of its own: side by side under wrk (`python -m bench.api`, trees in turn), the
 status route served about a fifth more requests a second with it than through asyncpg's pool
 (its acquire and release bookkeeping) and about half as many again as through SQLAlchemy's
-async engine (its execution layer, a greenlet hop per checkout); the figures are in the
-README's Performance section. What SQLAlchemy did for these reads is done with public APIs: the statement's
-SQL and parameter order from its compiler, the values asyncpg cannot take as they are (UUIDs,
-JSON) by asyncpg codecs, the rows' attribute access by a record class, and the errors that
-mean the database is gone raised as SQLAlchemy's OperationalError, which the API answers 503.
+async engine (its execution layer, a greenlet hop per checkout); figures in
+docs/performance.md. What SQLAlchemy did for these reads is done with public APIs: the
+statement's SQL and parameter order from its compiler, the values asyncpg cannot take as they
+are (UUIDs, JSON) by asyncpg codecs, the rows' attribute access by a record class, and the
+errors that mean the database is gone raised as SQLAlchemy's OperationalError, which the API
+answers 503.
 """
 
 from __future__ import annotations
