@@ -11,12 +11,11 @@ import math
 import secrets
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, TypeAlias
+from typing import Any
 
 from sqlalchemy import (
     Connection,
     Integer,
-    Row,
     Select,
     and_,
     bindparam,
@@ -28,7 +27,6 @@ from sqlalchemy import (
     or_,
     select,
     tuple_,
-    update,
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, SessionTransaction
@@ -46,7 +44,7 @@ from db.models import (
     status_is,
 )
 from db.types import utcnow
-from posegen import catalog, credits, webhooks
+from posegen import catalog, credits, lifecycle, webhooks
 from posegen.accounts import bearer_key_hash, live_key, tier_rank
 from posegen.errors import (
     AlreadyFinished,
@@ -58,8 +56,9 @@ from posegen.errors import (
     TierRequired,
 )
 from posegen.images import CheckedImage, check_upload
-from posegen.queue import GENERATE_TASK, GENERATION_QUEUE, Message, celery_priority, defer
+from posegen.queue import defer, generate_message
 from posegen.ratelimit import check_rate_limit
+from posegen.render import POSITION_CAP, RENDERED_COLUMNS, JobLike, render_job
 from posegen.settings import Settings
 from posegen.storage import Storage
 
@@ -312,29 +311,6 @@ def _store_inputs(session: Session, storage: Storage, inputs: dict[str, bytes]) 
         stored.append(key)
 
 
-def time_limits(job: Generation, settings: Settings) -> tuple[float, float]:
-    """(soft, hard) seconds for this job: a generous allowance from its steps and pixels
-    (2 s per step at 512x512, some twenty times a slow GPU's pace, plus a minute for a cold
-    model load), never above the configured limits. The soft limit fails the job with
-    `timeout`; the hard one kills the process (Celery replaces it)."""
-    pixels = job.params["width"] * job.params["height"] / (512 * 512)
-    soft = min(settings.job_soft_time_limit, 60 + 2.0 * job.params["num_inference_steps"] * pixels)
-    hard = min(settings.job_hard_time_limit, soft + 60)
-    return soft, max(hard, soft + 1)
-
-
-def generate_message(job: Generation, settings: Settings) -> Message:
-    soft, hard = time_limits(job, settings)
-    return Message(
-        task=GENERATE_TASK,
-        args=(job.id,),
-        queue=GENERATION_QUEUE,
-        priority=celery_priority(job.priority),
-        soft_time_limit=soft,
-        time_limit=hard,
-    )
-
-
 def _replay(session: Session, *, user_id: str, key: str, fingerprint: str) -> Generation | None:
     if len(key) > 255 or not key.strip() or "\x00" in key:
         raise InvalidRequest("Idempotency-Key must be 1 to 255 characters.")
@@ -429,27 +405,17 @@ def _decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
 
 
 def cancel(session: Session, *, job_id: str, user: User) -> Generation:
+    """Cancel the caller's job, refunded (`lifecycle.cancel`); AlreadyFinished if it ended."""
     job = get_for_user(session, job_id=job_id, user=user)
-    now = utcnow()
-    result = session.execute(
-        update(Generation)
-        .where(Generation.id == job.id, Generation.status.in_(("queued", "processing")))
-        .values(status="canceled", finished_at=now, lease_expires_at=None)
-    )
-    session.refresh(job)
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+    if lifecycle.cancel(session, job_id=job.id) is None:
         raise AlreadyFinished(f"Generation {job.id} is {job.status} already.")
-    credits.refund(session, generation_id=job.id)
-    webhooks.record_event(session, job=job, event_type="generation.canceled")
     return job
 
 
 # The queue's run order as the index `ix_generations_queue` spells it (a literal 9, not a bound
 # parameter, so the planner matches the indexed expression).
 QUEUE_ORDER: tuple[Any, ...] = (literal_column("9 - generations.priority"), Generation.created_at)
-# Past this many jobs ahead, the position is reported as this number: counting a queue of
-# 100,000 on every poll would make status cost grow with the queue.
-POSITION_CAP = 1000
+# A position is counted up to POSITION_CAP (posegen.render) and reported as the cap beyond.
 # Even the capped count reads POSITION_CAP index entries for a job deep in a long queue
 # (0.4-0.7 ms of Postgres a poll at 100,000 queued: `python -m bench.scale`). So each process
 # remembers, for a second, where the queue's POSITION_CAP-th job stands (the cut-off): a job
@@ -615,16 +581,6 @@ def _remember_run_seconds(model_key: str, rows: Any) -> float | None:
     return value
 
 
-# What `render_job` reads of a job: the poll selects these and no more (decoding the other
-# eight, three of them UUIDs and three timestamps, is work on the hottest path).
-RENDERED_COLUMNS = (
-    "id", "status", "model_key", "prompt", "negative_prompt", "params", "pose_source",
-    "pose_template_id", "credit_cost", "progress_step", "progress_total", "outputs",
-    "error_code", "error_message", "webhook_url", "attempts", "created_at", "started_at",
-    "finished_at", "deleted_at",
-)  # fmt: skip
-
-
 def _poll_statement() -> Any:
     """Key, job and queue position in one statement, built once (building an expression this
     size costs more than running it). The job's columns are read as a plain row, not an ORM
@@ -672,10 +628,6 @@ def job_json(session: Session, job: Generation) -> dict[str, Any]:
     return _with_eta(session, job, queue_position(session, job))
 
 
-# What a job is rendered from: the ORM object, or the poll's plain row of the same columns.
-JobLike: TypeAlias = "Generation | Row[Any]"
-
-
 def _with_eta(db: Session | Connection, job: JobLike, position: int | None) -> dict[str, Any]:
     per_job = recent_run_seconds(db, job.model_key) if position is not None else None
     return render_job(job, queue_position=position, eta_seconds=_eta(per_job, position))
@@ -686,50 +638,6 @@ def _eta(per_job: float | None, position: int | None) -> float | None:
     if per_job is None or position is None:
         return None
     return round(per_job * (position + 1), 3)
-
-
-def render_job(
-    job: JobLike, *, queue_position: int | None = None, eta_seconds: float | None = None
-) -> dict[str, Any]:
-    return {
-        "id": job.id,
-        "status": job.status,
-        "model_key": job.model_key,
-        "prompt": job.prompt,
-        "negative_prompt": job.negative_prompt,
-        "params": job.params,
-        "pose_source": job.pose_source,
-        "pose_template_id": job.pose_template_id,
-        "credit_cost": job.credit_cost,
-        "progress": {"step": job.progress_step, "total": job.progress_total},
-        "queue_position": queue_position,
-        # True when the job has POSITION_CAP or more jobs ahead (the position is a lower bound).
-        "queue_position_capped": queue_position is not None and queue_position >= POSITION_CAP,
-        "eta_seconds": eta_seconds,
-        "outputs": [
-            {
-                "index": out["index"],
-                "url": f"/v1/generations/{job.id}/outputs/{out['index']}",
-                "width": out["width"],
-                "height": out["height"],
-            }
-            # A deleted job's output keys stay in the row until its files are gone.
-            for out in ([] if job.deleted_at else job.outputs)
-        ],
-        "error": (
-            {"code": job.error_code, "message": job.error_message} if job.error_code else None
-        ),
-        "webhook_url": job.webhook_url,
-        "attempts": job.attempts,
-        "created_at": _iso(job.created_at),
-        "started_at": _iso(job.started_at),
-        "finished_at": _iso(job.finished_at),
-        "deleted_at": _iso(job.deleted_at),
-    }
-
-
-def _iso(value: dt.datetime | None) -> str | None:
-    return value.isoformat().replace("+00:00", "Z") if value else None
 
 
 def output_key(session: Session, *, job_id: str, index: int, user: User) -> str:

@@ -1,7 +1,9 @@
-"""A job's life on the worker side: claim, heartbeat, complete, fail.
+"""A job's life: claim, heartbeat, complete, fail, release (the worker), cancel (the
+caller), requeue (the reconciler). Every change of `generations.status` is here and nowhere
+else (tests/test_layout.py holds it so).
 
 Every transition is one conditional UPDATE, so a duplicate delivery, a canceled job or a
-worker whose lease ran out changes nothing. The task boundary commits.
+worker whose lease ran out changes nothing. The boundary (task, request) commits.
 """
 
 from __future__ import annotations
@@ -16,8 +18,7 @@ from sqlalchemy.orm import Session
 from db.models import AiModel, Generation, PoseTemplate
 from db.types import utcnow
 from posegen import credits, webhooks
-from posegen.jobs import generate_message
-from posegen.queue import defer
+from posegen.queue import defer, generate_message
 from posegen.settings import Settings
 
 
@@ -189,6 +190,44 @@ def release(
         _RELEASE, {"job_id": job_id, "worker": worker_id, "now": utcnow()},
         execution_options=_RETURNING,
     ).one_or_none()  # fmt: skip
+    if job is not None:
+        defer(session, generate_message(job, settings))
+    return job
+
+
+def cancel(session: Session, *, job_id: str) -> Generation | None:
+    """queued or processing -> canceled, refunded once; None if the job had ended already
+    (the job, read again, is in the session either way)."""
+    result = session.execute(
+        update(Generation)
+        .where(Generation.id == job_id, Generation.status.in_(("queued", "processing")))
+        .values(status="canceled", finished_at=utcnow(), lease_expires_at=None)
+    )
+    job = session.get_one(Generation, job_id, populate_existing=True)
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    credits.refund(session, generation_id=job.id)
+    webhooks.record_event(session, job=job, event_type="generation.canceled")
+    return job
+
+
+def requeue_expired(
+    session: Session, *, job_id: str, now: dt.datetime, settings: Settings
+) -> Generation | None:
+    """processing -> queued for a job whose lease ran out before `now` (its worker was lost),
+    published again once the caller commits; None if it is no longer so (its worker renewed
+    the lease, or it ended)."""
+    job = session.scalars(
+        update(Generation)
+        .where(
+            Generation.id == job_id,
+            Generation.status == "processing",
+            Generation.lease_expires_at < now,
+        )
+        .values(status="queued", worker_id=None, lease_expires_at=None, published_at=now)
+        .returning(Generation),
+        execution_options=_RETURNING,
+    ).one_or_none()
     if job is not None:
         defer(session, generate_message(job, settings))
     return job

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 from kombu.entity import Queue
 from sqlalchemy.orm import Session
 
 from posegen.settings import Settings
+
+if TYPE_CHECKING:
+    from db.models import Generation
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +148,29 @@ class Message:
     priority: int | None = None
     soft_time_limit: float | None = None
     time_limit: float | None = None
+
+
+def time_limits(job: Generation, settings: Settings) -> tuple[float, float]:
+    """(soft, hard) seconds for this job: a generous allowance from its steps and pixels
+    (2 s per step at 512x512, some twenty times a slow GPU's pace, plus a minute for a cold
+    model load), never above the configured limits. The soft limit fails the job with
+    `timeout`; the hard one kills the process (Celery replaces it)."""
+    pixels = job.params["width"] * job.params["height"] / (512 * 512)
+    soft = min(settings.job_soft_time_limit, 60 + 2.0 * job.params["num_inference_steps"] * pixels)
+    hard = min(settings.job_hard_time_limit, soft + 60)
+    return soft, max(hard, soft + 1)
+
+
+def generate_message(job: Generation, settings: Settings) -> Message:
+    soft, hard = time_limits(job, settings)
+    return Message(
+        task=GENERATE_TASK,
+        args=(job.id,),
+        queue=GENERATION_QUEUE,
+        priority=celery_priority(job.priority),
+        soft_time_limit=soft,
+        time_limit=hard,
+    )
 
 
 def defer(session: Session, message: Message) -> None:

@@ -16,14 +16,14 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import Select, delete, func, select, update
+from sqlalchemy import Select, delete, func, select
 from sqlalchemy.orm import Session
 
 from db.models import Generation, IdempotencyKey, status_is
 from db.types import utcnow
 from posegen import lifecycle
-from posegen.jobs import QUEUE_ORDER, generate_message
-from posegen.queue import defer
+from posegen.jobs import QUEUE_ORDER
+from posegen.queue import defer, generate_message
 from posegen.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -114,18 +114,8 @@ def reconcile(
             if done is not None:
                 failed_models.append(job.model_key)
             continue
-        result = session.execute(
-            update(Generation)
-            .where(
-                Generation.id == job.id,
-                Generation.status == "processing",
-                Generation.lease_expires_at < now,
-            )
-            .values(status="queued", worker_id=None, lease_expires_at=None, published_at=now)
-        )
-        if result.rowcount == 1:  # type: ignore[attr-defined]
-            session.refresh(job)
-            defer(session, generate_message(job, settings))
+        back = lifecycle.requeue_expired(session, job_id=job.id, now=now, settings=settings)
+        if back is not None:
             requeued += 1
     session.flush()
     return Sweep(republished=len(queued), requeued=requeued, failed_models=tuple(failed_models))

@@ -27,6 +27,7 @@ from db.models import Generation, User, WebhookDelivery, new_id, status_is
 from db.types import utcnow
 from posegen.errors import InvalidRequest
 from posegen.queue import DELIVER_WEBHOOK_TASK, WEBHOOK_QUEUE, Message, defer
+from posegen.render import render_job
 from posegen.settings import Settings
 
 EVENTS = ("generation.completed", "generation.failed", "generation.canceled")
@@ -192,8 +193,6 @@ def record_event(session: Session, *, job: Generation, event_type: str) -> Webho
     """Record the event for delivery (once per job and type) and defer its first attempt."""
     if not job.webhook_url:
         return None
-    from posegen.jobs import render_job
-
     body = {
         "type": event_type,
         "timestamp": utcnow().isoformat().replace("+00:00", "Z"),

@@ -296,7 +296,7 @@ def test_a_job_past_its_soft_time_limit_fails_with_timeout(app, settings, make_a
 
 def test_time_limits_grow_with_steps_and_pixels(settings):
     from db.models import Generation
-    from posegen.jobs import time_limits
+    from posegen.queue import time_limits
 
     def job(steps: int, size: int) -> Generation:
         return Generation(params={"num_inference_steps": steps, "width": size, "height": size})

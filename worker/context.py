@@ -21,10 +21,10 @@ from db.session import make_engine, make_session_factory
 from posegen.queue import Dispatcher, make_producer
 from posegen.settings import Settings, get_settings
 from posegen.storage import Storage, storage_from_settings
+from worker.finisher import Finisher
 
 if TYPE_CHECKING:
     from worker.engine.engine import Engine
-    from worker.runner import Finisher
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +65,6 @@ class WorkerContext:
     def finisher(self) -> Finisher:
         """Records finished jobs one behind the current one (a thread, made on first use in
         the process that runs tasks)."""
-        from worker.runner import Finisher
-
         return Finisher()
 
     @cached_property

@@ -5,9 +5,9 @@ It owns the job's state while it runs: a heartbeat thread renews the lease, writ
 steps. Every outcome is one domain transition: complete, fail, or nothing (canceled).
 
 On a GPU (POSEGEN_RECORD_BEHIND), the Celery task records a finished job behind the next one
-(`Finisher`): once the model has returned its image, the PNG, the upload and the completion
-run on a thread of their own while the task returns and the worker takes its next job, so the
-GPU does not wait for them.
+(`worker.finisher.Finisher`): once the model has returned its image, the PNG, the upload and
+the completion run on a thread of their own while the task returns and the worker takes its
+next job, so the GPU does not wait for them.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
@@ -27,44 +26,13 @@ from posegen import lifecycle, retention
 from posegen.errors import JobError, StorageUnavailable
 from posegen.metrics import job_metrics
 from worker.context import WorkerContext
+from worker.finisher import Finisher
 
 if TYPE_CHECKING:
     from worker.engine.engine import EngineResult
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-class Finisher:
-    """Records finished jobs on a thread of its own, one behind the worker's current job.
-
-    At most one is pending: a new one first waits for the last (its image in memory, its
-    lease still renewed by its heartbeat). The job's message is acknowledged when the task
-    returns, before the record is written; a process that dies in between leaves the job
-    `processing` with a lease that runs out, and the reconciler queues it again, as it does
-    for a process that dies mid-job (that job's redelivered message finds it claimed)."""
-
-    def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finisher")
-        self._pending: Future[str] | None = None
-
-    def submit(self, record: Callable[[], str]) -> None:
-        self.wait()
-        self._pending = self._pool.submit(self._logged, record)
-
-    def wait(self) -> str | None:
-        """Wait for the pending record, if any; its outcome ("completed", "canceled", or
-        "failed" where recording raised)."""
-        pending, self._pending = self._pending, None
-        return None if pending is None else pending.result()
-
-    @staticmethod
-    def _logged(record: Callable[[], str]) -> str:
-        try:
-            return record()
-        except Exception:
-            log.exception("recording a finished job failed; it runs again once its lease ends")
-            return "failed"
 
 
 @dataclass

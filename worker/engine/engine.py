@@ -92,7 +92,7 @@ class EngineResult:
     @cached_property
     def png(self) -> bytes:
         """Encoded on first use: in the job's record, which on a GPU runs on the worker's
-        finisher thread while the next job runs (`worker.runner.Finisher`)."""
+        finisher thread while the next job runs (`worker.finisher.Finisher`)."""
         return as_png(self.image)
 
 

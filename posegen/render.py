@@ -1,0 +1,74 @@
+"""The job object of the contract: what a poll, a list and a webhook event show of a job.
+
+Its own module so that the webhooks, which send it, and the jobs, which answer it, both import
+it without importing each other."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+if TYPE_CHECKING:
+    from sqlalchemy import Row
+
+    from db.models import Generation
+
+# Past this many jobs ahead, the position is reported as this number: counting a queue of
+# 100,000 on every poll would make status cost grow with the queue.
+POSITION_CAP = 1000
+
+# What `render_job` reads of a job: the poll selects these and no more (decoding the other
+# eight, three of them UUIDs and three timestamps, is work on the hottest path).
+RENDERED_COLUMNS = (
+    "id", "status", "model_key", "prompt", "negative_prompt", "params", "pose_source",
+    "pose_template_id", "credit_cost", "progress_step", "progress_total", "outputs",
+    "error_code", "error_message", "webhook_url", "attempts", "created_at", "started_at",
+    "finished_at", "deleted_at",
+)  # fmt: skip
+
+# What a job is rendered from: the ORM object, or the poll's plain row of the same columns.
+JobLike: TypeAlias = "Generation | Row[Any]"
+
+
+def render_job(
+    job: JobLike, *, queue_position: int | None = None, eta_seconds: float | None = None
+) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "status": job.status,
+        "model_key": job.model_key,
+        "prompt": job.prompt,
+        "negative_prompt": job.negative_prompt,
+        "params": job.params,
+        "pose_source": job.pose_source,
+        "pose_template_id": job.pose_template_id,
+        "credit_cost": job.credit_cost,
+        "progress": {"step": job.progress_step, "total": job.progress_total},
+        "queue_position": queue_position,
+        # True when the job has POSITION_CAP or more jobs ahead (the position is a lower bound).
+        "queue_position_capped": queue_position is not None and queue_position >= POSITION_CAP,
+        "eta_seconds": eta_seconds,
+        "outputs": [
+            {
+                "index": out["index"],
+                "url": f"/v1/generations/{job.id}/outputs/{out['index']}",
+                "width": out["width"],
+                "height": out["height"],
+            }
+            # A deleted job's output keys stay in the row until its files are gone.
+            for out in ([] if job.deleted_at else job.outputs)
+        ],
+        "error": (
+            {"code": job.error_code, "message": job.error_message} if job.error_code else None
+        ),
+        "webhook_url": job.webhook_url,
+        "attempts": job.attempts,
+        "created_at": _iso(job.created_at),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
+        "deleted_at": _iso(job.deleted_at),
+    }
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value else None
