@@ -8,6 +8,12 @@ body size (the larger side of the template's keypoint box). A missing keypoint i
 output with no person scores 0. On the tiny random models the outputs are noise, so the
 figure is at chance - that says the harness works end to end, not that the pose is lost.
 The chance level printed beside it is the score of uniformly random keypoints.
+
+Two positive controls, so that a 0 is the model's and not the harness's: each template scored
+against itself must be 1.0 (the scorer; the bench stops if one is not), and the extractor's
+keypoints of the real photo fitted to the model's size are scored against its keypoints of
+the photo at full size (`controls.photo`: the extractor finds a person at that size, and the
+same one).
 """
 
 from __future__ import annotations
@@ -59,6 +65,14 @@ def chance(template: list[Point], trials: int = 2000) -> float:
     return statistics.mean(scores)
 
 
+def self_control(template: list[Point]) -> float:
+    """The scorer's positive control: a template against itself."""
+    score = pck(template, template)
+    if score != 1.0:
+        raise RuntimeError(f"a template against itself scored {score}, not 1.0")
+    return score
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model-key", default="tiny-sd15-openpose")
@@ -85,6 +99,23 @@ def main() -> None:
     width, height = (int(v) for v in model["resolution"].split("x"))
     photo = fitted_astronaut(width, height)
     engine = Engine(EngineConfig(model_dir=model_dir, pose_backend=args.pose_backend))
+    extractor = engine.extractor
+
+    def extract(image: Image.Image) -> list[Point] | None:
+        try:
+            return extractor.extract(image)
+        except NoPoseDetected:
+            return None
+
+    from bench.stack import astronaut_png
+
+    full = extract(Image.open(io.BytesIO(astronaut_png())).convert("RGB"))
+    fitted = extract(Image.open(io.BytesIO(photo)).convert("RGB"))
+    photo_control = {
+        "person_found_full": full is not None,
+        "person_found_fitted": fitted is not None,
+        "pck@0.1_fitted_vs_full": round(pck(full, fitted), 3) if full else None,
+    }
     results: dict[str, Any] = {}
     for path in sorted((SEEDS_DIR / "pose_templates").glob("*.json")):
         template = [tuple(p) if p else None for p in json.loads(path.read_text())["keypoints"]]
@@ -109,12 +140,10 @@ def main() -> None:
             pose_keypoints=template,
         )
         output = Image.open(io.BytesIO(engine.generate(job).png))
-        try:
-            found: list[Point] | None = engine.extractor.extract(output)
-        except NoPoseDetected:
-            found = None
+        found = extract(output)
         results[path.stem] = {
             "pck@0.1": round(pck(template, found), 3),  # type: ignore[arg-type]
+            "self": self_control(template),  # type: ignore[arg-type]
             "person_found": found is not None,
             "chance": round(chance(template), 3),  # type: ignore[arg-type]
         }
@@ -127,10 +156,16 @@ def main() -> None:
         "templates": results,
         "mean_pck@0.1": round(statistics.mean(scores), 3),
         "mean_chance": round(statistics.mean(r["chance"] for r in results.values()), 3),
+        "controls": {
+            "template_vs_itself": min(r["self"] for r in results.values()),
+            "photo": photo_control,
+        },
     }
     print(json.dumps(summary, indent=2))
     print(
-        f"mean PCK@0.1 {summary['mean_pck@0.1']} (chance {summary['mean_chance']})", file=sys.stderr
+        f"mean PCK@0.1 {summary['mean_pck@0.1']} (chance {summary['mean_chance']});"
+        f" controls {summary['controls']}",
+        file=sys.stderr,
     )
 
 
