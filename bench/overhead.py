@@ -6,7 +6,8 @@
         [--torch-threads N]                     # both sides on N torch threads
         [--record-behind auto|on|off]           # the worker's POSEGEN_RECORD_BEHIND
     python -m bench.overhead --bookkeeping 100  # the worker's own work a job, in process
-                                                # (whole, and left on the path when recorded behind)
+        [--block 5]                             # (whole, and left on the path when recorded
+                                                # behind), in alternating blocks of 5
 
 One idle worker (`posegen worker --concurrency 1`) with a warm tiny model, on Postgres +
 Redis. Dispatch = started_at - created_at (commit, publish, pick-up, claim). Bookkeeping =
@@ -242,7 +243,7 @@ def throughput(
     }
 
 
-def bookkeeping(jobs: int) -> dict[str, Any]:
+def bookkeeping(jobs: int, block: int = 5) -> dict[str, Any]:
     """What the worker does a job besides the model, measured inside `run_job` itself: the
     jobs are submitted through the API and run by `run_job` in this process, on the real
     engine, database and storage, with the engine's call timed from the outside. Each job's
@@ -250,10 +251,14 @@ def bookkeeping(jobs: int) -> dict[str, Any]:
     VM's ±20 %) cancels within the job; no Celery (its hand-off is throughput's
     `handoff_ms_median`).
 
-    Jobs alternate between the two ways of recording a finished job: before `run_job` returns
-    (`whole`: all the bookkeeping) and behind the next job, as the Celery task does (`on_path`:
-    what is left on the job's path until it returns, the next job's hand-over waiting for the
-    record before included)."""
+    Blocks of `block` consecutive jobs alternate between the two ways of recording a finished
+    job: before `run_job` returns (`whole`: all the bookkeeping) and behind the next job, as
+    the Celery task does (`on_path`: what is left on the job's path until it returns). In a
+    recorded-behind block each job after the first hands its record over while the one before
+    it may still be recording, and waits for it, as consecutive jobs on a worker do: those
+    are `on_path`. The block's first job follows a drained finisher (`on_path_first`, apart).
+    The finisher is drained between blocks, outside any job's time, so no whole job shares
+    the machine with a record behind it."""
     import os
 
     with stack() as s:
@@ -284,29 +289,60 @@ def bookkeeping(jobs: int) -> dict[str, Any]:
         ids = [_submit(base, headers, image) for _ in range(jobs + 3)]
         time.sleep(1)  # let the API and Postgres settle after the submits
         finisher = ctx.finisher  # the one the Celery task hands its records to
-        totals = []
-        for i, job_id in enumerate(ids):
-            behind = finisher if i % 2 else None
+
+        def drain() -> None:
+            if finisher.wait() not in (None, "completed"):
+                raise RuntimeError("a job recorded behind did not complete")
+
+        def own_time(job_id: str, behind: Any) -> float:
+            """The job's `run_job` time minus its engine call."""
+            calls = len(engine_calls)
             started = time.perf_counter()
             outcome = run_job(ctx, job_id, behind=behind)
-            totals.append(time.perf_counter() - started)
-            if outcome != ("finishing" if behind else "completed"):
+            total = time.perf_counter() - started
+            if outcome != ("finishing" if behind else "completed") or len(engine_calls) != (
+                calls + 1
+            ):
                 raise RuntimeError(f"job {job_id}: {outcome}")
-            if behind is None and finisher.wait() not in (None, "completed"):
-                raise RuntimeError("a job recorded behind did not complete")
-        finisher.wait()
-        # The first three warm the engine and the statements; they are not counted.
-        own = [t - e for t, e in zip(totals, engine_calls, strict=True)]
-        whole, on_path = own[4::2], own[3::2]
+            return total - engine_calls[calls]
+
+        for job_id in ids[:3]:  # warm the engine and the statements; not counted
+            own_time(job_id, None)
+        whole: list[float] = []
+        on_path: list[float] = []
+        on_path_first: list[float] = []
+        measured = ids[3:]
+        for number, start in enumerate(range(0, len(measured), block)):
+            drain()
+            behind = finisher if number % 2 else None
+            for position, job_id in enumerate(measured[start : start + block]):
+                own = own_time(job_id, behind)
+                if behind is None:
+                    whole.append(own)
+                else:
+                    (on_path if position else on_path_first).append(own)
+        drain()
+        # Every job recorded, the behind ones included, as a caller sees them.
+        statuses = {
+            httpx.get(f"{base}/v1/generations/{job_id}", headers=headers).json()["status"]
+            for job_id in ids
+        }
+        if statuses != {"completed"}:
+            raise RuntimeError(f"jobs ended {statuses}, not all completed")
         engine_median = statistics.median(engine_calls[3:])
+    if not on_path:
+        raise RuntimeError("no recorded-behind job after another: raise --bookkeeping or --block")
     whole_median, on_path_median = statistics.median(whole), statistics.median(on_path)
     return {
         "benchmark": "bookkeeping",
         "jobs": jobs,
+        "block": block,
         "bookkeeping_ms_median": round(whole_median * 1000, 2),
         "bookkeeping_ms_p90": round(percentile(whole, 0.9) * 1000, 2),
+        "on_path_jobs": len(on_path),
         "on_path_ms_median": round(on_path_median * 1000, 2),
         "on_path_ms_p90": round(percentile(on_path, 0.9) * 1000, 2),
+        "on_path_first_ms_median": round(statistics.median(on_path_first) * 1000, 2),
         "engine_call_ms_median": round(engine_median * 1000, 2),
         "bookkeeping_fraction": round(whole_median / engine_median, 4),
         "on_path_fraction": round(on_path_median / engine_median, 4),
@@ -319,6 +355,9 @@ def main() -> None:
     parser.add_argument("--throughput", type=int, default=0, metavar="N")
     parser.add_argument("--bookkeeping", type=int, default=0, metavar="N")
     parser.add_argument("--rounds", type=int, default=20, help="throughput: alternating blocks")
+    parser.add_argument(
+        "--block", type=int, default=5, help="bookkeeping: consecutive jobs a block"
+    )
     parser.add_argument(
         "--torch-threads", type=int, default=0, help="throughput: torch threads, both sides"
     )
@@ -333,7 +372,7 @@ def main() -> None:
             record_behind=args.record_behind,
         )  # fmt: skip
     elif args.bookkeeping:
-        result = bookkeeping(args.bookkeeping)
+        result = bookkeeping(args.bookkeeping, block=args.block)
     else:
         result = latency(args.jobs)
     result.update(date=time.strftime("%Y-%m-%d"), machine=platform.platform())
