@@ -6,7 +6,8 @@
 Goal: each ratio <= 1.2 (every hot query uses an index). Status is measured on the caller's
 newest job, behind the whole queue, and (`status_near_head`) on a job fourth in it. Prints
 the EXPLAIN of each hot query, and the reconciler's sweep over the full table (messages it
-publishes again, and its time) with the broker's count and by age alone.
+publishes again, and its time) with a real message on Redis for every queued job (counted as
+the worker's sweep counts them), with some of those lost, and by age alone.
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ import json
 import statistics
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from sqlalchemy import create_engine, select, text
 
 from bench.stack import small_png, stack
+
+if TYPE_CHECKING:
+    from posegen.queue import Dispatcher
 
 FORM = {"model_key": "tiny-sd15-openpose", "pose_template_id": "standing"}
 
@@ -142,20 +146,66 @@ def hot_queries(
     }
 
 
-def sweeps(engine: Any, repeats: int = 5) -> dict[str, Any]:
-    """The reconciler's sweep over the full table, each rolled back: with the broker holding a
-    message for every queued job (its count as Redis would give it), and by age alone (a
-    broker that cannot count). Republished messages a sweep, and the sweep's median ms."""
+def publish_queued(engine: Any, broker: str) -> tuple[Dispatcher, float]:
+    """One real generation message on the broker for every queued job, as the API sends it
+    (the bulk-loaded jobs were never published): the generation queue's lists are emptied
+    first, then each queued job's message goes through the `Dispatcher`. Answers the
+    dispatcher, to count them with, and the seconds it took."""
+    from sqlalchemy.orm import Session
+
+    from db.models import Generation, status_is
+    from posegen.queue import (
+        GENERATION_QUEUE,
+        Dispatcher,
+        generate_message,
+        make_producer,
+        priority_keys,
+    )
+    from posegen.settings import Settings
+
+    settings = Settings(broker_url=broker)
+    dispatcher = Dispatcher(make_producer(settings))
+    started = time.perf_counter()
+    with dispatcher.celery.connection_for_write() as conn:
+        conn.default_channel.client.delete(*priority_keys(GENERATION_QUEUE))
+    with Session(engine) as session:
+        queued = session.scalars(
+            select(Generation)
+            .where(status_is(Generation.status, "queued"))
+            .execution_options(yield_per=5000)
+        )
+        for job in queued:
+            dispatcher.send(generate_message(job, settings))
+    return dispatcher, time.perf_counter() - started
+
+
+def sweeps(engine: Any, broker: str, repeats: int = 5, lost: int = 500) -> dict[str, Any]:
+    """The reconciler's sweep over the full table, each rolled back (nothing it defers is
+    sent): with the broker holding a real message for every queued job, counted on Redis as
+    the worker's sweep counts them (`Dispatcher.waiting`); then with `lost` of them taken off
+    the broker (the head of the queue's); and by age alone (a broker that cannot count).
+    Republished messages a sweep, and the sweep's median ms."""
     from sqlalchemy.orm import Session
 
     from posegen import reconciler
+    from posegen.queue import GENERATION_QUEUE, priority_keys
     from posegen.settings import Settings
 
     settings = Settings()  # the default requeue age
+    dispatcher, publish_s = publish_queued(engine, broker)
     with engine.connect() as conn:
         queued = conn.execute(reconciler.queued_count()).scalar_one()
-    result: dict[str, Any] = {}
-    for name, count in (("broker_counted", lambda: queued), ("by_age", None)):
+
+    def waiting() -> int | None:
+        return dispatcher.waiting(GENERATION_QUEUE)
+
+    result: dict[str, Any] = {
+        "queued_jobs": queued,
+        "messages_on_broker": waiting(),
+        "publish_s": round(publish_s, 1),
+    }
+
+    def run(name: str, count: Any) -> None:
         times, republished = [], 0
         for _ in range(repeats):
             with Session(engine) as session:
@@ -168,6 +218,22 @@ def sweeps(engine: Any, repeats: int = 5) -> dict[str, Any]:
             "republished": republished,
             "sweep_ms_median": round(statistics.median(times) * 1000, 1),
         }
+
+    run("broker_counted", waiting)
+    # Lose messages from the head of the queue: kombu pushes on the left and pops on the
+    # right of the highest-priority list first.
+    with dispatcher.celery.connection_for_write() as conn:
+        client = conn.default_channel.client
+        left = lost
+        for key in priority_keys(GENERATION_QUEUE):
+            if left <= 0:
+                break
+            left -= len(client.rpop(key, left) or [])
+    result["messages_lost"] = lost - left
+    result["messages_on_broker_after_loss"] = waiting()
+    run("broker_counted_after_loss", waiting)
+    run("by_age", None)
+    dispatcher.celery.close()
     return result
 
 
@@ -219,7 +285,7 @@ def main() -> None:
                 )
             ).scalar_one()
         full = measure(base, headers, args.requests, head_job=str(head_job))
-        reconcile = sweeps(engine)
+        reconcile = sweeps(engine, s.env["POSEGEN_BROKER_URL"])
         plans: dict[str, list[str]] = {}
         with engine.connect() as conn:
             bench_user = conn.execute(
