@@ -143,7 +143,7 @@ def main() -> None:
         found = extract(output)
         results[path.stem] = {
             "pck@0.1": round(pck(template, found), 3),  # type: ignore[arg-type]
-            "self": self_control(template),  # type: ignore[arg-type]
+            "self": self_control(template),
             "person_found": found is not None,
             "chance": round(chance(template), 3),  # type: ignore[arg-type]
         }
