@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import errors
+from api import errors, poll
 from api.routes import catalog, generations, health
 from db.fast import AsyncReads
 from db.models import Generation, status_is
@@ -162,7 +162,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(generations.router)
     app.include_router(catalog.router)
-    app.router.routes.insert(0, generations.POLL_ROUTE)  # matched first: see its comment
+    app.router.routes.insert(0, poll.ROUTE)  # matched first: see api/poll.py
 
     # Image + pose image + the form fields.
     app.add_middleware(Observe)

@@ -77,14 +77,15 @@ async def _measure(app: Any, job_id: str, key: str, database_url: str, args: Any
     import asyncpg
     from sqlalchemy import make_url
 
-    from posegen import jobs
+    from api import poll
     from posegen.accounts import bearer_key_hash
+    from posegen.jobs import queries
 
     auth = [(b"authorization", f"Bearer {key}".encode())]
     url = make_url(database_url).set(drivername="postgresql")
     held = await asyncpg.connect(url.render_as_string(hide_password=False))
     # The table holds fewer than POSITION_CAP queued jobs: no cut-off, as the app polls it.
-    params = {"job_id": job_id, "key_hash": bearer_key_hash(f"Bearer {key}")} | jobs._NO_CUTOFF
+    params = {"job_id": job_id, "key_hash": bearer_key_hash(f"Bearer {key}")} | queries.NO_CUTOFF
 
     async def health() -> None:
         assert await _asgi_get(app, "/health", []) == 200
@@ -96,7 +97,7 @@ async def _measure(app: Any, job_id: str, key: str, database_url: str, args: Any
         await held.fetchval("SELECT 1")
 
     async def poll_query() -> None:
-        await app.state.async_reads.first(jobs._POLL, params)
+        await app.state.async_reads.first(poll.POLL, params)
 
     kinds = {"health": health, "status": status, "round_trip": round_trip, "poll_query": poll_query}
     runs: dict[str, list[float]] = {name: [] for name in kinds}

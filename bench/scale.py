@@ -87,13 +87,15 @@ FROM generate_series(1, :n) AS g
 def hot_queries(
     conn: Any, user_id: str, job_id: str, key: str
 ) -> dict[str, tuple[Any, dict[str, Any]]]:
+    from api import poll as api_poll
     from db.models import Generation
-    from posegen import catalog, jobs, reconciler, webhooks
+    from posegen import catalog, reconciler, webhooks
     from posegen.accounts import hash_key
+    from posegen.jobs import queries
     from posegen.ratelimit import BLOCKING_JOB, blocking_params
 
     now = dt.datetime.now(dt.UTC)
-    cutoff = jobs.queue_cutoff(conn)  # as an API process reads it
+    cutoff = queries.queue_cutoff(conn)  # as an API process reads it
     deep = conn.execute(  # a next page half-way down the filler user's 1.1 M jobs
         select(Generation.user_id, Generation.id, Generation.created_at)
         .where(Generation.user_id != user_id)
@@ -101,20 +103,20 @@ def hot_queries(
         .offset(500_000)
         .limit(1)
     ).one()
-    deep_cursor = jobs._encode_cursor(Generation(id=deep.id, created_at=deep.created_at))
+    deep_cursor = queries.encode_cursor(Generation(id=deep.id, created_at=deep.created_at))
     poll = {"job_id": job_id, "key_hash": hash_key(key)}
     return {
         # The caller's newest job is behind the whole queue: with the process's cut-off the
         # count is skipped; without one (fewer than POSITION_CAP queued) it is counted.
         "poll (key + job + queue position, one query), job behind the cut-off": (
-            jobs._POLL.statement,
+            api_poll.POLL.statement,
             poll | cutoff,
         ),
         "poll, the same job counted (no cut-off known)": (
-            jobs._POLL.statement,
-            poll | jobs._NO_CUTOFF,
+            api_poll.POLL.statement,
+            poll | queries.NO_CUTOFF,
         ),
-        "queue cut-off (each API process, once a second)": (jobs._CUTOFF.statement, {}),
+        "queue cut-off (each API process, once a second)": (queries.CUTOFF.statement, {}),
         "submit: model + template": (
             catalog._CHOICES,
             {"model_key": "tiny-sd15-openpose", "ref": "standing", "ref_id": None},
@@ -124,16 +126,16 @@ def hot_queries(
             blocking_params(user_id, 3000),
         ),
         "submit: queue position of the new job (behind the cut-off)": (
-            jobs._AHEAD,
+            queries.AHEAD,
             {"order": 4, "created_at": now} | cutoff,
         ),
-        "eta_recent_runs": (jobs.recent_runs("tiny-sd15-openpose"), {}),
+        "eta_recent_runs": (queries.recent_runs("tiny-sd15-openpose"), {}),
         "list_for_user": (
-            jobs.list_statement(user_id, status=None, limit=20, cursor=None),
+            queries.list_statement(user_id, status=None, limit=20, cursor=None),
             {},
         ),
         "list_for_user, a next page half-way down 1.1 M jobs": (
-            jobs.list_statement(deep.user_id, status=None, limit=20, cursor=deep_cursor),
+            queries.list_statement(deep.user_id, status=None, limit=20, cursor=deep_cursor),
             {},
         ),
         "reconcile_stale_queued": (

@@ -1,4 +1,4 @@
-"""/v1/generations: submit, poll, list, cancel, delete, fetch outputs."""
+"""/v1/generations: submit, list, cancel, delete, fetch outputs (the poll: `api/poll.py`)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Header, Query, Request, Response, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
-from starlette.routing import Match, Route
-from starlette.types import Scope
 
 from api.deps import (
     CurrentUser,
@@ -46,8 +44,9 @@ def _read(upload: UploadFile | None, settings: Settings, field: str) -> bytes | 
 # every poll. The response models still document the shapes in the OpenAPI schema.
 #
 # Routes doing database work are plain `def`s (run on the thread pool): an `async def` one
-# calling a sync driver would stall the event loop for every other request. The poll is the
-# exception: it awaits an async driver, and what it runs on the loop is short.
+# calling a sync driver would stall the event loop for every other request. The poll
+# (`api/poll.py`) is the exception: it awaits an async driver, and what it runs on the loop is
+# short.
 
 
 @router.post("", status_code=202, response_model=Job, responses=ERRORS)
@@ -123,44 +122,6 @@ def list_generations(
     page = jobs.list_for_user(session, user=user, status=status, limit=limit, cursor=cursor)
     items = [jobs.job_json(session, j) for j in page.items]
     return JSONResponse({"items": items, "next_cursor": page.next_cursor})
-
-
-async def _poll(request: Request) -> JSONResponse:
-    # The hottest route awaits its one statement (key, job and queue position: `jobs.poll`) on
-    # the event loop: no hop to a worker thread and back, which cost more than the query.
-    return JSONResponse(
-        await jobs.poll(
-            request.app.state.async_reads,
-            authorization=request.headers.get("authorization"),
-            job_id=request.path_params["job_id"],
-        )
-    )
-
-
-@router.get("/{job_id}", response_model=Job, responses=ERRORS)
-async def get_generation(job_id: str, request: Request) -> JSONResponse:
-    """The poll as the OpenAPI schema documents it. The app answers it with `POLL_ROUTE`."""
-    return await _poll(request)
-
-
-# The same poll as a plain Starlette route, which the app matches before FastAPI's router: no
-# walk through the included routers and no dependency solving for the path parameter, a
-# quarter of a poll's CPU (bench.floor). It passes through the same
-# middleware and exception handlers (metrics, error bodies, 503 for a lost database) and
-# answers the same methods (GET only; Starlette would add HEAD).
-class _PlainRoute(Route):
-    """A Starlette route that puts itself in the scope, as FastAPI's routes do: the metrics
-    middleware labels requests by `scope["route"].path`."""
-
-    def matches(self, scope: Scope) -> tuple[Match, Scope]:
-        match, child_scope = super().matches(scope)
-        if match is not Match.NONE:
-            child_scope["route"] = self
-        return match, child_scope
-
-
-POLL_ROUTE = _PlainRoute("/v1/generations/{job_id}", _poll, methods=["GET"], name="get_generation")
-POLL_ROUTE.methods.discard("HEAD")  # type: ignore[union-attr]
 
 
 @router.post("/{job_id}/cancel", response_model=Job, responses=ERRORS)

@@ -174,7 +174,7 @@ def test_health_ready_metrics(app, make_account):
 def test_the_poll_answers_before_fastapi_routing_as_documented(app, make_account):
     """The poll is a plain route matched first (`POLL_ROUTE`): same answers, same errors,
     same metrics label, same methods, and still in the OpenAPI schema."""
-    from api.routes.generations import POLL_ROUTE
+    from api.poll import ROUTE as POLL_ROUTE
 
     assert app.app.router.routes[0] is POLL_ROUTE
     account = make_account()

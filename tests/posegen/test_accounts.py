@@ -10,7 +10,8 @@ import pytest
 from sqlalchemy import func, select
 
 from db.models import AiModel, CreditLedger, Generation
-from posegen import credits, jobs, lifecycle
+from posegen import credits, lifecycle
+from posegen.jobs import queries
 from tests.conftest import png_bytes, settings_from, strand, submit, wait_for
 
 IMAGE = png_bytes()
@@ -120,7 +121,7 @@ def test_eta_from_recent_run_times(app, make_account, gpu_worker):
     account = make_account()
     first = submit(app, account).json()
     wait_for(app, account, first["id"])
-    jobs._RUN_SECONDS.clear()  # the API caches "no history yet" for RUN_SECONDS_TTL
+    queries._RUN_SECONDS.clear()  # the API caches "no history yet" for RUN_SECONDS_TTL
     blocker = submit(app, account, num_inference_steps=40, strength=1.0).json()
     wait_for(app, account, blocker["id"], statuses=("processing",))
     queued = submit(app, account).json()

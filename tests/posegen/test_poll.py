@@ -11,16 +11,18 @@ import pytest
 from sqlalchemy import insert, update
 from sqlalchemy.orm import Session
 
+from api.poll import poll
 from db.fast import AsyncReads
 from db.models import Generation, new_id
 from db.types import utcnow
 from posegen import accounts, jobs
 from posegen.errors import NotFound, Unauthorized
+from posegen.jobs import queries
 from tests.posegen.conftest import job_row, make_job, tiny_model
 
 
 def _poll(s: Session, *, authorization: str | None, job_id: str) -> dict[str, Any]:
-    """`jobs.poll` as the API awaits it, on `AsyncReads` over the session's database (an
+    """`api.poll.poll` as the API awaits it, on `AsyncReads` over the session's database (an
     asyncpg pool on Postgres; SQLAlchemy's async engine on aiosqlite for the demo)."""
     url = s.get_bind().url.render_as_string(hide_password=False)
 
@@ -28,7 +30,7 @@ def _poll(s: Session, *, authorization: str | None, job_id: str) -> dict[str, An
         reads = AsyncReads(url, pool_size=2)
         await reads.start()
         try:
-            return await jobs.poll(reads, authorization=authorization, job_id=job_id)
+            return await poll(reads, authorization=authorization, job_id=job_id)
         finally:
             await reads.close()
 
@@ -69,7 +71,7 @@ def test_poll_matches_plain_reads(any_session: Session) -> None:
     }  # fmt: skip
     # The ETA: the poll reads the model's run-time history itself when nothing is cached
     # (one completed job of 5 s; one job ahead of new_high, so two runs).
-    jobs._RUN_SECONDS.clear()
+    queries._RUN_SECONDS.clear()
     eta = _poll(s, authorization=auth, job_id=ids["new_high"])["eta_seconds"]
     assert eta == pytest.approx(10, abs=0.5)
     for name, job_id in ids.items():
@@ -97,17 +99,17 @@ def test_eta_estimate_is_cached_with_or_without_history(any_session: Session) ->
     included (otherwise every poll of a new model's queue costs a second query)."""
     s = any_session
     user = accounts.create_user(s, email="eta@example.com", credits=10)
-    jobs._RUN_SECONDS.clear()
+    queries._RUN_SECONDS.clear()
     assert jobs.recent_run_seconds(s, "tiny-sd15-openpose") is None
     done = s.get(Generation, make_job(s, user.id, priority=5, age_s=9, status="completed"))
     assert done is not None
     done.started_at, done.finished_at = utcnow() - dt.timedelta(seconds=4), utcnow()
     s.commit()
     assert jobs.recent_run_seconds(s, "tiny-sd15-openpose") is None  # still the cached answer
-    expired = time.monotonic() - jobs.RUN_SECONDS_TTL
-    jobs._RUN_SECONDS["tiny-sd15-openpose"] = (expired, None)
+    expired = time.monotonic() - queries.RUN_SECONDS_TTL
+    queries._RUN_SECONDS["tiny-sd15-openpose"] = (expired, None)
     assert jobs.recent_run_seconds(s, "tiny-sd15-openpose") == pytest.approx(4, abs=0.5)
-    jobs._RUN_SECONDS.clear()
+    queries._RUN_SECONDS.clear()
 
 
 def test_jobs_behind_the_cut_off_are_capped_without_counting(
@@ -133,11 +135,11 @@ def test_jobs_behind_the_cut_off_are_capped_without_counting(
         return job["queue_position"], job["queue_position_capped"]
 
     # The cut-off is read again only when the test says so, however slow the polls are.
-    monkeypatch.setattr(jobs, "CUTOFF_TTL", 3600.0)
-    jobs._CUTOFF_CACHE.clear()
+    monkeypatch.setattr(queries, "CUTOFF_TTL", 3600.0)
+    queries._CUTOFF_CACHE.clear()
     try:
         assert polled(cap + 1) == (cap, True)  # the first poll reads the cut-off: row cap-1
-        assert jobs._CUTOFF_CACHE["params"]["cutoff_order"] == 4
+        assert queries._CUTOFF_CACHE["params"]["cutoff_order"] == 4
         assert polled(cap - 2) == (cap - 2, False)
         assert polled(cap - 1) == (cap - 1, False)  # the cut-off job itself is counted
         assert polled(cap) == (cap, True)
@@ -156,8 +158,8 @@ def test_jobs_behind_the_cut_off_are_capped_without_counting(
         s.commit()
         assert polled(cap - 2) == (cap - 12, False)
         assert polled(cap + 1) == (cap, True)
-        jobs._CUTOFF_CACHE["at"] = time.monotonic() - jobs.CUTOFF_TTL
+        queries._CUTOFF_CACHE["at"] = time.monotonic() - queries.CUTOFF_TTL
         assert polled(cap + 1) == (cap - 9, False)  # fewer than cap queued: no cut-off
-        assert jobs._CUTOFF_CACHE["params"] == {"cutoff_order": None, "cutoff_created_at": None}
+        assert queries._CUTOFF_CACHE["params"] == {"cutoff_order": None, "cutoff_created_at": None}
     finally:
-        jobs._CUTOFF_CACHE.clear()  # this process's cut-off must not outlive the test's queue
+        queries._CUTOFF_CACHE.clear()  # this process's cut-off must not outlive the test's queue

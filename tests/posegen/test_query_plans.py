@@ -17,9 +17,11 @@ import pytest
 from sqlalchemy import Connection, Engine, select, text
 from sqlalchemy.orm import Session
 
+from api import poll
 from db.models import Generation
 from db.plans import generic_plan
-from posegen import accounts, jobs, ratelimit, reconciler, webhooks
+from posegen import accounts, ratelimit, reconciler, webhooks
+from posegen.jobs import queries
 
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 ANY_ID = "00000000-0000-4000-8000-000000000000"
@@ -29,21 +31,21 @@ ANY_ID = "00000000-0000-4000-8000-000000000000"
 # index at size: see `python -m bench.scale`); both need the status at planning time.
 QUEUE = ("ix_generations_queue", "ix_generations_active")
 HOT = {
-    "poll": (jobs._POLL.statement, {"job_id": ANY_ID, "key_hash": "x"} | jobs._NO_CUTOFF, QUEUE),
-    "queue position": (jobs._AHEAD, {"order": 4, "created_at": NOW} | jobs._NO_CUTOFF, QUEUE),
-    "queue cut-off": (jobs._CUTOFF.statement, {}, ("ix_generations_queue",)),
-    "eta": (jobs.recent_runs("tiny-sd15-openpose"), {}, ("ix_generations_model_finished",)),
+    "poll": (poll.POLL.statement, {"job_id": ANY_ID, "key_hash": "x"} | queries.NO_CUTOFF, QUEUE),
+    "queue position": (queries.AHEAD, {"order": 4, "created_at": NOW} | queries.NO_CUTOFF, QUEUE),
+    "queue cut-off": (queries.CUTOFF.statement, {}, ("ix_generations_queue",)),
+    "eta": (queries.recent_runs("tiny-sd15-openpose"), {}, ("ix_generations_model_finished",)),
     "list": (
-        jobs.list_statement(ANY_ID, status=None, limit=20, cursor=None),
+        queries.list_statement(ANY_ID, status=None, limit=20, cursor=None),
         {},
         ("ix_generations_user_created",),
     ),
     "list, next page of one status": (
-        jobs.list_statement(
+        queries.list_statement(
             ANY_ID,
             status="completed",
             limit=20,
-            cursor=jobs._encode_cursor(Generation(id=ANY_ID, created_at=NOW)),
+            cursor=queries.encode_cursor(Generation(id=ANY_ID, created_at=NOW)),
         ),
         {},
         ("ix_generations_user_created",),
@@ -115,9 +117,9 @@ def test_counting_a_job_near_the_head_reads_only_the_head(db_engine: Engine) -> 
         fourth = c.execute(
             text("SELECT created_at FROM generations ORDER BY created_at OFFSET 3 LIMIT 1")
         ).scalar_one()
-        params = {"order": 4, "created_at": fourth} | jobs._NO_CUTOFF
-        assert c.execute(jobs._AHEAD, params).scalar_one() == 3
-        pages, plan = _pages_read(c, jobs._AHEAD, params)
+        params = {"order": 4, "created_at": fourth} | queries.NO_CUTOFF
+        assert c.execute(queries.AHEAD, params).scalar_one() == 3
+        pages, plan = _pages_read(c, queries.AHEAD, params)
     assert pages < 20, plan
 
 
@@ -132,8 +134,8 @@ def test_a_deep_page_of_the_list_starts_at_its_cursor(db_engine: Engine) -> None
             .offset(19990)
             .limit(1)
         ).one()
-        cursor = jobs._encode_cursor(Generation(id=deep.id, created_at=deep.created_at))
-        statement = jobs.list_statement(user, status=None, limit=20, cursor=cursor)
+        cursor = queries.encode_cursor(Generation(id=deep.id, created_at=deep.created_at))
+        statement = queries.list_statement(user, status=None, limit=20, cursor=cursor)
         assert len(c.execute(statement).all()) == 9
         pages, plan = _pages_read(c, statement, {})
     assert pages < 40, plan

@@ -18,6 +18,7 @@ from sqlalchemy import select
 
 from db.models import Generation, PoseTemplate, User
 from db.session import make_session_factory
+from db.types import utcnow
 from posegen import jobs, reconciler
 from posegen.queue import Dispatcher, make_producer
 from posegen.settings import Settings
@@ -84,7 +85,7 @@ def new_job(ctx: WorkerContext, user_id: str) -> str:
     with ctx.session() as session:
         template = session.scalars(select(PoseTemplate).where(PoseTemplate.key == "standing")).one()  # fmt: skip
         row = job_row(
-            tiny_model(session), user_id, created_at=jobs.utcnow(), pose_template_id=template.id
+            tiny_model(session), user_id, created_at=utcnow(), pose_template_id=template.id
         )
         # Its own photo: a finished job's inputs are removed.
         row["input_key"] = f"inputs/{row['id']}/image.png"
@@ -183,7 +184,7 @@ def test_a_time_limit_while_handing_over_the_record_stops_renewing_the_lease(ctx
     time.sleep(LEASE_S + 3 * ctx.settings.heartbeat_seconds)
     # No heartbeat renews it: its lease has run out, or the housekeeping worker's reconciler
     # (when the session runs one) has given the job back already.
-    later, now = state(ctx, job_id), jobs.utcnow()
+    later, now = state(ctx, job_id), utcnow()
     held = later.worker_id == ctx.worker_id and later.lease_expires_at is not None
     assert not held or later.lease_expires_at < now
 
