@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from db.models import User
 from posegen.accounts import authenticate
-from posegen.queue import Dispatcher
+from posegen.queue import Dispatcher, discard
 from posegen.settings import Settings
 from posegen.storage import Storage
 
@@ -21,13 +21,13 @@ from posegen.storage import Storage
 
 async def get_session(request: Request) -> AsyncIterator[Session]:
     # Creating a Session does no I/O (it connects on first use, in the route's thread).
+    # The route commits with `Dispatcher.commit` (on its thread, before it answers); whatever
+    # it did not commit is dropped here, its deferred messages too.
     session: Session = request.app.state.sessions()
     try:
         yield session
     finally:
-        session.rollback()  # whatever the route did not commit is dropped, outbox too
-        session.info.pop("outbox", None)
-        session.close()
+        discard(session)
 
 
 async def get_read_session(request: Request) -> AsyncIterator[Session]:

@@ -1,13 +1,18 @@
-"""The broker side that both doors share: Celery configuration and an after-commit outbox.
+"""The broker side that the three doors share: Celery configuration, an after-commit outbox
+and the unit of work.
 
 Jobs are enqueued by task *name* with only an id, and only after the database commit: the
 domain appends messages to the session's outbox, the boundary sends them once it has
 committed (a rollback drops them). The reconciler re-publishes anything lost in between.
+Every boundary (an API route, a worker task, a CLI command) commits with `Dispatcher.commit`
+and ends with `discard`: `unit_of_work` is both, for a block of work.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -180,6 +185,27 @@ def defer(session: Session, message: Message) -> None:
 
 def drop_outbox(session: Session) -> None:
     session.info.pop("outbox", None)
+
+
+def discard(session: Session) -> None:
+    """End a boundary's session: whatever it did not commit is rolled back and its deferred
+    messages are dropped with it."""
+    try:
+        session.rollback()
+    finally:
+        drop_outbox(session)
+        session.close()
+
+
+@contextmanager
+def unit_of_work(session: Session, dispatcher: Dispatcher) -> Iterator[Session]:
+    """A block of work in one transaction: committed, then its deferred messages published,
+    when the block ends; rolled back with its messages dropped when it raises."""
+    try:
+        yield session
+        dispatcher.commit(session)
+    finally:
+        discard(session)
 
 
 class Dispatcher:

@@ -9,8 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.session import make_engine, make_session_factory
-from posegen.queue import Dispatcher, make_producer
+from posegen.queue import Dispatcher, make_producer, unit_of_work
 from posegen.settings import Settings, get_settings
 from posegen.storage import Storage, storage_from_settings
 from worker.finisher import Finisher
@@ -92,19 +91,9 @@ class WorkerContext:
         gc.collect()
         gc.freeze()
 
-    @contextmanager
-    def session(self) -> Iterator[Session]:
+    def session(self) -> AbstractContextManager[Session]:
         """A unit of work: commit then publish what the domain deferred; roll back on error."""
-        session = self.sessions()
-        try:
-            yield session
-            self.dispatcher.commit(session)
-        except BaseException:
-            session.rollback()
-            session.info.pop("outbox", None)
-            raise
-        finally:
-            session.close()
+        return unit_of_work(self.sessions(), self.dispatcher)
 
 
 _context: WorkerContext | None = None

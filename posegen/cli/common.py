@@ -10,6 +10,7 @@ import typer
 from sqlalchemy.orm import Session
 
 from db.session import make_engine, make_session_factory
+from posegen import queue
 from posegen.errors import PosegenError
 from posegen.queue import Dispatcher, make_producer
 from posegen.settings import Settings, get_settings
@@ -20,22 +21,21 @@ def settings() -> Settings:
 
 
 @contextmanager
-def unit_of_work(*, publish: bool = False) -> Iterator[Session]:
+def unit_of_work() -> Iterator[Session]:
+    """A command's transaction, as the API and the worker run theirs (`posegen.queue`): the
+    messages the domain deferred are published after the commit, never dropped. A domain
+    error is shown as one line."""
     s = settings()
     engine = make_engine(s.database_url, pool_size=1)
-    session = make_session_factory(engine)()
     try:
-        yield session
-        if publish:
-            Dispatcher(make_producer(s)).commit(session)
-        else:
-            session.commit()
+        with queue.unit_of_work(
+            make_session_factory(engine)(), Dispatcher(make_producer(s))
+        ) as session:
+            yield session
     except PosegenError as exc:
-        session.rollback()
         typer.secho(f"error: {exc.message}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
     finally:
-        session.close()
         engine.dispose()
 
 

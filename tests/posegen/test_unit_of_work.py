@@ -1,0 +1,60 @@
+"""The unit of work every door runs (`posegen.queue.unit_of_work`), through the CLI's: what
+the domain wrote and the messages it deferred go out together after the commit, or neither."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import redis
+import typer
+from sqlalchemy import select
+
+from db.models import User
+from posegen import accounts
+from posegen.cli import common
+from posegen.errors import InvalidRequest
+from posegen.queue import GENERATE_TASK, GENERATION_QUEUE, Message, defer
+from posegen.settings import get_settings
+from tests.broker_messages import waiting_job_ids
+from tests.conftest import redis_db
+
+BROKER = redis_db(4)  # its own: no worker listens here
+
+
+@pytest.fixture
+def cli_env(monkeypatch, base_env, db_engine):
+    for name, value in {**base_env, "POSEGEN_BROKER_URL": BROKER}.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    redis.Redis.from_url(BROKER).flushdb()
+    yield
+    get_settings.cache_clear()
+    redis.Redis.from_url(BROKER).flushdb()
+
+
+def _message(job_id: str) -> Message:
+    return Message(task=GENERATE_TASK, args=(job_id,), queue=GENERATION_QUEUE, priority=9)
+
+
+def test_a_command_publishes_what_it_deferred_after_its_commit(cli_env, sessions):
+    job_id = str(uuid.uuid4())
+    with common.unit_of_work() as session:
+        user = accounts.create_user(session, email="cli-uow@example.com")
+        defer(session, _message(job_id))
+        assert waiting_job_ids(BROKER) == []  # not before the commit
+    with sessions() as s:
+        assert s.get(User, user.id) is not None
+    assert waiting_job_ids(BROKER) == [job_id]
+
+
+def test_a_failed_command_writes_and_publishes_nothing(cli_env, sessions):
+    job_id = str(uuid.uuid4())
+    with pytest.raises(typer.Exit), common.unit_of_work() as session:
+        accounts.create_user(session, email="cli-uow-failed@example.com")
+        defer(session, _message(job_id))
+        raise InvalidRequest("refused")
+    with sessions() as s:
+        found = s.scalar(select(User).where(User.email == "cli-uow-failed@example.com"))
+        assert found is None
+    assert waiting_job_ids(BROKER) == []
