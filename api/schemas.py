@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel
 
+from posegen.params import Params
+
 
 class ErrorBody(BaseModel):
     code: str
@@ -24,16 +26,6 @@ class Progress(BaseModel):
 class Output(BaseModel):
     index: int
     url: str
-    width: int
-    height: int
-
-
-class Params(BaseModel):
-    num_inference_steps: int
-    guidance_scale: float
-    controlnet_conditioning_scale: float
-    strength: float
-    seed: int
     width: int
     height: int
 

@@ -117,23 +117,12 @@ def run_job(ctx: WorkerContext, job_id: str, *, behind: Finisher | None = None) 
     heartbeat.start()
     result: EngineResult | None = None
     try:
-        p = job.params
         engine_job = EngineJob(
             model_key=job.model_key,
             family=claim.family,
             base_model=claim.base_model,
             controlnet_model=claim.controlnet_model,
-            params=RunParams(
-                prompt=job.prompt,
-                negative_prompt=job.negative_prompt,
-                num_inference_steps=int(p["num_inference_steps"]),
-                guidance_scale=float(p["guidance_scale"]),
-                controlnet_conditioning_scale=float(p["controlnet_conditioning_scale"]),
-                strength=float(p["strength"]),
-                seed=int(p["seed"]),
-                width=int(p["width"]),
-                height=int(p["height"]),
-            ),
+            params=RunParams(prompt=job.prompt, negative_prompt=job.negative_prompt, **job.params),
             image=_patiently(ctx, job_id, lambda: ctx.storage.get(job.input_key)),
             pose_keypoints=(
                 [tuple(k) if k else None for k in claim.pose_keypoints]

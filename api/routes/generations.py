@@ -20,6 +20,7 @@ from api.deps import (
 from api.schemas import ErrorResponse, Job, JobPage
 from posegen import jobs, retention
 from posegen.errors import NotFound, PayloadTooLarge
+from posegen.params import GenerationParams
 from posegen.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -58,15 +59,11 @@ def submit_generation(
     dispatcher: DispatcherDep,
     image: Annotated[UploadFile, File(description="The subject photo (PNG, JPEG or WebP).")],
     model_key: Annotated[str, Form(max_length=100)],
+    params: Annotated[GenerationParams, Form()],
     prompt: Annotated[str | None, Form(max_length=1000)] = None,
     negative_prompt: Annotated[str | None, Form(max_length=1000)] = None,
     pose_template_id: Annotated[str | None, Form(max_length=100)] = None,
     pose_image: Annotated[UploadFile | None, File()] = None,
-    num_inference_steps: Annotated[int | None, Form(ge=1, le=150)] = None,
-    guidance_scale: Annotated[float | None, Form(ge=0, le=30, allow_inf_nan=False)] = None,
-    controlnet_conditioning_scale: Annotated[float, Form(ge=0, le=2, allow_inf_nan=False)] = 1.0,
-    strength: Annotated[float, Form(ge=0, le=1, allow_inf_nan=False)] = 0.75,
-    seed: Annotated[int | None, Form(ge=0, le=2**32 - 1)] = None,
     webhook_url: Annotated[str | None, Form(max_length=2048)] = None,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JSONResponse:
@@ -77,11 +74,7 @@ def submit_generation(
         negative_prompt=negative_prompt,
         pose_template_id=pose_template_id or None,
         pose_image=_read(pose_image, settings, "pose_image"),
-        num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
-        controlnet_conditioning_scale=controlnet_conditioning_scale,
-        strength=strength,
-        seed=seed,
+        params=params,
         webhook_url=webhook_url or None,
     )
     submitted = jobs.submit(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import secrets
 from dataclasses import dataclass
 
 from sqlalchemy import delete, event, select
@@ -140,19 +139,12 @@ def _new_job(
             if request.negative_prompt is not None
             else model.negative_prompt
         ),
-        params={
-            "num_inference_steps": request.num_inference_steps or model.default_steps,
-            "guidance_scale": (
-                request.guidance_scale
-                if request.guidance_scale is not None
-                else model.guidance_scale
-            ),
-            "controlnet_conditioning_scale": request.controlnet_conditioning_scale,
-            "strength": request.strength,
-            "seed": request.seed if request.seed is not None else secrets.randbelow(2**32),
-            "width": model.width,
-            "height": model.height,
-        },
+        params=request.params.resolve(
+            steps=model.default_steps,
+            guidance_scale=model.guidance_scale,
+            width=model.width,
+            height=model.height,
+        ).model_dump(),
         pose_source="template" if template else ("pose_image" if pose is not None else "image"),
         pose_template_id=template.id if template else None,
         credit_cost=model.credit_cost,

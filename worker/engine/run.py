@@ -3,27 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
+
+from posegen.params import Params
 
 
 class Canceled(Exception):
     """The cancel check answered true between two denoising steps."""
 
 
-@dataclass(frozen=True)
-class RunParams:
+class RunParams(Params):
+    """A job's parameters (`posegen.params`), and its prompts: everything one run needs."""
+
     prompt: str
     negative_prompt: str
-    num_inference_steps: int
-    guidance_scale: float
-    controlnet_conditioning_scale: float
-    strength: float
-    seed: int
-    width: int
-    height: int
 
 
 def denoising_steps(params: RunParams) -> tuple[int, float]:
