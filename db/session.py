@@ -23,26 +23,16 @@ def make_engine(
 def make_async_engine(
     database_url: str, *, pool_size: int = 10, max_overflow: int | None = None
 ) -> AsyncEngine:
-    """The same database through an asyncio driver (aiosqlite, asyncpg), reads only:
-    autocommit, no BEGIN/ROLLBACK. The API's hot reads use it (`db.fast.AsyncReads`)."""
+    """The demo's SQLite database through aiosqlite, for reads only (autocommit: no
+    BEGIN/ROLLBACK): the API's hot reads on SQLite (`db.fast.AsyncReads`; on Postgres they run
+    on asyncpg connections of their own)."""
     url = make_url(database_url)
-    sqlite = url.get_backend_name() == "sqlite"
-    # asyncpg, not psycopg's async mode: on the status poll it cost 25 % less API CPU a
-    # poll (1.50 -> 1.17 ms, side by side under wrk; the README's Performance section).
-    url = url.set(drivername="sqlite+aiosqlite" if sqlite else "postgresql+asyncpg")
+    if url.get_backend_name() != "sqlite":
+        raise ValueError("make_async_engine is for SQLite; Postgres reads use db.fast")
+    url = url.set(drivername="sqlite+aiosqlite")
     options = _engine_options(url, pool_size, max_overflow)
-    if not sqlite:
-        # Its reads are run again once on a dead connection instead (`db.fast`): no ping.
-        options["pool_pre_ping"] = False
-        # asyncpg runs every statement prepared. Postgres may then plan it afresh on each
-        # execution instead of keeping its generic plan: for the poll at 100,000 queued jobs
-        # it did, and a poll cost Postgres 0.31-0.46 ms of CPU instead of 0.08-0.11
-        # (`bench.scale`). The hot statements are few and fixed, and
-        # `tests/posegen/test_query_plans.py` holds each one's generic plan to its index.
-        options["connect_args"]["server_settings"] = {"plan_cache_mode": "force_generic_plan"}
     engine = create_async_engine(url, isolation_level="AUTOCOMMIT", **options)
-    if sqlite:
-        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+    event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
     return engine
 
 

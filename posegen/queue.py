@@ -11,9 +11,10 @@ and ends with `discard`: `unit_of_work` is both, for a block of work.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
@@ -211,8 +212,14 @@ def unit_of_work(session: Session, dispatcher: Dispatcher) -> Iterator[Session]:
 class Dispatcher:
     """Sends what the domain deferred, once the boundary has committed."""
 
-    def __init__(self, celery: Celery) -> None:
-        self.celery = celery
+    def __init__(self, celery: Celery | Callable[[], Celery]) -> None:
+        # A factory is called on first use: a CLI command that defers nothing never builds a
+        # producer (which, on the embedded broker, creates its folders).
+        self._celery = celery
+
+    @cached_property
+    def celery(self) -> Celery:
+        return self._celery if isinstance(self._celery, Celery) else self._celery()
 
     def send(self, message: Message) -> None:
         options: dict[str, Any] = {"queue": message.queue}

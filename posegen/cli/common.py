@@ -29,7 +29,7 @@ def unit_of_work() -> Iterator[Session]:
     engine = make_engine(s.database_url, pool_size=1)
     try:
         with queue.unit_of_work(
-            make_session_factory(engine)(), Dispatcher(make_producer(s))
+            make_session_factory(engine)(), Dispatcher(lambda: make_producer(s))
         ) as session:
             yield session
     except PosegenError as exc:
