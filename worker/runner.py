@@ -29,7 +29,7 @@ from worker.context import WorkerContext
 from worker.finisher import Finisher
 
 if TYPE_CHECKING:
-    from worker.engine.engine import EngineResult
+    from worker.engine.engine import EngineJob, EngineResult
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -92,49 +92,18 @@ class Heartbeat:
 def run_job(ctx: WorkerContext, job_id: str, *, behind: Finisher | None = None) -> str:
     """Claim, run and finish one job. Returns what happened, for logs and tests: with a
     `behind` finisher, "finishing" once the model is done and the record is handed to it."""
-    from worker.engine.engine import Canceled, EngineJob
-    from worker.engine.run import RunParams, steps_for
+    from worker.engine.engine import Canceled
+    from worker.engine.run import steps_for
 
-    settings = ctx.settings
-    with ctx.session() as session:
-        claim = lifecycle.claim(
-            session,
-            job_id=job_id,
-            worker_id=ctx.worker_id,
-            lease_seconds=settings.job_lease_seconds,
-        )
-        if claim is None:
-            return "skipped"
-        job: Generation = claim.job
-    metrics = job_metrics()
-    assert job.started_at is not None  # the claim sets it
-    metrics.queue_wait.labels(job.model_key).observe(
-        (job.started_at - job.created_at).total_seconds()
-    )
-    log.info("job started", extra={"job_id": job_id, "attempt": claim.attempt})
-
+    claim = _claim(ctx, job_id)
+    if claim is None:
+        return "skipped"
+    job: Generation = claim.job
     heartbeat = Heartbeat(ctx, job_id)
     heartbeat.start()
     result: EngineResult | None = None
     try:
-        engine_job = EngineJob(
-            model_key=job.model_key,
-            family=claim.family,
-            base_model=claim.base_model,
-            controlnet_model=claim.controlnet_model,
-            params=RunParams(prompt=job.prompt, negative_prompt=job.negative_prompt, **job.params),
-            image=_patiently(ctx, job_id, lambda: ctx.storage.get(job.input_key)),
-            pose_keypoints=(
-                [tuple(k) if k else None for k in claim.pose_keypoints]
-                if claim.pose_keypoints
-                else None
-            ),
-            pose_image=(
-                _patiently(ctx, job_id, lambda: ctx.storage.get(pose_key))
-                if (pose_key := job.pose_image_key)
-                else None
-            ),
-        )
+        engine_job = _engine_job(ctx, claim)
         result = ctx.engine.generate(
             engine_job, on_step=heartbeat.progress, should_cancel=heartbeat.canceled
         )
@@ -178,6 +147,53 @@ def run_job(ctx: WorkerContext, job_id: str, *, behind: Finisher | None = None) 
         heartbeat.stop()
         raise
     return "finishing"
+
+
+def _claim(ctx: WorkerContext, job_id: str) -> lifecycle.Claim | None:
+    """The job, claimed for this worker (None: not queued any more), its wait observed."""
+    with ctx.session() as session:
+        claim = lifecycle.claim(
+            session,
+            job_id=job_id,
+            worker_id=ctx.worker_id,
+            lease_seconds=ctx.settings.job_lease_seconds,
+        )
+    if claim is None:
+        return None
+    job = claim.job
+    assert job.started_at is not None  # the claim sets it
+    job_metrics().queue_wait.labels(job.model_key).observe(
+        (job.started_at - job.created_at).total_seconds()
+    )
+    log.info("job started", extra={"job_id": job_id, "attempt": claim.attempt})
+    return claim
+
+
+def _engine_job(ctx: WorkerContext, claim: lifecycle.Claim) -> EngineJob:
+    """What the engine runs: the claimed job's model, parameters and inputs (read from
+    storage patiently: an outage is waited out, then raised as StorageUnavailable)."""
+    from worker.engine.engine import EngineJob
+    from worker.engine.run import RunParams
+
+    job = claim.job
+    return EngineJob(
+        model_key=job.model_key,
+        family=claim.family,
+        base_model=claim.base_model,
+        controlnet_model=claim.controlnet_model,
+        params=RunParams(prompt=job.prompt, negative_prompt=job.negative_prompt, **job.params),
+        image=_read(ctx, job.id, job.input_key),
+        pose_keypoints=(
+            [tuple(k) if k else None for k in claim.pose_keypoints]
+            if claim.pose_keypoints
+            else None
+        ),
+        pose_image=_read(ctx, job.id, job.pose_image_key) if job.pose_image_key else None,
+    )
+
+
+def _read(ctx: WorkerContext, job_id: str, key: str) -> bytes:
+    return _patiently(ctx, job_id, lambda: ctx.storage.get(key))
 
 
 def _record(ctx: WorkerContext, job: Generation, result: EngineResult, *, steps: int) -> str:
