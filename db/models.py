@@ -49,8 +49,8 @@ def status_is(column: Any, *values: str) -> ColumnElement[bool]:
     below): Postgres matches a predicate to such an index only when it sees the value while
     planning, and the drivers run statements prepared (psycopg after a statement's fifth run,
     asyncpg from the first), so a bound status gets either a plan made afresh on every
-    execution (the poll's Postgres CPU was 40 % planning) or a generic plan that cannot use
-    the index. Written into the compiled (and cached) SQL once, not rendered per execution
+    execution (much of the poll's Postgres CPU was planning) or a generic plan that cannot
+    use the index. Written into the compiled (and cached) SQL once, not rendered per execution
     as a `literal_execute` parameter would be."""
     if not all(value in JOB_STATUSES + DELIVERY_STATUSES for value in values):
         raise ValueError(f"not a status: {values}")

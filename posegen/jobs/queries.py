@@ -116,7 +116,7 @@ def _decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
 QUEUE_ORDER: tuple[Any, ...] = (literal_column("9 - generations.priority"), Generation.created_at)
 # A position is counted up to POSITION_CAP (posegen.render) and reported as the cap beyond.
 # Even the capped count reads POSITION_CAP index entries for a job deep in a long queue
-# (0.4-0.7 ms of Postgres a poll at 100,000 queued: `python -m bench.scale`). So each process
+# (measurable on every poll of a long queue: `python -m bench.scale`). So each process
 # remembers, for a second, where the queue's POSITION_CAP-th job stands (the cut-off): a job
 # behind it has POSITION_CAP or more ahead and is answered without counting. Jobs before it
 # are counted exactly. A job the queue moved past the cut-off within the second still reads
@@ -129,13 +129,13 @@ def count_ahead(order: Any, created_at: Any) -> Any:
     through `ix_generations_queue` (the table itself, never an alias), up to POSITION_CAP in
     each of two parts (the caller caps the sum: `capped`).
 
-    The parts are the jobs of higher priority, then the older ones of the same priority.
-    Each bounds its index scan where it must stop, so a job near the head reads as many
-    entries as it has jobs ahead. A single row comparison, `(9 - priority, created_at) <
-    (order, created_at)`, does not stop a Postgres 15 index scan at the job: it read the
-    whole queue for a job near its head (7-44 ms a poll at 100,000 queued). Behind the cut-off
-    (the `cutoff_order` and `cutoff_created_at` parameters, NULL when fewer than
-    POSITION_CAP jobs are queued), POSITION_CAP without reading the queue."""
+    The parts are the jobs of higher priority, then the older ones of the same priority. Each
+    bounds its index scan where it must stop, so a job near the head reads as many entries as it
+    has jobs ahead. A single row comparison, `(9 - priority, created_at) < (order, created_at)`,
+    does not stop a Postgres 15 index scan at the job: it read the whole queue for a job near
+    its head (`bench.scale`). Behind the cut-off (the `cutoff_order` and `cutoff_created_at`
+    parameters, NULL when fewer than POSITION_CAP jobs are queued), POSITION_CAP without reading
+    the queue."""
     queue_order = QUEUE_ORDER[0]
     queued = Generation.__table__
 
