@@ -3,66 +3,32 @@ worker processes, the tiny models. Each test leaves the tables and the queue emp
 
 from __future__ import annotations
 
-import contextlib
-import io
-import os
-import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
-from PIL import Image
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from db.session import make_engine, make_session_factory
-from posegen import accounts, seeding
-from posegen.cli.common import upgrade_database
+from db.session import make_session_factory
+from posegen import accounts
 from posegen.settings import Settings
-
-ROOT = Path(__file__).resolve().parent.parent
-PG_ADMIN = os.environ.get(
-    "POSEGEN_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+from tests.factories import Account
+from tests.processes import Proc, start_api
+from tests.services import (
+    DATA_TABLES,
+    REDIS_URL,
+    free_port,
+    fresh_database,
+    seeded_engine,
+    settings_from,
 )
-# The test Redis server (POSEGEN_TEST_REDIS_SERVER, e.g. another port for a second run of the
-# suite on the same machine); each module that must not share a queue takes a DB of its own.
-REDIS_SERVER = os.environ.get("POSEGEN_TEST_REDIS_SERVER", "redis://127.0.0.1:6379")
-REDIS_PORT = int(REDIS_SERVER.rsplit(":", 1)[1])
-
-
-def redis_db(number: int) -> str:
-    return f"{REDIS_SERVER}/{number}"
-
-
-REDIS_URL = redis_db(15)
-DATA_TABLES = "api_keys, credit_ledger, webhook_deliveries, idempotency_keys, generations, users"
-
-
-@contextlib.contextmanager
-def fresh_database() -> Iterator[str]:
-    """A new Postgres database built by the Alembic migrations, dropped afterwards."""
-    name = f"posegen_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
-    upgrade_database(url)
-    yield url
-    with admin.connect() as conn:
-        conn.execute(
-            text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
-        )
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-    admin.dispose()
 
 
 @pytest.fixture(scope="session")
@@ -122,22 +88,9 @@ def base_env(
     }
 
 
-def settings_from(env: dict[str, str]) -> Settings:
-    return Settings(**{k.removeprefix("POSEGEN_").lower(): v for k, v in env.items()})  # type: ignore[arg-type]
-
-
 @pytest.fixture(scope="session")
 def settings(base_env: dict[str, str]) -> Settings:
     return settings_from(base_env)
-
-
-def seeded_engine(database_url: str) -> object:
-    engine = make_engine(database_url)
-    with Session(engine) as session:
-        seeding.seed_models(session)
-        seeding.seed_poses(session)
-        session.commit()
-    return engine
 
 
 @pytest.fixture(scope="session")
@@ -183,17 +136,6 @@ def app(settings: Settings, db_engine: object) -> Iterator[object]:
         yield client
 
 
-@dataclass
-class Account:
-    email: str
-    user_id: str
-    key: str
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.key}"}
-
-
 @pytest.fixture
 def make_account(sessions: object) -> object:
     def make(*, tier: str = "free", credits: int = 100) -> Account:
@@ -207,94 +149,12 @@ def make_account(sessions: object) -> object:
     return make
 
 
-def png_bytes(
-    size: tuple[int, int] = (96, 128), color: tuple[int, int, int] = (120, 90, 60)
-) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def astronaut_png() -> bytes:
-    import skimage.data
-
-    buf = io.BytesIO()
-    Image.fromarray(skimage.data.astronaut()).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def submit(
-    client: object,
-    account: Account,
-    *,
-    image: bytes | None = None,
-    headers: dict[str, str] | None = None,
-    files: dict[str, object] | None = None,
-    **fields: object,
-) -> httpx.Response:
-    merged = {"model_key": "tiny-sd15-openpose", "pose_template_id": "standing", **fields}
-    data = {k: str(v) for k, v in merged.items() if v is not None}
-    upload = {
-        "image": ("photo.png", image if image is not None else png_bytes(), "image/png"),
-        **(files or {}),
-    }
-    return client.post(
-        "/v1/generations", headers={**account.headers, **(headers or {})}, data=data, files=upload
-    )  # type: ignore[attr-defined,no-any-return]
-
-
 # -- processes ------------------------------------------------------------------------------------
-
-
-class Proc:
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
-        self.args, self.env, self.log = args, env, log
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.metrics_url = ""
-
-    def start(self) -> Proc:
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        out = self.log.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "posegen.cli.main", *self.args],
-            env={**os.environ, **self.env},
-            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
-        )  # fmt: skip
-        return self
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, sig)
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group: the Celery parent and its children, at once."""
-        self.stop(signal.SIGKILL)
-
-    def tail(self, n: int = 60) -> str:
-        return (
-            "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-            if self.log.exists()
-            else ""
-        )
 
 
 @pytest.fixture(scope="session")
 def process_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("logs")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
@@ -305,27 +165,6 @@ def gpu_worker(base_env: dict[str, str], db_engine: object, process_logs: Path) 
     proc.metrics_url = f"http://127.0.0.1:{port}/metrics"
     yield proc
     proc.stop()
-
-
-def strand(session: Session, job_id: str, *, attempts: int, lease_expired_s: float) -> None:
-    """Make a job look claimed `attempts` times by a worker that is gone: processing, with a
-    lease that ran out `lease_expired_s` seconds ago (the caller commits)."""
-    import datetime as dt
-
-    from sqlalchemy import update
-
-    from db.models import Generation
-
-    session.execute(
-        update(Generation)
-        .where(Generation.id == job_id)
-        .values(
-            status="processing",
-            worker_id="dead:1",
-            attempts=attempts,
-            lease_expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=lease_expired_s),
-        )
-    )
 
 
 @pytest.fixture(scope="session")
@@ -351,40 +190,6 @@ def housekeeping(base_env: dict[str, str], db_engine: object, process_logs: Path
     worker.stop()
 
 
-def wait_for(
-    client: object,
-    account: Account,
-    job_id: str,
-    *,
-    statuses: tuple[str, ...] = ("completed", "failed", "canceled"),
-    timeout: float = 90,
-) -> dict[str, object]:
-    deadline = time.monotonic() + timeout
-    job: dict[str, object] = {}
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/generations/{job_id}", headers=account.headers).json()  # type: ignore[attr-defined]
-        if job["status"] in statuses:
-            return job
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} still {job.get('status')} after {timeout}s")
-
-
-def start_api(env: dict[str, str], log: Path) -> tuple[Proc, str]:
-    """A real uvicorn server in its own process, answering /health; (process, base URL)."""
-    port = free_port()
-    proc = Proc(["api", "--port", str(port)], env, log).start()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.stop()
-    raise RuntimeError(proc.tail())
-
-
 @pytest.fixture(scope="session")
 def live_api(base_env: dict[str, str], db_engine: object, process_logs: Path) -> Iterator[str]:
     """A real uvicorn server (its own process), for concurrent clients."""
@@ -394,62 +199,6 @@ def live_api(base_env: dict[str, str], db_engine: object, process_logs: Path) ->
 
 
 # -- faults ---------------------------------------------------------------------------------------
-
-
-class TcpProxy:
-    """127.0.0.1:<port> -> `target` (Postgres, Redis, an S3 endpoint); `down()` refuses new
-    connections and cuts the open ones, `up()` takes them again on the same port."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.conns: list[socket.socket] = []
-        self.listener: socket.socket | None = None
-
-    def up(self) -> None:
-        self.listener = socket.socket()
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", self.port))
-        self.listener.listen(64)
-        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
-
-    def down(self) -> None:
-        if self.listener:
-            # shutdown() wakes the thread blocked in accept(); close() alone would not.
-            with contextlib.suppress(OSError):
-                self.listener.shutdown(socket.SHUT_RDWR)
-            self.listener.close()
-            self.listener = None
-        for conn in self.conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-            conn.close()
-        self.conns.clear()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target)
-            self.conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
 
 
 @pytest.fixture(scope="module")

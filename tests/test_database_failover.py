@@ -29,7 +29,9 @@ from db.models import CreditLedger, Generation, User
 from db.session import make_session_factory
 from posegen import accounts
 from posegen.cli.common import upgrade_database
-from tests.conftest import free_port, png_bytes, redis_db, seeded_engine, start_api
+from tests.factories import png_bytes
+from tests.processes import start_api
+from tests.services import free_port, redis_db, seeded_engine
 
 pytestmark = pytest.mark.slow
 FAILOVER_BROKER = redis_db(7)  # its own: no worker takes these jobs, no other test counts them

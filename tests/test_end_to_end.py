@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from posegen import credits
-from tests.conftest import ROOT, astronaut_png, strand, submit, wait_for
+from tests.factories import astronaut_png, strand, submit, wait_for
+from tests.services import ROOT
 
 pytestmark = pytest.mark.slow
 

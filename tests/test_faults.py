@@ -12,15 +12,9 @@ from sqlalchemy import func, select, text
 
 from db.models import CreditLedger, Generation, User
 from tests.broker_messages import unacked_job_ids, waiting_job_ids
-from tests.conftest import (
-    REDIS_PORT,
-    Proc,
-    TcpProxy,
-    redis_db,
-    settings_from,
-    submit,
-    wait_for,
-)
+from tests.factories import submit, wait_for
+from tests.processes import Proc, TcpProxy
+from tests.services import REDIS_PORT, redis_db, settings_from
 
 pytestmark = pytest.mark.slow
 FAULT_BROKER = redis_db(13)  # its own queue, consumed only by this module's workers

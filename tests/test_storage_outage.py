@@ -20,15 +20,9 @@ import redis
 from sqlalchemy import func, select
 
 from db.models import CreditLedger, Generation, WebhookDelivery
-from tests.conftest import (
-    Account,
-    Proc,
-    TcpProxy,
-    redis_db,
-    settings_from,
-    submit,
-    wait_for,
-)
+from tests.factories import Account, submit, wait_for
+from tests.processes import Proc, TcpProxy
+from tests.services import redis_db, settings_from
 
 pytestmark = pytest.mark.slow
 BUCKET = "posegen-outage"

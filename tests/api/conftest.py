@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from tests.conftest import redis_db, settings_from
+from tests.services import redis_db, settings_from
 
 QUIET_REDIS_URL = redis_db(11)
 

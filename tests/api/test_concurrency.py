@@ -9,7 +9,9 @@ from sqlalchemy import update
 
 from db.models import Generation
 from posegen.storage import storage_from_settings
-from tests.conftest import png_bytes, settings_from, start_api
+from tests.factories import png_bytes
+from tests.processes import start_api
+from tests.services import settings_from
 
 
 def test_more_clients_than_threads_and_connections(base_env, db_engine, process_logs, make_account, sessions):  # fmt: skip

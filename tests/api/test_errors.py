@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from db.models import AiModel
-from tests.conftest import png_bytes, submit
+from tests.factories import png_bytes, submit
 
 
 def _error(response):

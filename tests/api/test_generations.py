@@ -9,7 +9,7 @@ from db.models import Generation
 from posegen import credits
 from tests.api.conftest import QUIET_REDIS_URL
 from tests.broker_messages import waiting_job_ids
-from tests.conftest import png_bytes, submit
+from tests.factories import png_bytes, submit
 
 JOB_KEYS = {
     "id", "status", "model_key", "prompt", "negative_prompt", "params", "pose_source",

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.conftest import png_bytes
+from tests.factories import png_bytes
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:

@@ -13,7 +13,7 @@ from posegen import reconciler
 from posegen.queue import GENERATION_QUEUE, Dispatcher, priority_keys
 from tests.api.conftest import QUIET_REDIS_URL
 from tests.broker_messages import job_id_of, waiting_job_ids
-from tests.conftest import submit
+from tests.factories import submit
 
 
 def test_only_the_job_whose_message_redis_lost_is_published_again(

@@ -18,7 +18,9 @@ from sqlalchemy import func, insert, select
 
 from db.models import CreditLedger, Generation, IdempotencyKey, User
 from posegen import credits
-from tests.conftest import png_bytes, redis_db, settings_from, start_api
+from tests.factories import png_bytes
+from tests.processes import start_api
+from tests.services import redis_db, settings_from
 
 FREE_LIMIT = 30
 

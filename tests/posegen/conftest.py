@@ -14,7 +14,7 @@ from db.models import AiModel, Generation, new_id
 from db.session import make_session_factory
 from db.types import utcnow
 from posegen.cli.common import upgrade_database
-from tests.conftest import seeded_engine
+from tests.services import seeded_engine
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])

@@ -12,7 +12,8 @@ from sqlalchemy import func, select
 from db.models import AiModel, CreditLedger, Generation
 from posegen import credits, lifecycle
 from posegen.jobs import queries
-from tests.conftest import png_bytes, settings_from, strand, submit, wait_for
+from tests.factories import png_bytes, strand, submit, wait_for
+from tests.services import settings_from
 
 IMAGE = png_bytes()
 

@@ -15,7 +15,7 @@ from db.models import Generation
 from db.types import utcnow
 from posegen import accounts, reconciler
 from posegen.settings import Settings
-from tests.conftest import strand
+from tests.factories import strand
 from tests.posegen.conftest import make_job
 
 

@@ -21,16 +21,9 @@ from db.types import utcnow
 from posegen import credits, lifecycle, retention
 from posegen.settings import Settings
 from posegen.storage import Storage, storage_from_settings
-from tests.conftest import (
-    Account,
-    astronaut_png,
-    png_bytes,
-    redis_db,
-    settings_from,
-    start_api,
-    submit,
-    wait_for,
-)
+from tests.factories import Account, astronaut_png, png_bytes, submit, wait_for
+from tests.processes import start_api
+from tests.services import redis_db, settings_from
 
 QUIET_BROKER = redis_db(6)  # no worker listens: jobs submitted there stay queued
 WORKER = "test-worker:1"

@@ -16,9 +16,10 @@ from db.models import Generation
 from posegen import retention
 from posegen.settings import Settings
 from posegen.storage import Storage, storage_from_settings
-from tests.conftest import astronaut_png, redis_db, settings_from, submit
+from tests.factories import astronaut_png, submit
 from tests.posegen import test_s3_storage
 from tests.posegen.test_retention import finish, ledger, row
+from tests.services import redis_db, settings_from
 
 pytestmark = pytest.mark.slow
 BUCKET = "posegen-retention"

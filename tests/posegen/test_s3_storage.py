@@ -15,15 +15,9 @@ from PIL import Image
 from posegen.errors import StorageUnavailable
 from posegen.storage.base import check_key
 from posegen.storage.s3 import S3Storage
-from tests.conftest import (
-    Proc,
-    astronaut_png,
-    free_port,
-    redis_db,
-    settings_from,
-    submit,
-    wait_for,
-)
+from tests.factories import astronaut_png, submit, wait_for
+from tests.processes import Proc
+from tests.services import free_port, redis_db, settings_from
 
 pytestmark = pytest.mark.slow
 BUCKET = "posegen-test"

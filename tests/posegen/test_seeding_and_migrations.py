@@ -11,7 +11,7 @@ from sqlalchemy import create_engine, inspect, text
 
 from posegen import seeding
 from posegen.cli.common import downgrade_database, upgrade_database
-from tests.conftest import PG_ADMIN, ROOT
+from tests.services import PG_ADMIN, ROOT
 
 TABLES = {"users", "api_keys", "ai_models", "pose_templates", "generations", "credit_ledger", "webhook_deliveries", "idempotency_keys"}  # fmt: skip
 

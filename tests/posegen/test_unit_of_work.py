@@ -17,7 +17,7 @@ from posegen.errors import InvalidRequest
 from posegen.queue import GENERATE_TASK, GENERATION_QUEUE, Message, defer
 from posegen.settings import get_settings
 from tests.broker_messages import waiting_job_ids
-from tests.conftest import redis_db
+from tests.services import redis_db
 
 BROKER = redis_db(4)  # its own: no worker listens here
 

@@ -14,7 +14,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from posegen import accounts, webhooks
 from posegen.webhooks import RefusedUrl
-from tests.conftest import submit, wait_for
+from tests.factories import submit, wait_for
 
 # "localhost" in full-width letters: another name until UTS 46 maps it (as resolvers do).
 FULL_WIDTH_LOCALHOST = "\uff4c\uff4f\uff43\uff41\uff4c\uff48\uff4f\uff53\uff54"

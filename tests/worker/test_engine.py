@@ -13,7 +13,7 @@ from PIL import Image
 from posegen.errors import JobError
 from posegen.images import fit
 from posegen.seeding import SEEDS_DIR
-from tests.conftest import astronaut_png, png_bytes
+from tests.factories import astronaut_png, png_bytes
 from worker.engine import families
 from worker.engine.engine import Engine, EngineConfig, EngineJob
 from worker.engine.pose import NoPoseDetected

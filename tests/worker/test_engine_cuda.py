@@ -111,7 +111,7 @@ def test_model_cpu_offload_keeps_weights_off_the_gpu(model_dir):
 def _peak_bytes(pipe, *, size: int, tiled: bool) -> int:
     """Peak GPU memory of one diffusers call above what was allocated before it."""
     from posegen.images import fit
-    from tests.conftest import astronaut_png
+    from tests.factories import astronaut_png
     from tests.worker.test_engine import STANDING
     from worker.engine.run import run_pipeline
     from worker.engine.skeleton import draw_skeleton

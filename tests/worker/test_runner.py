@@ -23,7 +23,7 @@ from posegen import jobs, reconciler
 from posegen.queue import Dispatcher, make_producer
 from posegen.settings import Settings
 from posegen.storage import Storage, storage_from_settings
-from tests.conftest import astronaut_png
+from tests.factories import astronaut_png
 from tests.posegen.conftest import job_row, tiny_model
 from worker import context as worker_context
 from worker.context import WorkerContext
