@@ -26,7 +26,7 @@ import asyncpg
 from sqlalchemy import Select, make_url
 from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 AnySelect: TypeAlias = "Select[*tuple[Any, ...]]"
 
@@ -171,13 +171,13 @@ class AsyncReads:
     async def first(self, query: DriverQuery, params: Mapping[str, Any]) -> Any:
         """The first row (attributes by column label), or None."""
         if self._engine is not None:
-            async with self._sqlalchemy(query) as conn:
+            async with self._engine.connect() as conn:
                 return (await conn.execute(query.statement, dict(params))).first()
         return await self._run("fetchrow", query, params)
 
     async def all(self, query: DriverQuery, params: Mapping[str, Any]) -> list[Any]:
         if self._engine is not None:
-            async with self._sqlalchemy(query) as conn:
+            async with self._engine.connect() as conn:
                 return list((await conn.execute(query.statement, dict(params))).all())
         return list(await self._run("fetch", query, params))
 
@@ -189,16 +189,3 @@ class AsyncReads:
                 return await getattr(conn, method)(sql, *args)
         except _GONE as error:
             raise OperationalError(sql, dict(params), error) from error
-
-    @asynccontextmanager
-    async def _sqlalchemy(self, query: DriverQuery) -> AsyncIterator[AsyncConnection]:
-        assert self._engine is not None
-        connection = self._engine.connect()
-        try:
-            await connection.start()
-        except (OSError, TimeoutError) as error:  # aiosqlite cannot open the file
-            raise OperationalError(str(query.statement), {}, error) from error
-        try:
-            yield connection
-        finally:
-            await connection.close()

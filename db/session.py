@@ -37,7 +37,7 @@ def make_async_engine(
 
 
 def _engine_options(url: URL, pool_size: int, max_overflow: int | None) -> dict[str, Any]:
-    """Pool and connect options, the same for the sync and the async engine."""
+    """Pool and connect options, the same for the sync engine and SQLite's async one."""
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)
@@ -53,7 +53,7 @@ def _engine_options(url: URL, pool_size: int, max_overflow: int | None) -> dict[
         # Waiting for a free connection is load, not an outage: allow it time. A database that
         # does not answer is caught by the connect timeout instead (-> 503 unavailable).
         "pool_timeout": 30,
-        "connect_args": {"timeout" if url.get_driver_name() == "asyncpg" else "connect_timeout": 5},
+        "connect_args": {"connect_timeout": 5},
     }
 
 

@@ -95,7 +95,7 @@ _CHARGE_GIVEN_BACK = select(
     literal("refund"),
     -CreditLedger.amount,
     literal("job did not complete"),
-    bindparam("now", type_=CreditLedger.__table__.c.created_at.type),
+    bindparam("now", type_=_LEDGER.c.created_at.type),
 ).where(CreditLedger.generation_id == bindparam("generation_id"), CreditLedger.kind == "charge")
 _REFUND_ROW = {
     # The table, not the mapped class: an INSERT ... SELECT has no ORM objects to track.

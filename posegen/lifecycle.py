@@ -81,9 +81,21 @@ _COMPLETE = (
     .returning(Generation)
 )
 
+# The worker gives its job back (release), published again: bind job_id, worker, now.
 _RELEASE = (
     update(Generation)
     .where(*_OURS)
+    .values(status="queued", worker_id=None, lease_expires_at=None, published_at=bindparam("now"))
+    .returning(Generation)
+)
+# The reconciler takes back a job whose lease ran out (requeue_expired): bind job_id, now.
+_REQUEUE_EXPIRED = (
+    update(Generation)
+    .where(
+        Generation.id == bindparam("job_id"),
+        Generation.status == "processing",
+        Generation.lease_expires_at < bindparam("now"),
+    )
     .values(status="queued", worker_id=None, lease_expires_at=None, published_at=bindparam("now"))
     .returning(Generation)
 )
@@ -186,13 +198,8 @@ def release(
     """processing -> queued, published again once the caller commits: a retryable
     interruption (storage unreachable). The claim that takes it next counts its attempt, as
     for a job whose worker was lost; None if the job was no longer ours (canceled)."""
-    job = session.scalars(
-        _RELEASE, {"job_id": job_id, "worker": worker_id, "now": utcnow()},
-        execution_options=_RETURNING,
-    ).one_or_none()  # fmt: skip
-    if job is not None:
-        defer(session, generate_message(job, settings))
-    return job
+    params = {"job_id": job_id, "worker": worker_id, "now": utcnow()}
+    return _queued_again(session, _RELEASE, params, settings)
 
 
 def cancel(session: Session, *, job_id: str) -> Generation | None:
@@ -217,17 +224,15 @@ def requeue_expired(
     """processing -> queued for a job whose lease ran out before `now` (its worker was lost),
     published again once the caller commits; None if it is no longer so (its worker renewed
     the lease, or it ended)."""
-    job = session.scalars(
-        update(Generation)
-        .where(
-            Generation.id == job_id,
-            Generation.status == "processing",
-            Generation.lease_expires_at < now,
-        )
-        .values(status="queued", worker_id=None, lease_expires_at=None, published_at=now)
-        .returning(Generation),
-        execution_options=_RETURNING,
-    ).one_or_none()
+    return _queued_again(session, _REQUEUE_EXPIRED, {"job_id": job_id, "now": now}, settings)
+
+
+def _queued_again(
+    session: Session, statement: Any, params: dict[str, Any], settings: Settings
+) -> Generation | None:
+    """Run a processing -> queued UPDATE; the job, its message deferred to the commit, or
+    None when its conditions no longer held."""
+    job = session.scalars(statement, params, execution_options=_RETURNING).one_or_none()
     if job is not None:
         defer(session, generate_message(job, settings))
     return job

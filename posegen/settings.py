@@ -100,7 +100,8 @@ class Settings(BaseSettings):
     @field_validator("output_retention_days", mode="before")
     @classmethod
     def _unset_when_empty(cls, value: object) -> object:
-        # `POSEGEN_OUTPUT_RETENTION_DAYS=` (a compose file's empty default) means unset.
+        # `POSEGEN_OUTPUT_RETENTION_DAYS=` (set, but empty: as an env file may leave it)
+        # means unset.
         return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("rate_limit_per_minute", mode="before")
