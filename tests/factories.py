@@ -6,10 +6,14 @@ from __future__ import annotations
 import io
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 from PIL import Image
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
+
+from db.models import CreditLedger
 
 
 @dataclass
@@ -96,3 +100,14 @@ def wait_for(
             return job
         time.sleep(0.1)
     raise AssertionError(f"job {job_id} still {job.get('status')} after {timeout}s")
+
+
+def ledger_kinds(sessions: Any, job_id: str) -> dict[str, int]:
+    """A job's ledger rows by kind: {"charge": 1} for a job charged once, never refunded."""
+    with sessions() as s:
+        rows = s.execute(
+            select(CreditLedger.kind, func.count())
+            .where(CreditLedger.generation_id == job_id)
+            .group_by(CreditLedger.kind)
+        ).all()
+    return {kind: int(count) for kind, count in rows}

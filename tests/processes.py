@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -126,3 +127,22 @@ class TcpProxy:
             for s in (src, dst):
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
+
+
+@contextlib.contextmanager
+def started_processes(logs: Path, prefix: str) -> Iterator[Callable[..., Proc]]:
+    """`start(env, *args, name=...)` starts a posegen process logging to `logs`; every one
+    started is stopped on the way out."""
+    started: list[Proc] = []
+
+    def start(env: dict[str, str], *args: str, name: str) -> Proc:
+        log = logs / f"{prefix}-{name}-{time.monotonic_ns()}.log"
+        proc = Proc(list(args), env, log).start()
+        started.append(proc)
+        return proc
+
+    try:
+        yield start
+    finally:
+        for proc in started:
+            proc.stop()

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import redis
-from sqlalchemy import func, select, text
+from sqlalchemy import select, text
 
 from db.models import CreditLedger, Generation, User
 from tests.broker_messages import unacked_job_ids, waiting_job_ids
-from tests.factories import submit, wait_for
-from tests.processes import Proc, TcpProxy
+from tests.factories import ledger_kinds, submit, wait_for
+from tests.processes import TcpProxy, started_processes
 from tests.services import REDIS_PORT, redis_db, settings_from
 
 pytestmark = pytest.mark.slow
@@ -51,23 +51,8 @@ def fault_app(fault_env, db_engine):
 
 @pytest.fixture
 def procs(fault_env, process_logs: Path):
-    started: list[Proc] = []
-
-    def start(*args: str, name: str) -> Proc:
-        log = process_logs / f"fault-{name}-{time.monotonic_ns()}.log"
-        proc = Proc(list(args), fault_env, log).start()
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        proc.stop()
-
-
-def _ledger(sessions, job_id: str) -> dict[str, int]:
-    with sessions() as s:
-        rows = s.execute(select(CreditLedger.kind, func.count()).where(CreditLedger.generation_id == job_id).group_by(CreditLedger.kind)).all()  # fmt: skip
-    return dict(rows)  # type: ignore[arg-type]
+    with started_processes(process_logs, "fault") as start:
+        yield lambda *args, name: start(fault_env, *args, name=name)
 
 
 def test_worker_sigkilled_mid_job_completes_once_charged_once(fault_app, make_account, procs, sessions, fault_env):  # fmt: skip
@@ -92,7 +77,7 @@ def test_worker_sigkilled_mid_job_completes_once_charged_once(fault_app, make_ac
     assert done["attempts"] == 2 and len(done["outputs"]) == 1, done
     storage = Path(settings_from(fault_env).storage_url.removeprefix("file://"))
     assert [p.name for p in (storage / "outputs" / job["id"]).iterdir()] == ["0.png"]
-    assert _ledger(sessions, job["id"]) == {"charge": 1}
+    assert ledger_kinds(sessions, job["id"]) == {"charge": 1}
     assert fault_app.get("/v1/me", headers=account.headers).json()["credits"] == 0
 
 
@@ -119,7 +104,7 @@ def test_redis_flushed_with_jobs_queued_all_complete_once(fault_app, fault_env, 
         assert done["status"] == "completed" and done["attempts"] == 1, (done, worker.tail())
         assert len(done["outputs"]) == 1
         assert [p.name for p in (storage / "outputs" / job_id).iterdir()] == ["0.png"]
-        assert _ledger(sessions, job_id) == {"charge": 1}
+        assert ledger_kinds(sessions, job_id) == {"charge": 1}
     assert fault_app.get("/v1/me", headers=account.headers).json()["credits"] == 0
 
 
@@ -254,4 +239,4 @@ def test_broker_down_at_submit_loses_nothing(fault_env, db_engine, make_account,
     # (More than once where the worker took the message before its pool was up: a message a
     # worker holds is not counted as waiting. The claim makes the second one a no-op.)
     assert any(e["msg"] == "reconciled" and e["republished"] for e in logged), housekeeping.tail()
-    assert _ledger(sessions, job_id) == {"charge": 1}
+    assert ledger_kinds(sessions, job_id) == {"charge": 1}

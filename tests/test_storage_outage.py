@@ -17,11 +17,11 @@ from typing import Any
 import boto3
 import pytest
 import redis
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from db.models import CreditLedger, Generation, WebhookDelivery
-from tests.factories import Account, submit, wait_for
-from tests.processes import Proc, TcpProxy
+from tests.factories import Account, ledger_kinds, submit, wait_for
+from tests.processes import Proc, TcpProxy, started_processes
 from tests.services import redis_db, settings_from
 
 pytestmark = pytest.mark.slow
@@ -82,17 +82,8 @@ def _client(env: dict[str, str]) -> Any:
 
 @pytest.fixture
 def procs(process_logs: Path) -> Iterator[Callable[..., Proc]]:
-    started: list[Proc] = []
-
-    def start(env: dict[str, str], *args: str, name: str) -> Proc:
-        log = process_logs / f"outage-{name}-{time.monotonic_ns()}.log"
-        proc = Proc(list(args), env, log).start()
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        proc.stop()
+    with started_processes(process_logs, "outage") as start:
+        yield start
     redis.Redis.from_url(OUTAGE_BROKER).flushdb()
 
 
@@ -100,12 +91,6 @@ def _housekeeping(procs: Callable[..., Proc], env: dict[str, str]) -> None:
     """Beat and the reconciler, as in production: they would take back a job left behind."""
     procs(env, "beat", name="beat")
     procs(env, "worker", "--queues", "maintenance", "--concurrency", "1", name="housekeeping")
-
-
-def _ledger(sessions, job_id: str) -> dict[str, int]:
-    with sessions() as s:
-        rows = s.execute(select(CreditLedger.kind, func.count()).where(CreditLedger.generation_id == job_id).group_by(CreditLedger.kind)).all()  # fmt: skip
-    return dict(rows)  # type: ignore[arg-type]
 
 
 def _row(sessions, job_id: str) -> Generation:
@@ -191,7 +176,7 @@ def test_outage_fails_no_job_in_flight_and_refuses_submits(
         assert [job["status"] for job in done] == ["completed"] * 3, (done, worker.tail())
         for job in done:
             assert len(job["outputs"]) == 1, job
-            assert _ledger(sessions, job["id"]) == {"charge": 1}, job
+            assert ledger_kinds(sessions, job["id"]) == {"charge": 1}, job
             assert _keys(s3, f"outputs/{job['id']}/") == [f"outage/outputs/{job['id']}/0.png"]
             # The same worker process ran them all: an outage is no reason to replace it.
             assert _row(sessions, job["id"]).worker_id == worker_id
@@ -243,11 +228,11 @@ def test_job_given_back_while_storage_is_down_completes_once_it_is_back(
         finally:
             proxy.up()
         assert second["status"] in ("queued", "processing"), (second, impatient_worker.tail())
-        assert _ledger(sessions, job["id"]) == {"charge": 1}
+        assert ledger_kinds(sessions, job["id"]) == {"charge": 1}
         done = wait_for(client, account, job["id"], timeout=120)
         assert done["status"] == "completed", (done, impatient_worker.tail())
         assert 2 <= done["attempts"] <= 3 and len(done["outputs"]) == 1, done
-        assert _ledger(sessions, job["id"]) == {"charge": 1}
+        assert ledger_kinds(sessions, job["id"]) == {"charge": 1}
         assert _credits(client, account) == 10 - _row(sessions, job["id"]).credit_cost
         assert _keys(s3, f"outputs/{job['id']}/") == [f"outage/outputs/{job['id']}/0.png"]
     assert RESTARTED not in impatient_worker.tail(400)
@@ -268,7 +253,7 @@ def test_job_fails_once_storage_stayed_down_for_every_attempt(
         assert done["error"]["code"] == "internal_error", done
         assert "storage" in done["error"]["message"].lower(), done
         assert done["attempts"] == 3 and done["outputs"] == [], done
-        assert _ledger(sessions, job["id"]) == {"charge": 1, "refund": 1}
+        assert ledger_kinds(sessions, job["id"]) == {"charge": 1, "refund": 1}
         assert _credits(client, account) == 10
     with sessions() as s:
         events = s.scalars(select(WebhookDelivery.event_type).where(WebhookDelivery.generation_id == job["id"])).all()  # fmt: skip
