@@ -65,6 +65,15 @@ def submit_generation(
     pose_template_id: Annotated[str | None, Form(max_length=100)] = None,
     pose_image: Annotated[UploadFile | None, File()] = None,
     webhook_url: Annotated[str | None, Form(max_length=2048)] = None,
+    deadline_seconds: Annotated[
+        int | None,
+        Form(
+            ge=1,
+            le=jobs.MAX_DEADLINE_SECONDS,
+            description="Not completed this many seconds after submit: failed with "
+            "`deadline_exceeded`, refunded (not run if it has not started).",
+        ),
+    ] = None,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JSONResponse:
     request = jobs.GenerationRequest(
@@ -76,6 +85,7 @@ def submit_generation(
         pose_image=_read(pose_image, settings, "pose_image"),
         params=params,
         webhook_url=webhook_url or None,
+        deadline_seconds=deadline_seconds,
     )
     submitted = jobs.submit(
         session,
