@@ -210,19 +210,20 @@ def fail(
 ) -> Generation | None:
     """-> failed with an error, refunded once. `worker_id` None: fail from any live state."""
     values = {
-        "status": "failed",
         "error_code": code,
         "error_message": message[:2000],
         "finished_at": utcnow(),
         "lease_expires_at": None,
     }
-    turn = None if worker_id is not None else _from_queued(session, job_id, values)
+    turn = None if worker_id is not None else _from_queued(session, job_id, "failed", values)
     changed = turn is not None
     if not changed:
         conditions = [Generation.id == job_id, Generation.status == "processing"]
         if worker_id is not None:
             conditions.append(Generation.worker_id == worker_id)
-        result = session.execute(update(Generation).where(*conditions).values(**values))
+        result = session.execute(
+            update(Generation).where(*conditions).values(status="failed", **values)
+        )
         changed = result.rowcount == 1  # type: ignore[attr-defined]
     job = session.get_one(Generation, job_id, populate_existing=True)
     if job.status == "failed":
@@ -248,14 +249,14 @@ def release(
 def cancel(session: Session, *, job_id: str) -> Generation | None:
     """queued or processing -> canceled, refunded once; None if the job had ended already
     (the job, read again, is in the session either way)."""
-    values = {"status": "canceled", "finished_at": utcnow(), "lease_expires_at": None}
-    turn = _from_queued(session, job_id, values)
+    values = {"finished_at": utcnow(), "lease_expires_at": None}
+    turn = _from_queued(session, job_id, "canceled", values)
     changed = turn is not None
     if not changed:
         result = session.execute(
             update(Generation)
             .where(Generation.id == job_id, Generation.status == "processing")
-            .values(**values)
+            .values(status="canceled", **values)
         )
         changed = result.rowcount == 1  # type: ignore[attr-defined]
     job = session.get_one(Generation, job_id, populate_existing=True)
@@ -278,7 +279,7 @@ def requeue_expired(
 
 
 def _from_queued(
-    session: Session, job_id: str, values: dict[str, Any]
+    session: Session, job_id: str, status: str, values: dict[str, Any]
 ) -> tuple[str, str] | None:
     """queued -> an end (canceled, failed): the job's (user, model), whose turn counts one
     less once the caller has refunded it (`scheduler.left`: the user's row before the turn's,
@@ -286,7 +287,7 @@ def _from_queued(
     row = session.execute(
         update(Generation)
         .where(Generation.id == job_id, Generation.status == "queued")
-        .values(**values)
+        .values(status=status, **values)
         .returning(Generation.user_id, Generation.model_id),
         execution_options={"synchronize_session": False},
     ).first()

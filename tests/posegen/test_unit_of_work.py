@@ -14,7 +14,7 @@ from db.models import User
 from posegen import accounts
 from posegen.cli import common
 from posegen.errors import InvalidRequest
-from posegen.queue import GENERATE_TASK, GENERATION_QUEUE, Message, defer
+from posegen.queue import Message, defer, ready_message
 from posegen.settings import get_settings
 from tests.broker_messages import waiting_job_ids
 from tests.services import redis_db
@@ -34,7 +34,7 @@ def cli_env(monkeypatch, base_env, db_engine):
 
 
 def _message(job_id: str) -> Message:
-    return Message(task=GENERATE_TASK, args=(job_id,), queue=GENERATION_QUEUE, priority=9)
+    return ready_message("tiny-sd15-openpose", get_settings(), job_id=job_id)
 
 
 def test_a_command_publishes_what_it_deferred_after_its_commit(cli_env, sessions):
