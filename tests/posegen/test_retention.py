@@ -11,7 +11,6 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -23,25 +22,22 @@ from posegen.settings import Settings
 from posegen.storage import Storage, storage_from_settings
 from tests.factories import Account, astronaut_png, png_bytes, submit, wait_for
 from tests.processes import start_api
-from tests.services import redis_db, settings_from
+from tests.services import settings_from
 
-QUIET_BROKER = redis_db(6)  # no worker listens: jobs submitted there stay queued
 WORKER = "test-worker:1"
 
 
+# The quiet broker: no worker listens there, so the jobs submitted through it stay queued (the
+# module's `gpu_worker` listens on its other broker, `base_env`'s).
 @pytest.fixture
-def quiet_app(base_env: dict[str, str], db_engine: object) -> Iterator[Any]:
+def quiet_app(base_env: dict[str, str], quiet_broker_url: str, db_engine: object) -> Iterator[Any]:
     from fastapi.testclient import TestClient
 
     from api.app import create_app
 
-    try:
-        with TestClient(
-            create_app(settings_from({**base_env, "POSEGEN_BROKER_URL": QUIET_BROKER}))
-        ) as client:
-            yield client
-    finally:
-        redis.Redis.from_url(QUIET_BROKER).flushdb()
+    settings = settings_from({**base_env, "POSEGEN_BROKER_URL": quiet_broker_url})
+    with TestClient(create_app(settings)) as client:
+        yield client
 
 
 @pytest.fixture
@@ -249,13 +245,11 @@ def test_delete_cancels_a_running_job_and_its_worker_lets_go(
 
 
 @pytest.fixture
-def quiet_api(base_env: dict[str, str], db_engine: object, process_logs) -> Iterator[str]:
-    proc, base = start_api(
-        {**base_env, "POSEGEN_BROKER_URL": QUIET_BROKER}, process_logs / "retention-api.log"
-    )
+def quiet_api(base_env, quiet_broker_url, db_engine, process_logs) -> Iterator[str]:
+    env = {**base_env, "POSEGEN_BROKER_URL": quiet_broker_url}
+    proc, base = start_api(env, process_logs / "retention-api.log")
     yield base
     proc.stop()
-    redis.Redis.from_url(QUIET_BROKER).flushdb()
 
 
 def test_racing_deletes_and_cancels_refund_once(quiet_api, make_account, sessions):
