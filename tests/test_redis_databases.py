@@ -5,27 +5,18 @@ worker that listens on one is seen (the guarantee behind `quiet_broker_url`)."""
 from __future__ import annotations
 
 import contextlib
-import time
 from pathlib import Path
 
 import pytest
 import redis
 
+from tests.factories import eventually
 from tests.processes import Proc
 from tests.services import REDIS_SERVER, RedisDatabases, consumers
 
 
 def _number(url: str) -> int:
     return int(url.rsplit("/", 1)[1])
-
-
-def _within(seconds: float, check: object) -> bool:
-    deadline = time.monotonic() + seconds
-    while not check():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def test_each_holder_gets_a_database_of_its_own_emptied_when_given_back(
@@ -71,9 +62,9 @@ def test_a_worker_left_on_a_database_is_seen_and_fails_its_holder(
         ):
             env = {**base_env, "POSEGEN_BROKER_URL": url}
             worker = Proc(args, env, process_logs / "left-worker.log").start()
-            assert _within(90, lambda: consumers(url)), worker.tail()
+            assert eventually(lambda: bool(consumers(url)), timeout=90), worker.tail()
             assert consumers(base_env["POSEGEN_BROKER_URL"]) == []  # only where it listens
     finally:
         if worker is not None:
             worker.stop()
-    assert _within(10, lambda: consumers(url) == [])
+    assert eventually(lambda: consumers(url) == [], timeout=10)

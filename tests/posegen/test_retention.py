@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -20,7 +19,7 @@ from db.types import utcnow
 from posegen import credits, lifecycle, retention
 from posegen.settings import Settings
 from posegen.storage import Storage, storage_from_settings
-from tests.factories import Account, astronaut_png, png_bytes, submit, wait_for
+from tests.factories import Account, astronaut_png, eventually, png_bytes, submit, wait_for
 from tests.processes import start_api
 from tests.services import settings_from
 
@@ -73,16 +72,6 @@ def balance(sessions: sessionmaker[Session], account: Account) -> tuple[int, int
     with sessions() as session:
         user = session.get_one(User, account.user_id)
         return user.credits, credits.ledger_sum(session, user_id=account.user_id)
-
-
-def eventually(check: Callable[[], bool], timeout: float = 30.0) -> bool:
-    # The worker removes a job's photos just after it records the job's end.
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def finish(
