@@ -12,7 +12,7 @@ import redis
 
 from tests.factories import eventually
 from tests.processes import Proc
-from tests.services import REDIS_SERVER, RedisDatabases, consumers
+from tests.services import RedisDatabases, consumers
 
 
 def _number(url: str) -> int:
@@ -32,7 +32,7 @@ def test_each_holder_gets_a_database_of_its_own_emptied_when_given_back(
 def test_running_out_of_databases_is_an_error_that_says_so(
     redis_databases: RedisDatabases,
 ) -> None:
-    count = int(redis.Redis.from_url(REDIS_SERVER).config_get("databases")["databases"])
+    count = int(redis.Redis.from_url(redis_databases.server).config_get("databases")["databases"])
     taken: list[str] = []
     with contextlib.ExitStack() as stack:
         with pytest.raises(RuntimeError, match="no Redis database left to lend"):
