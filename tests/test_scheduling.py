@@ -8,37 +8,16 @@ import time
 
 import httpx
 import pytest
-import redis
 from sqlalchemy import select
 
 from db.models import CreditLedger
 from tests.factories import png_bytes
 from tests.processes import start_api, started_processes
-from tests.services import redis_db
-
-# Its own broker and database: no other module's worker or reconciler touches these jobs.
-SCHEDULING_BROKER = redis_db(2)
 
 
 @pytest.fixture(scope="module")
-def db_engine(module_db_engine):
-    return module_db_engine
-
-
-@pytest.fixture(scope="module")
-def env(base_env, module_db, tmp_path_factory):
-    yield {
-        **base_env,
-        "POSEGEN_DATABASE_URL": module_db,
-        "POSEGEN_BROKER_URL": SCHEDULING_BROKER,
-        "POSEGEN_STORAGE_URL": f"file://{tmp_path_factory.mktemp('scheduling-storage')}",
-    }
-    redis.Redis.from_url(SCHEDULING_BROKER).flushdb()
-
-
-@pytest.fixture(scope="module")
-def api(env, db_engine, process_logs):
-    proc, base = start_api(env, process_logs / "api-scheduling.log")
+def api(base_env, db_engine, process_logs):
+    proc, base = start_api(base_env, process_logs / "api-scheduling.log")
     yield base
     proc.stop()
 
@@ -82,7 +61,9 @@ def _ready_models(api: str, timeout: float = 30) -> dict:
         time.sleep(1)
 
 
-def test_two_users_take_turns_and_a_model_nobody_serves_waits(api, env, make_account, process_logs):
+def test_two_users_take_turns_and_a_model_nobody_serves_waits(
+    api, base_env, make_account, process_logs
+):
     heavy, light = make_account(), make_account()
     # Submitted before any worker runs: the heavy user's backlog first, then the light user's.
     heavies = [_submit(api, heavy.key)["id"] for _ in range(5)]
@@ -94,7 +75,13 @@ def test_two_users_take_turns_and_a_model_nobody_serves_waits(api, env, make_acc
 
     with started_processes(process_logs, "scheduling") as start:
         worker = start(
-            env, "worker", "--models", "tiny-sd15-openpose", "--concurrency", "1", name="worker"
+            base_env,
+            "worker",
+            "--models",
+            "tiny-sd15-openpose",
+            "--concurrency",
+            "1",
+            name="worker",
         )
         done = {j: _wait(api, heavy.key, j) for j in heavies}
         done |= {j: _wait(api, light.key, j) for j in lights}
@@ -114,11 +101,11 @@ def test_two_users_take_turns_and_a_model_nobody_serves_waits(api, env, make_acc
 
 
 def test_a_running_job_past_its_deadline_stops_and_is_refunded(
-    api, env, make_account, sessions, process_logs
+    api, base_env, make_account, sessions, process_logs
 ):
     account = make_account()
     with started_processes(process_logs, "deadline") as start:
-        start(env, "worker", "--models", "tiny-sd15-openpose", "--concurrency", "1", name="w")
+        start(base_env, "worker", "--models", "tiny-sd15-openpose", "--concurrency", "1", name="w")
         # Once the worker runs jobs (a first one done), a job that must finish within a second.
         assert _wait(api, account.key, _submit(api, account.key)["id"])["status"] == "completed"
         # Far more steps than a second allows: the deadline stops it between steps.

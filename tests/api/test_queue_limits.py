@@ -10,38 +10,26 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
 from sqlalchemy import func, select
 
 from db.models import CreditLedger, Generation, QueueTurn, User
 from tests.factories import png_bytes
 from tests.processes import start_api
-from tests.services import redis_db, settings_from
+from tests.services import settings_from
 
 PER_USER = 4  # the free tier's queued jobs
 DEPTH = 7  # a model's queued jobs
 
-# No worker takes these jobs: a Redis DB of this module's own, and its own database (no
-# reconciler of the session publishes its jobs elsewhere).
-LIMITS_BROKER = redis_db(3)
 
-
+# No worker takes these jobs: they are published where no process consumes.
 @pytest.fixture(scope="module")
-def db_engine(module_db_engine):
-    return module_db_engine
-
-
-@pytest.fixture(scope="module")
-def env(base_env, module_db, tmp_path_factory):
-    yield {
+def env(base_env, quiet_broker_url):
+    return {
         **base_env,
-        "POSEGEN_DATABASE_URL": module_db,
-        "POSEGEN_BROKER_URL": LIMITS_BROKER,
-        "POSEGEN_STORAGE_URL": f"file://{tmp_path_factory.mktemp('limits-storage')}",
+        "POSEGEN_BROKER_URL": quiet_broker_url,
         "POSEGEN_MAX_QUEUED_PER_USER": f"free={PER_USER}",
         "POSEGEN_MAX_QUEUE_DEPTH": str(DEPTH),
     }
-    redis.Redis.from_url(LIMITS_BROKER).flushdb()
 
 
 @pytest.fixture(scope="module")

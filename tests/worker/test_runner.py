@@ -175,8 +175,8 @@ def test_a_record_that_fails_leaves_the_job_to_its_lease(ctx, gate, user_id, ses
     with sessions() as session:
         reconciler.reconcile(session, settings=ctx.settings)
         session.commit()
-    # Queued again, by that sweep or by the housekeeping worker's if one runs: not lost, and
-    # no longer held by the process that failed to record it.
+    # Queued again by that sweep (no housekeeping worker runs on this module's database): not
+    # lost, and no longer held by the process that failed to record it.
     again = state(ctx, job_id)
     assert again.worker_id != ctx.worker_id and again.status != "failed"
 
@@ -192,8 +192,8 @@ def test_a_time_limit_while_handing_over_the_record_stops_renewing_the_lease(ctx
         run_job(ctx, claimed(ctx, job_id), behind=Expiring())
     assert state(ctx, job_id).status == "processing"
     time.sleep(LEASE_S + 3 * ctx.settings.heartbeat_seconds)
-    # No heartbeat renews it: its lease has run out, or the housekeeping worker's reconciler
-    # (when the session runs one) has given the job back already.
+    # No heartbeat renews it: its lease has run out, unless a reconciler gave the job back
+    # already (none sweeps this module's database).
     later, now = state(ctx, job_id), utcnow()
     held = later.worker_id == ctx.worker_id and later.lease_expires_at is not None
     assert not held or later.lease_expires_at < now
