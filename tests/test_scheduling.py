@@ -71,7 +71,8 @@ def test_two_users_take_turns_and_a_model_nobody_serves_waits(
     # Positions as the scheduler will start them: heavy 0, light 1, heavy 2, light 3, ...
     assert [_get(api, heavy.key, j)["queue_position"] for j in heavies] == [0, 2, 4, 5, 6]
     assert [_get(api, light.key, j)["queue_position"] for j in lights] == [1, 3]
-    unserved = _submit(api, make_account().key, model_key="tiny-sdxl-openpose")
+    third = make_account()
+    unserved = _submit(api, third.key, model_key="tiny-sdxl-openpose")
 
     with started_processes(process_logs, "scheduling") as start:
         worker = start(
@@ -90,7 +91,7 @@ def test_two_users_take_turns_and_a_model_nobody_serves_waits(
         assert started == [heavies[0], lights[0], heavies[1], lights[1], *heavies[2:]]
 
         # The SDXL job waits: no worker serves its model, and the operator can see that.
-        assert _get(api, light.key, unserved["id"])["status"] == "queued"
+        assert _get(api, third.key, unserved["id"])["status"] == "queued"
         models = _ready_models(api)
         assert models["tiny-sdxl-openpose"] == {"queued": 1, "workers": []}
         assert models["tiny-sd15-openpose"]["queued"] == 0
