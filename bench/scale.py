@@ -85,8 +85,9 @@ FROM generate_series(1, :n) AS g
 # The scheduler's turns of the bulk-loaded jobs (inserted past the submit that keeps them).
 TURNS = """
 DELETE FROM queue_turns;
-INSERT INTO queue_turns (user_id, model_id, priority, queued, waiting_since)
-SELECT user_id, model_id, max(priority), count(*), min(created_at) FROM generations
+INSERT INTO queue_turns (user_id, model_id, priority, queued, waiting_since, last_started_at)
+SELECT user_id, model_id, max(priority), count(*), min(created_at), '1970-01-01+00'
+FROM generations
 WHERE status = 'queued' GROUP BY user_id, model_id
 """
 

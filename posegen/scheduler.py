@@ -6,10 +6,12 @@ by the oldest queued job); FIFO within a user. The database decides: a generatio
 says "a job of model M is ready", and the worker that takes it claims the best queued job of
 the models it serves (`pick`, then `lifecycle.claim`).
 
-The state is `queue_turns` (one row per user and model with how many jobs are queued and
-since when the oldest waits) and `users.last_started_at`. The claim reads the turn rows with
-queued jobs, so its cost follows the number of users waiting, not the queue's length; rows
-a concurrent claim holds are skipped (`SKIP LOCKED`), so claimers take different users' turns.
+The state is `queue_turns` (one row per user and model with how many jobs are queued, since
+when the oldest waits, and when the user's latest job started) and `user_turns` (that last
+start per user). The claim reads the first turn in order from an index of the rows with
+queued jobs, then that turn's oldest job: its cost stays flat with the queue's length and the
+number of users waiting. Rows a concurrent claim holds are skipped (`SKIP LOCKED`), so
+claimers take different users' turns.
 `joined` and `left` keep the rows in step with the jobs; posegen.lifecycle calls them in the
 transaction that changes a job's status, and the reconciler repairs a row that drifted
 (`repair`).
@@ -43,7 +45,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from db.models import Generation, QueueTurn, User, UserTurn, status_is
+from db.models import NEVER_STARTED, Generation, QueueTurn, User, UserTurn, status_is
 from db.types import utcnow
 from posegen.errors import Overloaded, QueueFull
 from posegen.render import POSITION_CAP
@@ -70,13 +72,23 @@ def joined(
 ) -> None:
     """A job of this user and model entered the queue (submitted, or given back to it)."""
     insert = _insert(session, QueueTurn)
+    last_start = func.coalesce(
+        select(UserTurn.last_started_at).where(UserTurn.user_id == user_id).scalar_subquery(),
+        NEVER_STARTED,
+    )
     statement = insert.values(
-        user_id=user_id, model_id=model_id, priority=priority, queued=1, waiting_since=since
+        user_id=user_id,
+        model_id=model_id,
+        priority=priority,
+        queued=1,
+        waiting_since=since,
+        last_started_at=last_start,
     ).on_conflict_do_update(
         index_elements=[QueueTurn.user_id, QueueTurn.model_id],
         set_={
             "queued": QueueTurn.queued + 1,
             "priority": insert.excluded.priority,
+            "last_started_at": insert.excluded.last_started_at,
             "waiting_since": case(
                 (QueueTurn.queued == 0, insert.excluded.waiting_since),
                 (
@@ -127,6 +139,22 @@ def left(
                 index_elements=[UserTurn.user_id],
                 set_={"last_started_at": insert.excluded.last_started_at},
             )
+        )
+        # The copy on each of the user's turns, for the claim's index. A turn another
+        # transaction holds (a claim or a submit of the same user) is skipped rather than
+        # waited for, which could deadlock two claims; it keeps an older start (a turn a
+        # little early) until its next claim or submit copies the value again.
+        others = (
+            select(QueueTurn.model_id)
+            .where(QueueTurn.user_id == user_id)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        session.execute(
+            update(QueueTurn)
+            .where(QueueTurn.user_id == user_id, QueueTurn.model_id.in_(others))
+            .values(last_started_at=started),
+            execution_options={"synchronize_session": False},
         )
 
 
@@ -259,11 +287,10 @@ class Turn:
 def _turn_order(models: Sequence[str], skip: Sequence[Turn]) -> Any:
     statement = (
         select(QueueTurn.user_id, QueueTurn.model_id)
-        .outerjoin(UserTurn, UserTurn.user_id == QueueTurn.user_id)
         .where(_WAITING, QueueTurn.model_id.in_(list(models)))
-        .order_by(
+        .order_by(  # ix_queue_turns_next
             QueueTurn.priority.desc(),
-            UserTurn.last_started_at.asc().nulls_first(),
+            QueueTurn.last_started_at,
             QueueTurn.waiting_since,
         )
         .limit(1)
