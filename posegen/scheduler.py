@@ -336,6 +336,31 @@ def head_of(session: Session, turn: Turn) -> str | None:
     return None if job_id is None else str(job_id)
 
 
+def claimable(session: Session, *, model_id: str) -> bool:
+    """Whether a job of this model is queued and not past its deadline, locked or not: a
+    claim that found none free (another claimer held the turns) must not drop the message
+    that stands for it."""
+    job = (
+        select(literal_column("1"))
+        .select_from(_JOBS)
+        .where(
+            status_is(Generation.status, "queued"),
+            Generation.user_id == QueueTurn.user_id,
+            Generation.model_id == QueueTurn.model_id,
+            or_(Generation.deadline_at.is_(None), Generation.deadline_at > utcnow()),
+        )
+        .correlate(_TURNS)
+        .exists()
+    )
+    found = session.scalar(
+        select(literal_column("1"))
+        .select_from(_TURNS)
+        .where(QueueTurn.model_id == model_id, _WAITING, job)
+        .limit(1)
+    )
+    return found is not None
+
+
 def overdue(session: Session, *, models: Sequence[str], before: dt.datetime) -> bool:
     """Whether a job of one of these models has waited since before `before`."""
     if not models:

@@ -196,3 +196,31 @@ def test_the_queue_limit_per_tier_parses(tier_limits: str) -> None:
     limits = Settings(max_queued_per_user=tier_limits).max_queued_per_user  # type: ignore[arg-type]
     assert limits["free"] == 3
     assert limits["pro"] == (3 if "=" not in tier_limits else 200)
+
+
+def test_a_claim_that_finds_the_turns_held_still_sees_the_job_waiting(
+    session: Session, sessions
+) -> None:
+    """Two claimers at once for one user's two jobs: the second skips the turn the first
+    holds and claims nothing, but `claimable` tells its worker to keep the job's message."""
+    s = session
+    u = user(s, "busy")
+    queue(s, u, 2)
+    queue(s, u, 1, key="tiny-sdxl-openpose", deadline_in_s=-1)
+    sd, xl = model(s).id, model(s, "tiny-sdxl-openpose").id
+    first = lifecycle.claim_next(
+        s, worker_id="a", models=[sd], lease_seconds=60, settings=SETTINGS
+    )  # uncommitted: the turn stays locked
+    assert first is not None
+    with sessions() as other:
+        assert (
+            lifecycle.claim_next(
+                other, worker_id="b", models=[sd], lease_seconds=60, settings=SETTINGS
+            )
+            is None
+        )
+        assert scheduler.claimable(other, model_id=sd)
+        # A model whose only queued job is past its deadline has nothing to keep a message for.
+        assert not scheduler.claimable(other, model_id=xl)
+        other.rollback()
+    s.rollback()
