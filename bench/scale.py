@@ -118,7 +118,13 @@ def hot_queries(
         "poll (key + job, one query)": (api_poll.POLL.statement, poll),
         "queue position of the caller's newest job, behind the whole queue": (
             scheduler.POSITION,
-            {"user_id": user_id, "priority": 5, "created_at": now},
+            {
+                "user_id": user_id,
+                "model_id": conn.execute(
+                    text("SELECT id FROM ai_models WHERE model_key = 'tiny-sd15-openpose'")
+                ).scalar_one(),
+                "created_at": now,
+            },
         ),
         "claim: the next turn (every model)": (
             scheduler._turn_order(

@@ -378,13 +378,29 @@ def overdue(session: Session, *, models: Sequence[str], before: dt.datetime) -> 
     return found is not None
 
 
+def top_priority(session: Session, *, models: Sequence[str]) -> int | None:
+    """The highest priority with a job queued among these models (None: none queued)."""
+    if not models:
+        return None
+    return session.scalar(
+        select(func.max(QueueTurn.priority)).where(_WAITING, QueueTurn.model_id.in_(list(models)))
+    )
+
+
 def preferred(
-    *, served: Sequence[str], warm: Sequence[str], overdue_cold: bool
+    session: Session, *, served: Sequence[str], warm: Sequence[str], overdue_before: dt.datetime
 ) -> list[Sequence[str]]:
-    """The model sets to pick from, in turn: the warm ones first unless a cold model's job
-    is overdue (POSEGEN_AFFINITY_MAX_WAIT), then every served model."""
+    """The model sets to pick from, in turn: the warm ones first, when a job of theirs is of
+    the highest priority waiting and no cold model's job has waited since before
+    `overdue_before` (POSEGEN_AFFINITY_MAX_WAIT); then every served model."""
     warm_served = [m for m in served if m in warm]
-    if not warm_served or len(warm_served) == len(served) or overdue_cold:
+    cold = [m for m in served if m not in warm]
+    if not warm_served or not cold:
+        return [served]
+    top_warm = top_priority(session, models=warm_served)
+    if top_warm is None or top_warm < (top_priority(session, models=cold) or 0):
+        return [served]
+    if overdue(session, models=cold, before=overdue_before):
         return [served]
     return [warm_served, served]
 
@@ -393,32 +409,52 @@ def preferred(
 
 
 def _position_statement() -> Any:
-    """How many queued jobs start before a job of user `user_id`, priority `priority`,
-    submitted at `created_at`, if nothing else arrived: every job of a higher priority, the
-    user's own older jobs (k of them), and of each other user V with n_V jobs at this
-    priority, min(n_V, k) from the turns before this job's, plus one more when V's turn comes
-    before the user's in the round this job starts in. Counts stop at POSITION_CAP."""
+    """How many queued jobs start before a job of user `user_id` and model `model_id`
+    submitted at `created_at`, if nothing else arrived, in the claim's order. The job's
+    priority is its turn's (P): every job in turns of a higher priority; the user's own older
+    jobs in their turns of priority P (k of them); and of each other user V with n_V jobs
+    at P, min(n_V, k) from the rounds before this job's, plus one when V's turn comes before
+    the user's in the round this job starts in. Read from the turns, and the user's own jobs
+    through ix_generations_turn: the cost follows the users waiting, not the queue."""
     u: Any = bindparam("user_id", type_=QueueTurn.__table__.c.user_id.type)
-    p: Any = bindparam("priority", type_=Integer)
+    m: Any = bindparam("model_id", type_=QueueTurn.__table__.c.model_id.type)
     c: Any = bindparam("created_at", type_=Generation.__table__.c.created_at.type)
-    order: Any = literal_column("9 - generations.priority")
-
-    def capped_count(*where: Any, order_by: Sequence[Any]) -> Any:
-        rows = (
+    p: Any = (
+        select(QueueTurn.priority)
+        .where(QueueTurn.user_id == u, QueueTurn.model_id == m)
+        .scalar_subquery()
+    )
+    higher = (
+        select(func.coalesce(func.sum(QueueTurn.queued), 0).label("n"))
+        .where(_WAITING, QueueTurn.priority > p)
+        .cte("higher")
+    )
+    # Counted turn by turn, the index conditions (user, model, age) holding each scan to the
+    # user's own older jobs, at most POSITION_CAP of them.
+    own_older = (
+        select(func.count())
+        .select_from(
             select(literal_column("1"))
             .select_from(_JOBS)
-            .where(status_is(Generation.status, "queued"), *where)
-            .order_by(*order_by)
+            .where(
+                status_is(Generation.status, "queued"),
+                Generation.user_id == QueueTurn.user_id,
+                Generation.model_id == QueueTurn.model_id,
+                Generation.created_at < c,
+            )
+            .order_by(Generation.user_id, Generation.model_id, Generation.created_at)
             .limit(POSITION_CAP)
+            .correlate(_TURNS)
             .subquery()
         )
-        return select(func.count().label("n")).select_from(rows)
-
-    higher = capped_count(order < 9 - p, order_by=(order, Generation.created_at)).cte("higher")
-    mine = capped_count(
-        Generation.user_id == u, Generation.priority == p, Generation.created_at < c,
-        order_by=(Generation.created_at,),
-    ).cte("mine")  # fmt: skip
+        .scalar_subquery()
+    )
+    mine = (
+        select(func.coalesce(func.sum(own_older), 0).label("n"))
+        .select_from(_TURNS)
+        .where(QueueTurn.user_id == u, QueueTurn.priority == p, _WAITING)
+        .cte("mine")
+    )
     me = select(
         select(UserTurn.last_started_at).where(UserTurn.user_id == u).scalar_subquery().label("ls"),
         select(func.min(QueueTurn.waiting_since))
@@ -465,4 +501,4 @@ POSITION = _position_statement()
 
 
 def position_params(job: Any) -> dict[str, Any]:
-    return {"user_id": job.user_id, "priority": job.priority, "created_at": job.created_at}
+    return {"user_id": job.user_id, "model_id": job.model_id, "created_at": job.created_at}

@@ -68,7 +68,8 @@ def upgrade() -> None:
         postgresql_where=sa.text("queued > 0"),
         sqlite_where=sa.text("queued > 0"),
     )
-    # A user's queued jobs of one model, oldest first: the claim's pick within a turn.
+    # A user's queued jobs of one model, oldest first: the claim's pick within a turn, and the
+    # user's own jobs ahead of one (its position).
     op.create_index(
         "ix_generations_turn",
         "generations",

@@ -224,3 +224,12 @@ def test_a_claim_that_finds_the_turns_held_still_sees_the_job_waiting(
         assert not scheduler.claimable(other, model_id=xl)
         other.rollback()
     s.rollback()
+
+
+def test_a_warm_model_does_not_jump_a_higher_priority(any_session: Session) -> None:
+    s = any_session
+    u, v = user(s, "warm-low"), user(s, "cold-high")
+    sd, xl = model(s).id, model(s, "tiny-sdxl-openpose").id
+    low = queue(s, u, 1, age_s=5, priority=1)
+    high = queue(s, v, 1, key="tiny-sdxl-openpose", age_s=1, priority=9)
+    assert claim_all(s, [sd, xl], warm=[sd]) == [*high, *low]
