@@ -4,7 +4,7 @@ The order: a higher model priority first; within a priority, users with queued j
 turns, the next job going to the user whose latest job started longest ago (never: first; ties
 by the oldest queued job); FIFO within a user. The database decides: a generation message only
 says "a job of model M is ready", and the worker that takes it claims the best queued job of
-the models it serves (`pick`, then `lifecycle.claim`).
+the models it serves (`next_turn` and `head_of`, then `lifecycle.claim`).
 
 The state is `queue_turns` (one row per user and model with how many jobs are queued, since
 when the oldest waits, and when the user's latest job started) and `user_turns` (that last
@@ -88,7 +88,15 @@ def joined(
         set_={
             "queued": QueueTurn.queued + 1,
             "priority": insert.excluded.priority,
-            "last_started_at": insert.excluded.last_started_at,
+            # The later of the two: a claim of this user that committed while this waited
+            # for the row has written a newer start than the one read for the insert.
+            "last_started_at": case(
+                (
+                    QueueTurn.last_started_at > insert.excluded.last_started_at,
+                    QueueTurn.last_started_at,
+                ),
+                else_=insert.excluded.last_started_at,
+            ),
             "waiting_since": case(
                 (QueueTurn.queued == 0, insert.excluded.waiting_since),
                 (
@@ -160,7 +168,29 @@ def left(
 
 def repair(session: Session, *, user_id: str, model_id: str) -> None:
     """Count a turn's queued jobs again, under the turn row's lock (a submit or a cancel of
-    this turn waits for it meanwhile)."""
+    this turn waits for it meanwhile); a turn missing for queued jobs is made."""
+    jobs = select(Generation).where(
+        status_is(Generation.status, "queued"),
+        Generation.user_id == user_id,
+        Generation.model_id == model_id,
+    )
+    oldest = session.execute(
+        jobs.with_only_columns(func.min(Generation.created_at), func.max(Generation.priority))
+    ).one()
+    if oldest[0] is not None:  # the row, made if missing, then locked
+        session.execute(
+            _insert(session, QueueTurn)
+            .values(
+                user_id=user_id, model_id=model_id, priority=oldest[1], queued=0,
+                waiting_since=oldest[0], last_started_at=func.coalesce(
+                    select(UserTurn.last_started_at)
+                    .where(UserTurn.user_id == user_id)
+                    .scalar_subquery(),
+                    NEVER_STARTED,
+                ),
+            )
+            .on_conflict_do_nothing()
+        )  # fmt: skip
     locked = session.scalar(
         select(QueueTurn.queued)
         .where(QueueTurn.user_id == user_id, QueueTurn.model_id == model_id)
@@ -168,13 +198,7 @@ def repair(session: Session, *, user_id: str, model_id: str) -> None:
     )
     if locked is None:
         return
-    queued = session.scalar(
-        select(func.count()).where(
-            status_is(Generation.status, "queued"),
-            Generation.user_id == user_id,
-            Generation.model_id == model_id,
-        )
-    )
+    queued = session.scalar(jobs.with_only_columns(func.count()))
     session.execute(
         update(QueueTurn)
         .where(QueueTurn.user_id == user_id, QueueTurn.model_id == model_id)

@@ -189,6 +189,15 @@ def test_turns_follow_every_transition_and_a_drifted_one_is_repaired(
     assert reconciler.reconcile(s, settings=SETTINGS).repaired == 1
     s.commit()
     assert counted() == 2 and scheduler.drifted(s) == []
+    # A turn missing altogether (jobs recorded past the scheduler) is made again, and its
+    # jobs are claimed.
+    s.delete(s.get_one(QueueTurn, (u, m)))
+    s.commit()
+    assert claim_all(s, [m]) == []
+    assert reconciler.reconcile(s, settings=SETTINGS).repaired == 1
+    s.commit()
+    assert counted() == 2
+    assert sorted(claim_all(s, [m])) == sorted([ids[2], ids[3]])
 
 
 @pytest.mark.parametrize("tier_limits", ["3", "free=3"])
