@@ -127,7 +127,7 @@ def hot_queries(
             },
         ),
         "claim: the next turn (every model)": (
-            scheduler._turn_order(
+            scheduler.turn_order(
                 [
                     str(
                         conn.execute(

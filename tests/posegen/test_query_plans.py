@@ -38,12 +38,12 @@ HOT = {
         ("ix_generations_turn",),
     ),
     "claim: next turn": (
-        scheduler._turn_order([ANY_ID], []),
+        scheduler.turn_order([ANY_ID], []),
         {},
         ("ix_queue_turns_next", "ix_queue_turns_model"),
     ),
     "claim: the turn's head": (
-        scheduler._TURN_HEAD,
+        scheduler.TURN_HEAD,
         {"turn_user": ANY_ID, "turn_model": ANY_ID, "now": NOW},
         ("ix_generations_turn",),
     ),
