@@ -9,14 +9,17 @@ from contextlib import asynccontextmanager
 
 from anyio import to_thread
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors, poll
-from api.routes import catalog, generations, health
+from api.event_hub import EventHub
+from api.routes import catalog, events, generations, health
 from db.fast import AsyncReads
 from db.models import Generation, status_is
 from db.session import make_engine, make_session_factory
+from posegen.events import event_log, redis_url
 from posegen.logs import configure_logging
 from posegen.metrics import Metrics
 from posegen.queue import (
@@ -135,7 +138,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.async_reads = AsyncReads(settings.database_url, pool_size=settings.api_threads)
         await app.state.async_reads.start()
         app.state.storage = storage_from_settings(settings)
-        app.state.dispatcher = Dispatcher(make_producer(settings))
+        app.state.dispatcher = Dispatcher(make_producer(settings), events=event_log(settings))
+        events_url = redis_url(settings)
+        app.state.event_hub = EventHub(events_url) if events_url else None
         app.state.metrics = Metrics()
         app.state.metrics.watch_queue(lambda: _active_counts(app), lambda: _queue_depths(app))
         # What start-up made lives as long as the process: out of the collector's way, so a
@@ -149,6 +154,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # status route's p99 roughly doubled under load (bench.api, side by side).
         gc.set_threshold(50_000, 20, 10)
         yield
+        if app.state.event_hub is not None:
+            await app.state.event_hub.close()
+        if app.state.dispatcher.events is not None:
+            app.state.dispatcher.events.close()
         await app.state.async_reads.close()
         db_engine.dispose()
 
@@ -161,12 +170,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.include_router(health.router)
     app.include_router(generations.router)
+    app.include_router(events.router)
     app.include_router(catalog.router)
     app.router.routes.insert(0, poll.ROUTE)  # matched first: see api/poll.py
 
     # Image + pose image + the form fields.
     app.add_middleware(Observe)
     app.add_middleware(BodyLimit, max_bytes=2 * settings.max_upload_bytes + 64 * 1024)
+    if settings.cors_origins:
+        # Outermost: a preflight is answered before the body limit or the metrics see it.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID"],
+            expose_headers=["Location", "Retry-After"],
+            max_age=600,
+        )
     return app
 
 

@@ -17,7 +17,8 @@ from sqlalchemy.orm import Session
 
 from db.models import AiModel, Generation, PoseTemplate
 from db.types import utcnow
-from posegen import credits, webhooks
+from posegen import credits
+from posegen.announce import announce
 from posegen.queue import defer, generate_message
 from posegen.settings import Settings
 
@@ -112,6 +113,7 @@ def claim(session: Session, *, job_id: str, worker_id: str, lease_seconds: float
     ).one_or_none()
     if job is None:
         return None
+    announce(session, job, "started")
     family, base_model, controlnet_model, keypoints = session.execute(
         _CATALOG, {"template_id": job.pose_template_id, "model_id": job.model_id}
     ).one()
@@ -161,7 +163,7 @@ def complete(
     ).one_or_none()
     if job is None:
         return None
-    webhooks.record_event(session, job=job, event_type="generation.completed")
+    announce(session, job, "completed")
     return job
 
 
@@ -188,7 +190,7 @@ def fail(
         # The refund is guarded by the ledger's unique key, and the event by the deliveries'
         # unique key: running this path twice changes nothing the second time.
         credits.refund(session, generation_id=job.id)
-        webhooks.record_event(session, job=job, event_type="generation.failed")
+        announce(session, job, "failed")
     return job if result.rowcount == 1 else None  # type: ignore[attr-defined]
 
 
@@ -214,7 +216,7 @@ def cancel(session: Session, *, job_id: str) -> Generation | None:
     if result.rowcount != 1:  # type: ignore[attr-defined]
         return None
     credits.refund(session, generation_id=job.id)
-    webhooks.record_event(session, job=job, event_type="generation.canceled")
+    announce(session, job, "canceled")
     return job
 
 
@@ -235,4 +237,5 @@ def _queued_again(
     job = session.scalars(statement, params, execution_options=_RETURNING).one_or_none()
     if job is not None:
         defer(session, generate_message(job, settings))
+        announce(session, job, "queued")
     return job

@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(default=40_000_000, ge=1)
     rate_limit_per_minute: Annotated[dict[str, int], NoDecode] = Field(default=DEFAULT_RATE_LIMITS)
     list_limit_max: int = 100
+    # Seconds between the `: keep-alive` comments of an idle event stream (proxies close
+    # connections that say nothing for a while).
+    stream_keepalive_seconds: float = Field(default=15.0, gt=0, le=3600)
+    # Browser origins allowed to call the API (CORS); empty: no CORS headers at all.
+    cors_origins: Annotated[list[str], NoDecode] = Field(default=[])
 
     # -- webhooks -----------------------------------------------------------------------------
     webhook_allow_private: bool = False
@@ -95,6 +100,13 @@ class Settings(BaseSettings):
     def _parse_schedule(cls, value: object) -> object:
         if isinstance(value, str):
             return [float(part) for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _parse_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip().rstrip("/") for part in value.split(",") if part.strip()]
         return value
 
     @field_validator("output_retention_days", mode="before")

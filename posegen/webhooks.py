@@ -189,14 +189,18 @@ def verify(*, secret: str, headers: dict[str, str], body: bytes, tolerance: int 
 # -- recording and delivery -------------------------------------------------------------------
 
 
-def record_event(session: Session, *, job: Generation, event_type: str) -> WebhookDelivery | None:
-    """Record the event for delivery (once per job and type) and defer its first attempt."""
-    if not job.webhook_url:
+def record_event(
+    session: Session, *, job: Generation, event_type: str, data: dict[str, Any] | None = None
+) -> WebhookDelivery | None:
+    """Record the event for delivery (once per job and type) and defer its first attempt;
+    `data` is the job as rendered for the event (rendered here when None). Events the job's
+    webhook does not take are not recorded."""
+    if not job.webhook_url or event_type not in EVENTS:
         return None
     body = {
         "type": event_type,
         "timestamp": utcnow().isoformat().replace("+00:00", "Z"),
-        "data": render_job(job),
+        "data": render_job(job) if data is None else data,
     }
     delivery = WebhookDelivery(
         id=new_id(),

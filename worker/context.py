@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.session import make_engine, make_session_factory
+from posegen.events import event_log
 from posegen.queue import Dispatcher, make_producer, unit_of_work
 from posegen.settings import Settings, get_settings
 from posegen.storage import Storage, storage_from_settings
@@ -110,7 +111,7 @@ def context() -> WorkerContext:
             settings=settings,
             sessions=make_session_factory(engine),
             storage=storage_from_settings(settings),
-            dispatcher=Dispatcher(make_producer(settings)),
+            dispatcher=Dispatcher(make_producer(settings), events=event_log(settings)),
         )
         _context_pid = os.getpid()
     return _context

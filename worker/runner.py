@@ -22,7 +22,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from kombu.utils.functional import retry_over_time
 
 from db.models import Generation
-from posegen import lifecycle, retention
+from posegen import events, lifecycle, retention
 from posegen.errors import JobError, StorageUnavailable
 from posegen.metrics import job_metrics
 from worker.context import WorkerContext
@@ -41,6 +41,7 @@ class Heartbeat:
 
     ctx: WorkerContext
     job_id: str
+    job: Generation | None = None  # as claimed: what its progress events show
 
     def __post_init__(self) -> None:
         self._step: tuple[int, int] | None = None
@@ -60,6 +61,9 @@ class Heartbeat:
 
     def progress(self, step: int, total: int) -> None:
         self._step = (step, total)
+        sink = self.ctx.dispatcher.events
+        if sink is not None and self.job is not None:
+            sink.publish([events.progress(self.job, step=step, total=total)])
 
     def canceled(self) -> bool:
         return self._lost.is_set()
@@ -99,7 +103,7 @@ def run_job(ctx: WorkerContext, job_id: str, *, behind: Finisher | None = None) 
     if claim is None:
         return "skipped"
     job: Generation = claim.job
-    heartbeat = Heartbeat(ctx, job_id)
+    heartbeat = Heartbeat(ctx, job_id, job)
     heartbeat.start()
     result: EngineResult | None = None
     try:

@@ -87,7 +87,7 @@ def submit_generation(
     )
     # The answer (queue position included) is read inside the job's transaction: after the
     # commit it would take a transaction of its own, two more round trips (BEGIN, ROLLBACK).
-    answer = jobs.job_json(session, submitted.job)
+    answer = submitted.answer or jobs.job_json(session, submitted.job)
     dispatcher.commit(session)
     log.info(
         "job submitted" if submitted.created else "job replayed (idempotency key)",

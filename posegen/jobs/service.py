@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import delete, event, select
 from sqlalchemy.exc import IntegrityError
@@ -12,7 +13,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 
 from db.models import AiModel, Generation, IdempotencyKey, PoseTemplate, User, new_id
 from db.types import utcnow
-from posegen import catalog, credits, lifecycle, webhooks
+from posegen import catalog, credits, events, lifecycle, webhooks
 from posegen.accounts import tier_rank
 from posegen.errors import (
     AlreadyFinished,
@@ -23,7 +24,7 @@ from posegen.errors import (
     TierRequired,
 )
 from posegen.images import CheckedImage, check_upload
-from posegen.jobs.queries import get_for_user
+from posegen.jobs.queries import get_for_user, job_json
 from posegen.jobs.request import GenerationRequest
 from posegen.queue import defer, generate_message
 from posegen.ratelimit import check_rate_limit
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 class Submitted:
     job: Generation
     created: bool  # False: an idempotent replay of an earlier request
+    # The job's JSON as it entered the queue (its position included): the `queued` event's
+    # data, and the submit's answer. None for a replay.
+    answer: dict[str, Any] | None = None
 
 
 def check_model_access(model: AiModel, user: User) -> None:
@@ -82,7 +86,9 @@ def submit(
         return Submitted(job=winner, created=False)
     _store_inputs(session, storage, _inputs(job, image=image, pose=pose))
     _charge_and_send(session, job, user=user, settings=settings)
-    return Submitted(job=job, created=True)
+    answer = job_json(session, job)
+    events.record(session, events.Event(job_id=job.id, name="queued", data=answer))
+    return Submitted(job=job, created=True, answer=answer)
 
 
 def _allowed_choices(

@@ -1,0 +1,164 @@
+"""GET /v1/generations/{id}/events read by a real HTTP client from a real API process, while
+a real Celery worker runs the job: the events, their order and ids, resuming with
+Last-Event-ID, keep-alives, the end of the stream, and who may read it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from httpx_sse import connect_sse
+
+from posegen.events import stream_key
+from tests.factories import Account, submit, wait_for
+from tests.processes import start_api
+from tests.services import REDIS_URL, redis_db
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def api(base_env: dict[str, str], db_engine: object, process_logs: Path) -> Iterator[str]:
+    env = {**base_env, "POSEGEN_STREAM_KEEPALIVE_SECONDS": "0.4"}
+    proc, base = start_api(env, process_logs / "stream-api.log")
+    yield base
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def quiet_api(base_env: dict[str, str], db_engine: object, process_logs: Path) -> Iterator[str]:
+    """An API on a broker no worker listens on: its jobs stay queued."""
+    env = {**base_env, "POSEGEN_BROKER_URL": redis_db(11), "POSEGEN_STREAM_KEEPALIVE_SECONDS": "0.4"}
+    proc, base = start_api(env, process_logs / "stream-quiet-api.log")
+    yield base
+    proc.stop()
+    redis.Redis.from_url(redis_db(11)).flushdb()
+
+
+@pytest.fixture
+def client(api: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=api, timeout=60) as http:
+        yield http
+
+
+def read(client: httpx.Client, account: Account, job_id: str, *, stop_after: int | None = None,
+         last_event_id: str | None = None) -> list[tuple[str, str, dict]]:  # fmt: skip
+    """(id, event, data) of each event until the server closes the stream (or `stop_after`
+    events, then the client closes it)."""
+    headers = dict(account.headers)
+    if last_event_id is not None:
+        headers["Last-Event-ID"] = last_event_id
+    seen = []
+    url = f"/v1/generations/{job_id}/events"
+    with connect_sse(client, "GET", url, headers=headers) as source:
+        assert source.response.headers["content-type"].startswith("text/event-stream")
+        for sse in source.iter_sse():
+            if not sse.data:
+                # A keep-alive: httpx-sse reports a comment after an id as an event with no
+                # data (the spec dispatches nothing for an empty data buffer).
+                continue
+            seen.append((sse.id, sse.event, json.loads(sse.data)))
+            if stop_after is not None and len(seen) == stop_after:
+                break
+    return seen
+
+
+def history(job_id: str) -> list[tuple[str, str, dict]]:
+    """The job's events as Redis keeps them."""
+    entries = redis.Redis.from_url(REDIS_URL).xrange(stream_key(job_id))
+    return [
+        (entry_id.decode(), fields[b"event"].decode(), json.loads(fields[b"data"]))
+        for entry_id, fields in entries
+    ]
+
+
+def order(entry_id: str) -> tuple[int, int]:
+    ms, seq = entry_id.split("-")
+    return int(ms), int(seq)
+
+
+def test_a_stream_follows_a_queued_job_to_its_end(client, make_account, gpu_worker):
+    account = make_account()
+    # The worker runs one job at a time: the job followed waits behind this one.
+    blocker = submit(client, account, num_inference_steps=30, strength=1.0).json()
+    job = submit(client, account, num_inference_steps=5, strength=1.0).json()
+    events = read(client, account, job["id"])
+
+    names = [name for _, name, _ in events]
+    assert names == ["queued", "started", *["progress"] * 6, "completed"], (names, gpu_worker.tail())
+    first = events[0][2]
+    assert first["status"] == "queued" and first["queue_position"] in (0, 1)  # blocker started?
+    assert [data["progress"]["step"] for _, name, data in events if name == "progress"] == list(range(6))
+    assert all(data["status"] == "processing" for _, name, data in events[1:-1])
+    done = events[-1][2]
+    assert done["status"] == "completed" and done["outputs"][0]["url"].endswith("/outputs/0")
+    assert done == client.get(f"/v1/generations/{job['id']}", headers=account.headers).json()
+    # Ids increase, and are the ids Redis keeps (the first may be the job as it stood before
+    # its first event was written).
+    ids = [entry_id for entry_id, _, _ in events]
+    assert ids == sorted(ids, key=order) and len(set(ids)) == len(ids)
+    kept = history(job["id"])
+    assert [entry_id for entry_id, _, _ in kept][-len(ids) + 1 :] == ids[1:]
+    assert [name for _, name, _ in kept] == names
+    wait_for(client, account, blocker["id"])
+
+
+def test_resuming_with_last_event_id_misses_nothing(client, make_account, gpu_worker):
+    account = make_account()
+    blocker = submit(client, account, num_inference_steps=30, strength=1.0).json()
+    job = submit(client, account, num_inference_steps=8, strength=1.0).json()
+    before = read(client, account, job["id"], stop_after=3)  # queued, started, progress 0
+    after = read(client, account, job["id"], last_event_id=before[-1][0])
+    assert after[-1][1] == "completed", (after, gpu_worker.tail())
+    kept = history(job["id"])
+    # Together, every event once, in order: from the first one read to the end.
+    ids = [entry_id for entry_id, _, _ in before + after]
+    kept_ids = [entry_id for entry_id, _, _ in kept]
+    assert ids[1:] == kept_ids[kept_ids.index(ids[1]) :]
+    assert [name for _, name, _ in before + after][1:] == [name for _, name, _ in kept][1:]
+    # Resuming after the end: the end again, and the stream closes.
+    again = read(client, account, job["id"], last_event_id=after[-1][0])
+    assert [name for _, name, _ in again] == ["completed"]
+    wait_for(client, account, blocker["id"])
+
+
+def test_a_finished_job_streams_its_state_and_closes(client, make_account, gpu_worker):
+    account = make_account()
+    job = submit(client, account).json()
+    done = wait_for(client, account, job["id"])
+    events = read(client, account, job["id"])
+    assert [(name, data) for _, name, data in events] == [("completed", done)]
+
+
+def test_keep_alives_then_a_cancel_ends_the_stream(quiet_api, make_account):
+    account = make_account()
+    lines: list[str] = []
+    with httpx.Client(base_url=quiet_api, timeout=30) as client:
+        job = submit(client, account).json()
+        url = f"/v1/generations/{job['id']}/events"
+        with client.stream("GET", url, headers=account.headers) as response:
+            for line in response.iter_lines():
+                lines.append(line)
+                if line == ": keep-alive" and lines.count(line) == 2:
+                    cancel = client.post(f"/v1/generations/{job['id']}/cancel", headers=account.headers)
+                    assert cancel.status_code == 200
+    assert lines[1:3] == ["event: queued", f"data: {json.dumps(job, separators=(',', ':'))}"]
+    assert lines[3:6] == ["", ": keep-alive", ""]
+    canceled = lines.index("event: canceled")
+    assert json.loads(lines[canceled + 1].removeprefix("data: "))["status"] == "canceled"
+    assert lines[canceled + 2 :] == [""]  # and the server closed the stream
+
+
+def test_only_the_owner_reads_a_stream(client, make_account):
+    owner, other = make_account(), make_account()
+    job = submit(client, owner, pose_template_id="waving").json()
+    url = f"/v1/generations/{job['id']}/events"
+    assert client.get(url, headers=other.headers).json()["error"]["code"] == "not_found"
+    assert client.get(url, headers=other.headers).status_code == 404
+    assert client.get(url).status_code == 401
+    assert client.get("/v1/generations/not-a-uuid/events", headers=owner.headers).status_code == 404
+    client.post(f"/v1/generations/{job['id']}/cancel", headers=owner.headers)
