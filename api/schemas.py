@@ -28,6 +28,7 @@ class Output(BaseModel):
     url: str
     width: int
     height: int
+    content_type: Literal["image/png", "image/webp", "image/jpeg"]
 
 
 class Job(BaseModel):
@@ -47,6 +48,7 @@ class Job(BaseModel):
     outputs: list[Output]
     error: ErrorBody | None
     webhook_url: str | None
+    webhook_events: list[Literal["started", "progress", "completed"]]
     attempts: int
     created_at: str
     started_at: str | None

@@ -25,3 +25,13 @@ def announce(session: Session, job: Generation, name: str) -> events.Event:
     event = events.job_event(session, job, name, **render)
     webhooks.record_event(session, job=job, event_type=f"generation.{name}", data=event.data)
     return event
+
+
+def progress_webhook(session: Session, job: Generation, *, step: int, total: int) -> None:
+    """Record a `generation.progress` webhook for the job at this step, if its owner chose
+    progress (the worker calls this at most every POSEGEN_WEBHOOK_PROGRESS_INTERVAL)."""
+    if webhooks.takes(job, webhooks.PROGRESS):
+        data = events.progress(job, step=step, total=total).data
+        webhooks.record_event(
+            session, job=job, event_type=webhooks.PROGRESS, data=data, seq=step
+        )

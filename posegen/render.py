@@ -22,8 +22,8 @@ POSITION_CAP = 1000
 RENDERED_COLUMNS = (
     "id", "status", "model_key", "prompt", "negative_prompt", "params", "pose_source",
     "pose_template_id", "credit_cost", "progress_step", "progress_total", "outputs",
-    "error_code", "error_message", "webhook_url", "attempts", "created_at", "started_at",
-    "finished_at", "deleted_at",
+    "error_code", "error_message", "webhook_url", "webhook_events", "attempts", "created_at",
+    "started_at", "finished_at", "deleted_at",
 )  # fmt: skip
 
 # What a job is rendered from: the ORM object, or the poll's plain row of the same columns.
@@ -54,6 +54,7 @@ def render_job(
                 "url": f"/v1/generations/{job.id}/outputs/{out['index']}",
                 "width": out["width"],
                 "height": out["height"],
+                "content_type": out.get("content_type", "image/png"),
             }
             # A deleted job's output keys stay in the row until its files are gone.
             for out in ([] if job.deleted_at else job.outputs)
@@ -62,6 +63,8 @@ def render_job(
             {"code": job.error_code, "message": job.error_message} if job.error_code else None
         ),
         "webhook_url": job.webhook_url,
+        # posegen.webhooks.choices, spelled here: the webhooks import this module.
+        "webhook_events": (job.webhook_events or "completed").split(","),
         "attempts": job.attempts,
         "created_at": _iso(job.created_at),
         "started_at": _iso(job.started_at),

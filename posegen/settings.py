@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     )
     webhook_timeout: float = 10.0
     webhook_sweep_interval: float = 5.0
+    # At most one `generation.progress` webhook per job this often (seconds).
+    webhook_progress_interval: float = Field(default=2.0, gt=0)
 
     # -- reliability --------------------------------------------------------------------------
     reconcile_interval: float = 30.0

@@ -19,9 +19,9 @@ from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 import httpx
 import idna
-from sqlalchemy import Select, select, update
+from sqlalchemy import Select, case, exists, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from db.models import Generation, User, WebhookDelivery, new_id, status_is
 from db.types import utcnow
@@ -30,7 +30,12 @@ from posegen.queue import DELIVER_WEBHOOK_TASK, WEBHOOK_QUEUE, Message, defer
 from posegen.render import render_job
 from posegen.settings import Settings
 
-EVENTS = ("generation.completed", "generation.failed", "generation.canceled")
+TERMINAL_EVENTS = ("generation.completed", "generation.failed", "generation.canceled")
+# What a caller may choose (`webhook_events`), in the order a job sends them; "completed"
+# stands for every terminal event.
+CHOICES = ("started", "progress", "completed")
+DEFAULT_CHOICE = "completed"
+PROGRESS = "generation.progress"
 MAX_RESPONSE_BYTES = 64 * 1024
 
 
@@ -186,16 +191,51 @@ def verify(*, secret: str, headers: dict[str, str], body: bytes, tolerance: int 
     )
 
 
+# -- the events a job's webhook takes ----------------------------------------------------------
+
+
+def parse_choices(value: str | None) -> str | None:
+    """`webhook_events` as stored: the chosen events in their order, None for the default."""
+    if value is None or not value.strip():
+        return None
+    chosen = {part.strip() for part in value.split(",") if part.strip()}
+    unknown = chosen - set(CHOICES)
+    if unknown:
+        raise InvalidRequest(
+            f"Unknown webhook event {sorted(unknown)[0]!r}; choose from {', '.join(CHOICES)}."
+        )
+    normalised = ",".join(choice for choice in CHOICES if choice in chosen)
+    return None if normalised == DEFAULT_CHOICE else normalised
+
+
+def choices(job: Generation) -> list[str]:
+    return (job.webhook_events or DEFAULT_CHOICE).split(",")
+
+
+def takes(job: Generation, event_type: str) -> bool:
+    """Whether the job's webhook takes this event."""
+    if not job.webhook_url:
+        return False
+    kind = event_type.removeprefix("generation.")
+    return ("completed" if event_type in TERMINAL_EVENTS else kind) in choices(job)
+
+
 # -- recording and delivery -------------------------------------------------------------------
 
 
 def record_event(
-    session: Session, *, job: Generation, event_type: str, data: dict[str, Any] | None = None
+    session: Session,
+    *,
+    job: Generation,
+    event_type: str,
+    data: dict[str, Any] | None = None,
+    seq: int = 0,
 ) -> WebhookDelivery | None:
-    """Record the event for delivery (once per job and type) and defer its first attempt;
-    `data` is the job as rendered for the event (rendered here when None). Events the job's
-    webhook does not take are not recorded."""
-    if not job.webhook_url or event_type not in EVENTS:
+    """Record the event for delivery (once per job, type and `seq`: a progress event's step)
+    and defer its first attempt; `data` is the job as rendered for the event (rendered here
+    when None). Events the job's webhook does not take are not recorded. A progress event
+    still waiting for its first attempt is skipped: this later event says more."""
+    if not takes(job, event_type):
         return None
     body = {
         "type": event_type,
@@ -207,6 +247,7 @@ def record_event(
         generation_id=job.id,
         user_id=job.user_id,
         event_type=event_type,
+        seq=seq,
         url=job.webhook_url,
         payload=json.dumps(body, separators=(",", ":")),
         status="pending",
@@ -220,8 +261,47 @@ def record_event(
             session.flush()
     except IntegrityError:
         return None  # recorded already by an earlier run of the same transition
+    _skip_unsent_progress(session, generation_id=job.id, but=delivery.id)
     defer(session, deliver_message(delivery.id))
     return delivery
+
+
+def _skip_unsent_progress(session: Session, *, generation_id: str, but: str) -> None:
+    """Progress deliveries of the job never attempted and not held by an attempt now: a
+    slow endpoint gets the latest progress, not a backlog of old steps ahead of the end."""
+    now = utcnow()
+    session.execute(
+        update(WebhookDelivery)
+        .where(
+            WebhookDelivery.generation_id == generation_id,
+            WebhookDelivery.event_type == PROGRESS,
+            WebhookDelivery.status == "pending",
+            WebhookDelivery.attempts == 0,
+            WebhookDelivery.next_attempt_at <= now,
+            WebhookDelivery.id != but,
+        )
+        .values(status="skipped", finished_at=now, next_attempt_at=None),
+        execution_options={"synchronize_session": False},
+    )
+
+
+def _place(delivery: Any) -> Any:
+    """A delivery's place among its job's events: started, progress, then the end (each
+    job has one terminal event; its clock may be another machine's), by time within a kind."""
+    kind = case(
+        (delivery.event_type == "generation.started", 0), (delivery.event_type == PROGRESS, 1),
+        else_=2,
+    )  # fmt: skip
+    return tuple_(kind, delivery.created_at, delivery.seq)
+
+
+_EARLIER = aliased(WebhookDelivery)
+# An earlier delivery of the same job is still pending: this one waits for it.
+_WAITS = exists().where(
+    _EARLIER.generation_id == WebhookDelivery.generation_id,
+    _EARLIER.status == "pending",
+    _place(_EARLIER) < _place(WebhookDelivery),
+)
 
 
 def deliver_message(delivery_id: str) -> Message:
@@ -253,6 +333,7 @@ def claim_delivery(session: Session, *, delivery_id: str, settings: Settings) ->
             WebhookDelivery.id == delivery_id,
             WebhookDelivery.status == "pending",
             WebhookDelivery.next_attempt_at <= now,
+            ~_WAITS,
         )
         # Hold it for the attempt's deadline (and some): a crash mid-attempt retries later.
         .values(next_attempt_at=now + dt.timedelta(seconds=settings.webhook_timeout * 3))
@@ -304,7 +385,26 @@ def record_attempt(
         delay = schedule[delivery.attempts - 1]
         delivery.next_attempt_at = now + dt.timedelta(seconds=delay)
     session.flush()
+    if delivery.status != "pending":
+        _send_next(session, generation_id=delivery.generation_id)
     return delivery
+
+
+def _send_next(session: Session, *, generation_id: str) -> None:
+    """The job's next delivery, waiting for the one that just ended, is sent now (not at the
+    next sweep)."""
+    following = session.scalar(
+        select(WebhookDelivery.id)
+        .where(
+            WebhookDelivery.generation_id == generation_id,
+            WebhookDelivery.status == "pending",
+            WebhookDelivery.next_attempt_at <= utcnow(),
+            ~_WAITS,
+        )
+        .limit(1)
+    )
+    if following is not None:
+        defer(session, deliver_message(following))
 
 
 def due_query(now: dt.datetime, limit: int) -> Select[str]:

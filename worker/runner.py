@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from celery.exceptions import SoftTimeLimitExceeded
 from kombu.utils.functional import retry_over_time
+from sqlalchemy.orm import Session
 
 from db.models import Generation
-from posegen import events, lifecycle, retention
+from posegen import announce, events, lifecycle, retention
 from posegen.errors import JobError, StorageUnavailable
+from posegen.images import OUTPUT_FORMATS, encode
 from posegen.metrics import job_metrics
 from worker.context import WorkerContext
 from worker.finisher import Finisher
@@ -46,6 +49,7 @@ class Heartbeat:
     def __post_init__(self) -> None:
         self._step: tuple[int, int] | None = None
         self._written: tuple[int, int] | None = None
+        self._hooked_at = -float("inf")  # when a progress webhook was last recorded
         self._lost = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -68,6 +72,14 @@ class Heartbeat:
     def canceled(self) -> bool:
         return self._lost.is_set()
 
+    def _progress_webhook(self, session: Session, step: tuple[int, int]) -> None:
+        """At most one per POSEGEN_WEBHOOK_PROGRESS_INTERVAL, with the progress written."""
+        now = time.monotonic()
+        if self.job is None or now - self._hooked_at < self.ctx.settings.webhook_progress_interval:
+            return
+        self._hooked_at = now
+        announce.progress_webhook(session, self.job, step=step[0], total=step[1])
+
     def _loop(self) -> None:
         interval = self.ctx.settings.heartbeat_seconds
         while not self._stop.wait(interval):
@@ -85,6 +97,8 @@ class Heartbeat:
                     step=step[0] if step and step != self._written else None,
                     total=step[1] if step and step != self._written else None,
                 )
+                if ours and step and step[0] and step != self._written:
+                    self._progress_webhook(session, step)
         except Exception:
             log.warning("heartbeat failed", extra={"job_id": self.job_id}, exc_info=True)
             return
@@ -202,9 +216,13 @@ def _read(ctx: WorkerContext, job_id: str, key: str) -> bytes:
 
 def _record(ctx: WorkerContext, job: Generation, result: EngineResult, *, steps: int) -> str:
     """Store the output and complete the job (or drop the output: no longer ours)."""
-    key = f"outputs/{job.id}/0.png"
+    output = {"index": 0, "width": result.width, "height": result.height}
+    fmt, quality = job.params.get("output_format", "png"), job.params.get("output_quality", 90)
+    _, suffix, content_type = OUTPUT_FORMATS[fmt]
+    key = f"outputs/{job.id}/0.{suffix}"
+    data = result.png if fmt == "png" else encode(result.image, fmt=fmt, quality=quality)
     try:
-        _patiently(ctx, job.id, lambda: ctx.storage.put(key, result.png))
+        _patiently(ctx, job.id, lambda: ctx.storage.put(key, data, content_type=content_type))
     except StorageUnavailable as exc:  # the image goes with this attempt; the job runs again
         return _hand_back(ctx, job.id, attempt=job.attempts, error=exc)
     with ctx.session() as session:
@@ -212,7 +230,7 @@ def _record(ctx: WorkerContext, job: Generation, result: EngineResult, *, steps:
             session,
             job_id=job.id,
             worker_id=ctx.worker_id,
-            outputs=[{"index": 0, "key": key, "width": result.width, "height": result.height}],
+            outputs=[dict(output, key=key, content_type=content_type)],
             steps=steps,
         )
     if done is None:  # canceled (or lease lost) just before the end: the output is not ours

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Header, Query, Request, Response, UploadFile
@@ -22,6 +23,7 @@ from posegen import jobs, retention
 from posegen.errors import NotFound, PayloadTooLarge
 from posegen.params import GenerationParams
 from posegen.settings import Settings
+from posegen.storage import Storage
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/generations", tags=["generations"], route_class=KeyFirstRoute)
@@ -65,6 +67,13 @@ def submit_generation(
     pose_template_id: Annotated[str | None, Form(max_length=100)] = None,
     pose_image: Annotated[UploadFile | None, File()] = None,
     webhook_url: Annotated[str | None, Form(max_length=2048)] = None,
+    webhook_events: Annotated[
+        str | None,
+        Form(
+            max_length=64,
+            description="Comma list of started, progress, completed (every terminal event).",
+        ),
+    ] = None,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JSONResponse:
     request = jobs.GenerationRequest(
@@ -76,6 +85,7 @@ def submit_generation(
         pose_image=_read(pose_image, settings, "pose_image"),
         params=params,
         webhook_url=webhook_url or None,
+        webhook_events=webhook_events or None,
     )
     submitted = jobs.submit(
         session,
@@ -157,7 +167,10 @@ def delete_generation(
 @router.get(
     "/{job_id}/outputs/{index}",
     responses={
-        200: {"content": {"image/png": {}}, "description": "The image (local storage)."},
+        200: {
+            "content": {"image/png": {}, "image/webp": {}, "image/jpeg": {}},
+            "description": "The image, in the job's output_format (local storage).",
+        },
         307: {"description": "Redirect to a presigned URL (S3 storage)."},
         **ERRORS,
     },
@@ -166,11 +179,18 @@ def delete_generation(
 def get_output(
     job_id: str, index: int, user: CurrentUser, session: ReadSessionDep, storage: StorageDep
 ) -> Response:
-    key = jobs.output_key(session, job_id=job_id, index=index, user=user)
+    key, content_type = jobs.output_key(session, job_id=job_id, index=index, user=user)
+    return stored_file(
+        storage, key, content_type=content_type, filename=f"{job_id}-{index}{Path(key).suffix}"
+    )
+
+
+def stored_file(storage: Storage, key: str, *, content_type: str, filename: str) -> Response:
+    """A stored image: its bytes from local storage, or a redirect to a presigned URL."""
     url = storage.presigned_url(key)
     if url is not None:
         return RedirectResponse(url, status_code=307)
     path = storage.local_path(key)
     if path is None or not path.is_file():
-        raise NotFound(f"Output {index} of generation {job_id} is missing from storage.")
-    return FileResponse(path, media_type="image/png", filename=f"{job_id}-{index}.png")
+        raise NotFound(f"{filename} is missing from storage.")
+    return FileResponse(path, media_type=content_type, filename=filename)

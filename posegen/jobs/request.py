@@ -8,8 +8,12 @@ from dataclasses import asdict, dataclass, field
 
 from posegen.errors import InvalidRequest
 from posegen.params import GenerationParams
+from posegen.webhooks import parse_choices
 
 MAX_PROMPT_CHARS = 1000
+ADDED_DEFAULTS: dict[str, object] = {
+    "webhook_events": None, "output_format": "png", "output_quality": 90,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,7 @@ class GenerationRequest:
     pose_image: bytes | None = None
     params: GenerationParams = field(default_factory=GenerationParams)
     webhook_url: str | None = None
+    webhook_events: str | None = None  # a comma list of posegen.webhooks.CHOICES
 
     def validate(self) -> None:
         for name in ("model_key", "prompt", "negative_prompt", "pose_template_id", "webhook_url"):
@@ -37,6 +42,9 @@ class GenerationRequest:
                 raise InvalidRequest(f"{name} is longer than {MAX_PROMPT_CHARS} characters.")
         if self.pose_template_id and self.pose_image is not None:
             raise InvalidRequest("Send at most one of pose_template_id and pose_image.")
+        if self.webhook_events and not self.webhook_url:
+            raise InvalidRequest("webhook_events needs a webhook_url.")
+        parse_choices(self.webhook_events)
 
     def fingerprint(self) -> str:
         """A digest of everything that defines the request (images by their hash)."""
@@ -44,6 +52,11 @@ class GenerationRequest:
         # their own: the digests of stored idempotency keys stay valid.
         fields = {**asdict(self), **self.params.model_dump()}
         del fields["params"]
+        # Fields added since, left at their defaults, are left out too: the digest of a
+        # request that does not use them is what it was before they existed.
+        for name, default in ADDED_DEFAULTS.items():
+            if fields[name] == default:
+                del fields[name]
         for name in ("image", "pose_image"):
             raw = fields[name]
             fields[name] = hashlib.sha256(raw).hexdigest() if raw is not None else None

@@ -156,6 +156,7 @@ def _new_job(
         credit_cost=model.credit_cost,
         priority=model.priority,
         webhook_url=webhook_url,
+        webhook_events=webhooks.parse_choices(request.webhook_events),
         outputs=[],
         published_at=utcnow(),
     )
