@@ -68,9 +68,9 @@ def main() -> None:
     import torch
 
     from posegen.images import fit
+    from posegen.skeleton import draw_skeleton
     from worker.engine.engine import Engine, EngineConfig, EngineJob
     from worker.engine.run import RunParams, run_pipeline
-    from worker.engine.skeleton import draw_skeleton
     from worker.engine.tiny import build_tiny
 
     model_dir = args.model_dir or Path(tempfile.mkdtemp(prefix="posegen-bench-"))

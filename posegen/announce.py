@@ -32,6 +32,4 @@ def progress_webhook(session: Session, job: Generation, *, step: int, total: int
     progress (the worker calls this at most every POSEGEN_WEBHOOK_PROGRESS_INTERVAL)."""
     if webhooks.takes(job, webhooks.PROGRESS):
         data = events.progress(job, step=step, total=total).data
-        webhooks.record_event(
-            session, job=job, event_type=webhooks.PROGRESS, data=data, seq=step
-        )
+        webhooks.record_event(session, job=job, event_type=webhooks.PROGRESS, data=data, seq=step)

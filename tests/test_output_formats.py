@@ -56,3 +56,38 @@ def test_quality_changes_a_lossy_output(app, make_account, gpu_worker):
 def test_out_of_bounds_is_refused(app, make_account, fields):
     answer = submit(app, make_account(), **fields)
     assert answer.status_code == 422 and answer.json()["error"]["code"] == "invalid_request"
+
+
+def test_the_pose_a_job_was_conditioned_on(app, make_account, gpu_worker, settings):
+    from pathlib import Path
+
+    from PIL import ImageChops
+
+    from posegen.skeleton import draw_skeleton
+    from tests.factories import astronaut_png
+
+    account = make_account()
+    job = submit(app, account, pose_template_id="waving").json()
+    pose = f"/v1/generations/{job['id']}/pose"
+    done = wait_for(app, account, job["id"])
+    assert done["status"] == "completed", gpu_worker.tail()
+    answer = app.get(pose, headers=account.headers)
+    assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
+    drawn = Image.open(io.BytesIO(answer.content)).convert("RGB")
+    templates = app.get("/v1/pose-templates", headers=account.headers).json()["items"]
+    waving = next(t for t in templates if t["key"] == "waving")["keypoints"]
+    expected = draw_skeleton([tuple(k) if k else None for k in waving], width=128, height=128)
+    assert ImageChops.difference(drawn, expected).getbbox() is None
+    other = make_account()
+    assert app.get(pose, headers=other.headers).status_code == 404
+    # A pose extracted from the photo: drawn from what the extractor found.
+    extracted = submit(app, account, image=astronaut_png(), pose_template_id=None).json()
+    wait_for(app, account, extracted["id"])
+    image = Image.open(io.BytesIO(app.get(f"/v1/generations/{extracted['id']}/pose", headers=account.headers).content))
+    assert image.size == (128, 128) and image.convert("L").getbbox() is not None
+    # Deleted with the job's outputs.
+    assert app.delete(f"/v1/generations/{job['id']}", headers=account.headers).status_code == 204
+    assert app.get(pose, headers=account.headers).status_code == 404
+    storage = Path(settings.storage_url.removeprefix("file://"))
+    assert not (storage / "outputs" / job["id"]).exists()
+

@@ -26,12 +26,15 @@ from sqlalchemy.orm import Session
 from db.models import Generation
 from posegen import announce, events, lifecycle, retention
 from posegen.errors import JobError, StorageUnavailable
-from posegen.images import OUTPUT_FORMATS, encode
+from posegen.images import OUTPUT_FORMATS, as_png, encode
 from posegen.metrics import job_metrics
+from posegen.storage.keys import pose_key
 from worker.context import WorkerContext
 from worker.finisher import Finisher
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from worker.engine.engine import EngineJob, EngineResult
 
 log = logging.getLogger(__name__)
@@ -123,7 +126,10 @@ def run_job(ctx: WorkerContext, job_id: str, *, behind: Finisher | None = None) 
     try:
         engine_job = _engine_job(ctx, claim)
         result = ctx.engine.generate(
-            engine_job, on_step=heartbeat.progress, should_cancel=heartbeat.canceled
+            engine_job,
+            on_step=heartbeat.progress,
+            should_cancel=heartbeat.canceled,
+            on_pose=lambda skeleton: _store_pose(ctx, job_id, skeleton),
         )
     except Canceled:
         log.info("job canceled while running", extra={"job_id": job_id})
@@ -208,6 +214,15 @@ def _engine_job(ctx: WorkerContext, claim: lifecycle.Claim) -> EngineJob:
         ),
         pose_image=_read(ctx, job.id, job.pose_image_key) if job.pose_image_key else None,
     )
+
+
+def _store_pose(ctx: WorkerContext, job_id: str, skeleton: Image.Image) -> None:
+    """The skeleton the job is conditioned on, for `GET .../pose`: best effort (a job does
+    not fail or wait for storage over it)."""
+    try:
+        ctx.storage.put(pose_key(job_id), as_png(skeleton))
+    except (OSError, StorageUnavailable) as error:
+        log.warning("the pose image was not stored: %s", error, extra={"job_id": job_id})
 
 
 def _read(ctx: WorkerContext, job_id: str, key: str) -> bytes:

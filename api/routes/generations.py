@@ -24,6 +24,7 @@ from posegen.errors import NotFound, PayloadTooLarge
 from posegen.params import GenerationParams
 from posegen.settings import Settings
 from posegen.storage import Storage
+from posegen.storage.keys import pose_key
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/generations", tags=["generations"], route_class=KeyFirstRoute)
@@ -182,6 +183,28 @@ def get_output(
     key, content_type = jobs.output_key(session, job_id=job_id, index=index, user=user)
     return stored_file(
         storage, key, content_type=content_type, filename=f"{job_id}-{index}{Path(key).suffix}"
+    )
+
+
+@router.get(
+    "/{job_id}/pose",
+    responses={
+        200: {"content": {"image/png": {}}, "description": "The skeleton (local storage)."},
+        307: {"description": "Redirect to a presigned URL (S3 storage)."},
+        **ERRORS,
+    },
+    response_class=Response,
+)
+def get_pose(
+    job_id: str, user: CurrentUser, session: ReadSessionDep, storage: StorageDep
+) -> Response:
+    """The OpenPose skeleton the job was conditioned on (PNG), once its worker drew it."""
+    job = jobs.get_for_user(session, job_id=job_id, user=user)
+    if job.started_at is None or job.deleted_at is not None:
+        state = "deleted" if job.deleted_at else "not started yet"
+        raise NotFound(f"Generation {job_id} has no pose image: it is {state}.")
+    return stored_file(
+        storage, pose_key(job.id), content_type="image/png", filename=f"{job.id}-pose.png"
     )
 
 

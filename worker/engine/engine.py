@@ -22,12 +22,12 @@ from PIL import Image
 
 from posegen.errors import JobError
 from posegen.images import as_png, fit
+from posegen.skeleton import Keypoints, draw_skeleton
 from worker.engine import families
 from worker.engine.cache import PipelineCache
 from worker.engine.pose import NoPoseDetected, PoseExtractor, make_extractor
 from worker.engine.resolve import Resolved, resolve
 from worker.engine.run import Canceled, RunParams, run_pipeline, steps_for
-from worker.engine.skeleton import Keypoints, draw_skeleton
 
 log = logging.getLogger(__name__)
 
@@ -239,11 +239,15 @@ class Engine:
         *,
         on_step: Callable[[int, int], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
+        on_pose: Callable[[Image.Image], None] | None = None,
     ) -> EngineResult:
+        """`on_pose` receives the skeleton the job is conditioned on, once it is drawn."""
         started = time.perf_counter()
         w, h = job.params.width, job.params.height
         subject = fit(_open(job.image), width=w, height=h)
         control = self.control_image(job, subject)
+        if on_pose is not None:
+            on_pose(control)
         pipe = self.pipeline(job)
         if on_step is not None:
             on_step(0, steps_for(job.params))
