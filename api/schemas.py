@@ -21,6 +21,8 @@ class ErrorResponse(BaseModel):
 class Progress(BaseModel):
     step: int
     total: int
+    # With `preview=true`, while the job runs: GET it for the latest preview.
+    preview_url: str | None = None
 
 
 class Output(BaseModel):

@@ -4,8 +4,8 @@
 
 Reports medians (seconds) of: the engine's whole run (fit, skeleton from a template, pipeline
 from the cache, the call, PNG encode) and the bare pipeline call with the same prepared
-images; their ratio (goal <= 1.03); pose extraction ms per image for each backend; model load
-seconds cold vs cached. `--full` uses full-size SD1.5/SDXL configs with random weights (same
+images; their ratio (goal <= 1.03); what step previews add to a run (goal < 5 %); pose extraction ms
+per image for each backend; model load seconds cold vs cached. `--full` uses full-size SD1.5/SDXL configs with random weights (same
 compute as the real models) - for a GPU; on a CPU keep --size and --steps small.
 """
 
@@ -155,6 +155,38 @@ def main() -> None:
         sync()
         bare_times.append(time.perf_counter() - started)
 
+    # What step previews cost a job (`preview=true`): the projection of the latents on the
+    # job's thread at the first step and then every POSEGEN_PREVIEW_INTERVAL seconds (the
+    # worker encodes and stores them on a thread of its own), and at every step (the most
+    # they can cost). Interleaved with runs without previews.
+    preview_times: dict[str, list[float]] = {"none": [], "default": [], "every_step": []}
+    previews_made = {"default": 0, "every_step": 0}
+
+    def counted(mode: str) -> Any:
+        def on_preview(step: int, image: Any) -> None:
+            previews_made[mode] += 1
+
+        return on_preview
+
+    for _ in range(args.repeats):
+        for mode, interval in (("none", None), ("default", 1.0), ("every_step", 0.0)):
+            started = time.perf_counter()
+            if interval is None:
+                engine.generate(job)
+            else:
+                engine.generate(job, on_preview=counted(mode), preview_interval=interval)
+            sync()
+            preview_times[mode].append(time.perf_counter() - started)
+    preview_medians = {k: statistics.median(v) for k, v in preview_times.items()}
+    preview_cost = {
+        "run_s_median": {k: round(v, 5) for k, v in preview_medians.items()},
+        "ratio_default_over_none": round(preview_medians["default"] / preview_medians["none"], 4),
+        "ratio_every_step_over_none": round(
+            preview_medians["every_step"] / preview_medians["none"], 4
+        ),
+        "previews_per_run": {k: v / args.repeats for k, v in previews_made.items()},
+    }
+
     # Where the engine's own time goes, phase by phase (medians, ms).
     from posegen.images import as_png
     from worker.engine.engine import _open
@@ -275,6 +307,7 @@ def main() -> None:
         "models_gib": round(engine.cache.used_bytes / 1024**3, 3),
         "gpu_run_peak_gib_by_mode": peak_gib or None,
         "pose_extraction_ms_median": pose_ms,
+        "preview_cost": preview_cost,
         "model_load_s": {
             "cold": round(cold, 3),
             "cached_median": round(statistics.median(cached_times), 6),

@@ -47,6 +47,9 @@ class GenerationParams(BaseModel):
     output_quality: int = Field(
         90, ge=1, le=100, description="WebP and JPEG quality (PNG is lossless)."
     )
+    preview: bool = Field(
+        False, description="Store a preview of the image while it runs (progress.preview_url)."
+    )
 
     def resolve(self, *, steps: int, guidance_scale: float, width: int, height: int) -> Params:
         """Every parameter set: the caller's, else the model's (`steps`, `guidance_scale`), a
@@ -77,3 +80,4 @@ class Params(BaseModel):
     # Defaults for the jobs stored before these existed.
     output_format: OutputFormat = "png"
     output_quality: int = 90
+    preview: bool = False

@@ -43,7 +43,7 @@ def render_job(
         "pose_source": job.pose_source,
         "pose_template_id": job.pose_template_id,
         "credit_cost": job.credit_cost,
-        "progress": {"step": job.progress_step, "total": job.progress_total},
+        "progress": _progress(job),
         "queue_position": queue_position,
         # True when the job has POSITION_CAP or more jobs ahead (the position is a lower bound).
         "queue_position_capped": queue_position is not None and queue_position >= POSITION_CAP,
@@ -71,6 +71,18 @@ def render_job(
         "finished_at": _iso(job.finished_at),
         "deleted_at": _iso(job.deleted_at),
     }
+
+
+def preview_url(job_id: str) -> str:
+    return f"/v1/generations/{job_id}/preview"
+
+
+def _progress(job: JobLike) -> dict[str, Any]:
+    progress: dict[str, Any] = {"step": job.progress_step, "total": job.progress_total}
+    # Previews are written from the first step on, and removed when the job ends.
+    if job.status == "processing" and job.progress_step and job.params.get("preview"):
+        progress["preview_url"] = preview_url(job.id)
+    return progress
 
 
 def _iso(value: dt.datetime | None) -> str | None:

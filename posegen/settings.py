@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     # runs. "auto": where the model leaves the CPU time for it (on a GPU, or on CPU threads that
     # leave a core free); on a CPU whose every core runs the model it would only take from it.
     record_behind: Literal["auto", "on", "off"] = "auto"
+    # A job with `preview=true` stores a preview at its first step, then at most this often.
+    preview_interval: float = Field(default=1.0, ge=0)
 
     # -- API limits ---------------------------------------------------------------------------
     # Requests one API process works on at once (its thread pool), and the database
@@ -73,6 +75,11 @@ class Settings(BaseSettings):
     webhook_sweep_interval: float = 5.0
     # At most one `generation.progress` webhook per job this often (seconds).
     webhook_progress_interval: float = Field(default=2.0, gt=0)
+    # Deliveries in flight at once to one endpoint (scheme, host, port), per worker process.
+    webhook_endpoint_concurrency: int = Field(default=4, ge=1, le=100)
+    # Failed attempts in a row that pause an endpoint (its circuit opens) for the retry
+    # schedule's next step.
+    webhook_circuit_failures: int = Field(default=5, ge=1)
 
     # -- reliability --------------------------------------------------------------------------
     reconcile_interval: float = 30.0

@@ -4,6 +4,7 @@ Last-Event-ID, keep-alives, the end of the stream, and who may read it."""
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -162,3 +163,39 @@ def test_only_the_owner_reads_a_stream(client, make_account):
     assert client.get(url).status_code == 401
     assert client.get("/v1/generations/not-a-uuid/events", headers=owner.headers).status_code == 404
     client.post(f"/v1/generations/{job['id']}/cancel", headers=owner.headers)
+
+
+def test_previews_while_a_job_runs(client, make_account, gpu_worker, settings):
+    from pathlib import Path
+
+    from PIL import Image
+
+    account = make_account()
+    job = submit(client, account, num_inference_steps=12, strength=1.0, preview="true").json()
+    assert job["params"]["preview"] is True
+    url = f"/v1/generations/{job['id']}/preview"
+    fetched = None
+    events = []
+    with connect_sse(client, "GET", f"/v1/generations/{job['id']}/events", headers=account.headers) as source:
+        for sse in source.iter_sse():
+            if not sse.data:
+                continue
+            events.append((sse.event, json.loads(sse.data)))
+            preview = events[-1][1]["progress"].get("preview_url")
+            if preview and fetched is None:
+                assert preview == url
+                fetched = client.get(preview, headers=account.headers)
+    assert fetched is not None, (events, gpu_worker.tail())
+    assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
+    image = Image.open(io.BytesIO(fetched.content))
+    assert image.format == "PNG" and image.size == (16, 16)  # the latents' size at 128 px
+    # Linked from the progress after the first preview was stored, and gone with the run.
+    progress = [data for name, data in events if name == "progress"]
+    assert progress[0]["progress"] == {"step": 0, "total": 12}
+    assert events[-1][0] == "completed" and "preview_url" not in events[-1][1]["progress"]
+    gone = client.get(url, headers=account.headers)
+    assert gone.status_code == 404 and "completed" in gone.json()["error"]["message"]
+    storage = Path(settings.storage_url.removeprefix("file://"))
+    assert not (storage / "previews" / f"{job['id']}.png").exists()
+    other = submit(client, account).json()
+    assert client.get(f"/v1/generations/{other['id']}/preview", headers=account.headers).status_code == 404

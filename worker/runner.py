@@ -28,9 +28,11 @@ from posegen import announce, events, lifecycle, retention
 from posegen.errors import JobError, StorageUnavailable
 from posegen.images import OUTPUT_FORMATS, as_png, encode
 from posegen.metrics import job_metrics
+from posegen.render import preview_url
 from posegen.storage.keys import pose_key
 from worker.context import WorkerContext
 from worker.finisher import Finisher
+from worker.previews import Previews
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -48,6 +50,7 @@ class Heartbeat:
     ctx: WorkerContext
     job_id: str
     job: Generation | None = None  # as claimed: what its progress events show
+    preview_url: str | None = None  # set once a preview is stored
 
     def __post_init__(self) -> None:
         self._step: tuple[int, int] | None = None
@@ -70,7 +73,8 @@ class Heartbeat:
         self._step = (step, total)
         sink = self.ctx.dispatcher.events
         if sink is not None and self.job is not None:
-            sink.publish([events.progress(self.job, step=step, total=total)])
+            extra = {"preview_url": self.preview_url} if self.preview_url and step else {}
+            sink.publish([events.progress(self.job, step=step, total=total, **extra)])
 
     def canceled(self) -> bool:
         return self._lost.is_set()
@@ -122,6 +126,7 @@ def run_job(ctx: WorkerContext, job_id: str, *, behind: Finisher | None = None) 
     job: Generation = claim.job
     heartbeat = Heartbeat(ctx, job_id, job)
     heartbeat.start()
+    previews = _previews(ctx, job, heartbeat)
     result: EngineResult | None = None
     try:
         engine_job = _engine_job(ctx, claim)
@@ -130,6 +135,8 @@ def run_job(ctx: WorkerContext, job_id: str, *, behind: Finisher | None = None) 
             on_step=heartbeat.progress,
             should_cancel=heartbeat.canceled,
             on_pose=lambda skeleton: _store_pose(ctx, job_id, skeleton),
+            on_preview=previews.add if previews else None,
+            preview_interval=ctx.settings.preview_interval,
         )
     except Canceled:
         log.info("job canceled while running", extra={"job_id": job_id})
@@ -148,6 +155,8 @@ def run_job(ctx: WorkerContext, job_id: str, *, behind: Finisher | None = None) 
         ctx.restart_requested = True  # state after an unknown error is not to be trusted
         return _fail(ctx, job_id, "internal_error", f"The worker failed: {type(exc).__name__}.")
     finally:
+        if previews is not None:
+            previews.close()
         if result is None:  # no output to record: the lease is done with
             heartbeat.stop()
 
@@ -214,6 +223,18 @@ def _engine_job(ctx: WorkerContext, claim: lifecycle.Claim) -> EngineJob:
         ),
         pose_image=_read(ctx, job.id, job.pose_image_key) if job.pose_image_key else None,
     )
+
+
+def _previews(ctx: WorkerContext, job: Generation, heartbeat: Heartbeat) -> Previews | None:
+    """Where the job's step previews go, if it asked for them; its progress events link the
+    latest once one is stored."""
+    if not job.params.get("preview"):
+        return None
+
+    def stored() -> None:
+        heartbeat.preview_url = preview_url(job.id)
+
+    return Previews(ctx.storage, job.id, on_stored=stored)
 
 
 def _store_pose(ctx: WorkerContext, job_id: str, skeleton: Image.Image) -> None:

@@ -24,7 +24,7 @@ from posegen.errors import NotFound, PayloadTooLarge
 from posegen.params import GenerationParams
 from posegen.settings import Settings
 from posegen.storage import Storage
-from posegen.storage.keys import pose_key
+from posegen.storage.keys import pose_key, preview_key
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/generations", tags=["generations"], route_class=KeyFirstRoute)
@@ -206,6 +206,31 @@ def get_pose(
     return stored_file(
         storage, pose_key(job.id), content_type="image/png", filename=f"{job.id}-pose.png"
     )
+
+
+@router.get(
+    "/{job_id}/preview",
+    responses={
+        200: {"content": {"image/png": {}}, "description": "The preview (local storage)."},
+        307: {"description": "Redirect to a presigned URL (S3 storage)."},
+        **ERRORS,
+    },
+    response_class=Response,
+)
+def get_preview(
+    job_id: str, user: CurrentUser, session: ReadSessionDep, storage: StorageDep
+) -> Response:
+    """The latest step preview of a job submitted with `preview=true`, while it runs."""
+    job = jobs.get_for_user(session, job_id=job_id, user=user)
+    if not job.params.get("preview"):
+        raise NotFound(f"Generation {job_id} was not submitted with preview=true.")
+    if job.status != "processing":
+        raise NotFound(f"Generation {job_id} is {job.status}: previews exist while it runs.")
+    response = stored_file(
+        storage, preview_key(job.id), content_type="image/png", filename=f"{job.id}-preview.png"
+    )
+    response.headers["Cache-Control"] = "no-store"  # overwritten at each preview
+    return response
 
 
 def stored_file(storage: Storage, key: str, *, content_type: str, filename: str) -> Response:

@@ -12,7 +12,7 @@ from posegen.webhooks import parse_choices
 
 MAX_PROMPT_CHARS = 1000
 ADDED_DEFAULTS: dict[str, object] = {
-    "webhook_events": None, "output_format": "png", "output_quality": 90,
+    "webhook_events": None, "output_format": "png", "output_quality": 90, "preview": False,
 }  # fmt: skip
 
 

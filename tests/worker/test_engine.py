@@ -314,3 +314,31 @@ def test_skeleton_matches_opencvs_drawing():
     differing = np.any(drawn != reference, axis=2)
     painted = np.any(reference != 0, axis=2)
     assert differing.sum() <= 0.05 * painted.sum(), (differing.sum(), painted.sum())
+
+
+@pytest.mark.parametrize(
+    ("family", "zero", "first_channel"),
+    [("sd15", (127, 127, 127), (172, 156, 168)), ("sdxl", (141, 125, 127), (187, 179, 182))],
+)
+def test_latent_preview_is_the_known_linear_projection(family, zero, first_channel):
+    import torch
+
+    from worker.engine.preview import latents_to_image
+
+    latents = torch.zeros((1, 4, 8, 6))
+    latents[0, 0, :, 3:] = 1.0  # the right half: channel 0 alone
+    image = latents_to_image(latents, family)
+    assert image.size == (6, 8) and image.mode == "RGB"
+    assert image.getpixel((0, 0)) == zero and image.getpixel((5, 7)) == first_channel
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_previews_at_the_first_step_then_by_interval(engine, family):
+    seen: list[tuple[int, tuple[int, int]]] = []
+    run = job(family, params=params(num_inference_steps=4))
+    keep = lambda step, image: seen.append((step, image.size))  # noqa: E731
+    engine.generate(run, on_preview=keep, preview_interval=3600)
+    assert seen == [(1, (16, 16))]  # 128 px: 16 x 16 latents
+    seen.clear()
+    engine.generate(run, on_preview=keep, preview_interval=0)
+    assert seen == [(step, (16, 16)) for step in (1, 2, 3, 4)]
