@@ -178,6 +178,16 @@ def main() -> None:
             sync()
             preview_times[mode].append(time.perf_counter() - started)
     preview_medians = {k: statistics.median(v) for k, v in preview_times.items()}
+    # The projection alone, timed directly (the runs above include the machine's noise).
+    from worker.engine.preview import latents_to_image
+
+    latents = torch.randn((1, 4, args.size // 8, args.size // 8), device=engine.device)
+    projections = []
+    for _ in range(50):
+        started = time.perf_counter()
+        latents_to_image(latents, args.family)
+        projections.append(time.perf_counter() - started)
+    projection_s = statistics.median(projections)
     preview_cost = {
         "run_s_median": {k: round(v, 5) for k, v in preview_medians.items()},
         "ratio_default_over_none": round(preview_medians["default"] / preview_medians["none"], 4),
@@ -185,6 +195,11 @@ def main() -> None:
             preview_medians["every_step"] / preview_medians["none"], 4
         ),
         "previews_per_run": {k: v / args.repeats for k, v in previews_made.items()},
+        "projection_ms_median": round(projection_s * 1000, 3),
+        # What the projections of the default cadence take of a run without previews.
+        "projection_share_of_run_default": round(
+            projection_s * previews_made["default"] / args.repeats / preview_medians["none"], 5
+        ),
     }
 
     # Where the engine's own time goes, phase by phase (medians, ms).

@@ -30,6 +30,7 @@ from posegen.queue import defer, generate_message
 from posegen.ratelimit import check_rate_limit
 from posegen.settings import Settings
 from posegen.storage import Storage
+from posegen.webhook_urls import check_url
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def _allowed_choices(
 def _checked_webhook_url(request: GenerationRequest, settings: Settings) -> str | None:
     if not request.webhook_url:
         return None
-    return webhooks.check_url(request.webhook_url, allow_private=settings.webhook_allow_private)
+    return check_url(request.webhook_url, allow_private=settings.webhook_allow_private)
 
 
 def _fitted_images(

@@ -103,15 +103,21 @@ def conn(db_engine: Engine) -> Iterator[Connection]:
 
 
 class Receiver:
-    def __init__(self, codes: list[int], *, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, codes: list[int], *, host: str = "127.0.0.1", port: int = 0, delay: float = 0
+    ) -> None:
+        """`delay`: seconds each answer takes (a slow endpoint)."""
         self.codes = list(codes)
         self.requests: list[tuple[dict[str, str], bytes]] = []
+        self.arrived: list[float] = []  # time.time() of each request
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["content-length"]))
+                receiver.arrived.append(time.time())
                 receiver.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                time.sleep(delay)
                 code = receiver.codes.pop(0) if receiver.codes else 200
                 self.send_response(code)
                 self.end_headers()
