@@ -40,6 +40,18 @@ def quiet_api(base_env: dict[str, str], db_engine: object, process_logs: Path) -
     redis.Redis.from_url(redis_db(11)).flushdb()
 
 
+@pytest.fixture(scope="module")
+def embedded_api(
+    base_env: dict[str, str], db_engine: object, process_logs: Path, tmp_path_factory
+) -> Iterator[str]:
+    """An API on the embedded broker (no Redis, as `posegen demo` runs): streams poll."""
+    var = tmp_path_factory.mktemp("embedded")
+    env = {**base_env, "POSEGEN_BROKER_URL": "", "POSEGEN_VAR_DIR": str(var)}
+    proc, base = start_api(env, process_logs / "stream-embedded-api.log")
+    yield base
+    proc.stop()
+
+
 @pytest.fixture
 def client(api: str) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=api, timeout=60) as http:
@@ -199,3 +211,18 @@ def test_previews_while_a_job_runs(client, make_account, gpu_worker, settings):
     assert not (storage / "previews" / f"{job['id']}.png").exists()
     other = submit(client, account).json()
     assert client.get(f"/v1/generations/{other['id']}/preview", headers=account.headers).status_code == 404
+
+
+def test_without_redis_a_stream_polls_the_database(embedded_api, make_account):
+    account = make_account()
+    with httpx.Client(base_url=embedded_api, timeout=30) as client:
+        job = submit(client, account).json()
+        url = f"/v1/generations/{job['id']}/events"
+        seen = []
+        with connect_sse(client, "GET", url, headers=account.headers) as source:
+            for sse in source.iter_sse():
+                seen.append((sse.event, json.loads(sse.data)))
+                if len(seen) == 1:
+                    client.post(f"/v1/generations/{job['id']}/cancel", headers=account.headers)
+        assert [name for name, _ in seen] == ["queued", "canceled"]
+        assert seen[0][1]["queue_position"] == 0 and seen[1][1]["status"] == "canceled"
