@@ -67,6 +67,9 @@ class EventHub:
         self._stale: set[str] = set()  # subscribed again after a reconnect, not yet confirmed
         self._reader: asyncio.Task[None] | None = None
         self._watched: object = None  # the connection whose reconnects are watched
+        # One (UN)SUBSCRIBE sent at a time on the one connection: a thousand streams starting
+        # at once would otherwise each open a connection of their own for the first.
+        self._commands = asyncio.Lock()
 
     # -- subscriptions ------------------------------------------------------------------------
 
@@ -79,7 +82,8 @@ class EventHub:
         try:
             if len(inboxes) == 1:
                 self._confirmed[channel] = asyncio.get_running_loop().create_future()
-                await self._pubsub.subscribe(channel)
+                async with self._commands:
+                    await self._pubsub.subscribe(channel)
                 self._start_reader()
             confirmed = self._confirmed[channel]
             await asyncio.wait_for(asyncio.shield(confirmed), CONFIRM_TIMEOUT)
@@ -98,7 +102,9 @@ class EventHub:
         del self._inboxes[inbox.channel]
         self._confirmed.pop(inbox.channel, None)
         with contextlib.suppress(RedisError, OSError):
-            await self._pubsub.unsubscribe(inbox.channel)
+            async with self._commands:
+                if inbox.channel not in self._inboxes:  # no stream of the job came meanwhile
+                    await self._pubsub.unsubscribe(inbox.channel)
 
     @property
     def streams(self) -> int:

@@ -226,3 +226,59 @@ def test_without_redis_a_stream_polls_the_database(embedded_api, make_account):
                     client.post(f"/v1/generations/{job['id']}/cancel", headers=account.headers)
         assert [name for name, _ in seen] == ["queued", "canceled"]
         assert seen[0][1]["queue_position"] == 0 and seen[1][1]["status"] == "canceled"
+
+
+def test_a_stream_reads_what_it_missed_while_its_api_lost_redis(
+    base_env, db_engine, process_logs, make_account
+):
+    """The API's link to Redis drops and comes back while a stream is open (the workers still
+    reach Redis): the hub subscribes again and the stream reads the events it missed from
+    the history. While the link is down, a new stream is refused with 503."""
+    import threading
+    import time
+
+    from posegen.events import Event, EventLog
+    from tests.processes import TcpProxy
+    from tests.services import REDIS_PORT
+
+    proxy = TcpProxy(("127.0.0.1", REDIS_PORT))
+    proxy.up()
+    env = {**base_env, "POSEGEN_BROKER_URL": f"redis://127.0.0.1:{proxy.port}/11"}
+    proc, base = start_api(env, process_logs / "stream-proxied-api.log")
+    worker_side = EventLog(redis_db(11))  # a worker's view of Redis, not through the proxy
+    account = make_account()
+    seen: list[tuple[str, dict]] = []
+    try:
+        with httpx.Client(base_url=base, timeout=30) as client:
+            job = submit(client, account).json()
+            url = f"/v1/generations/{job['id']}/events"
+
+            def read() -> None:
+                with connect_sse(client, "GET", url, headers=account.headers) as source:
+                    for sse in source.iter_sse():
+                        if sse.data:
+                            seen.append((sse.event, json.loads(sse.data)))
+
+            reader = threading.Thread(target=read)
+            reader.start()
+            deadline = time.monotonic() + 10
+            while not seen and time.monotonic() < deadline:
+                time.sleep(0.05)
+            proxy.down()
+            missed = {**job, "status": "processing", "progress": {"step": 1, "total": 2}}
+            worker_side.publish([Event(job_id=job["id"], name="progress", data=missed)])
+            assert worker_side.flush()
+            assert client.get(url, headers=account.headers).status_code == 503
+            proxy.up()
+            while len(seen) < 2 and time.monotonic() < deadline + 20:
+                time.sleep(0.05)
+            done = {**missed, "status": "completed"}
+            worker_side.publish([Event(job_id=job["id"], name="completed", data=done)])
+            reader.join(timeout=20)
+        assert [name for name, _ in seen] == ["queued", "progress", "completed"], seen
+        assert seen[1][1]["progress"] == {"step": 1, "total": 2}
+    finally:
+        worker_side.close()
+        proc.stop()
+        proxy.down()
+        redis.Redis.from_url(redis_db(11)).flushdb()

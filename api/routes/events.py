@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
+from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.event_hub import RESYNC, Entry, EventHub, Inbox, entry_order
@@ -28,7 +29,7 @@ from api.poll import poll
 from api.routes.generations import ERRORS
 from db.fast import AsyncReads
 from posegen import catalog
-from posegen.errors import NotFound
+from posegen.errors import NotFound, Unavailable
 from posegen.events import TERMINAL
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
@@ -93,11 +94,17 @@ async def _followed(
     owner: 401 and 404 are answered before the stream starts); the events follow."""
     if not catalog.is_uuid(job_id):
         raise NotFound(f"No generation {job_id!r}.")
-    inbox = await hub.subscribe(job_id)
+    try:
+        inbox = await hub.subscribe(job_id)
+    except (RedisError, OSError, TimeoutError) as error:
+        raise Unavailable("Live events are unavailable (Redis); retry shortly.") from error
     try:
         start = await hub.last_id(job_id) or ORIGIN
         history = await hub.history(job_id, after) if after is not None else None
         job = await poll(reads, authorization=authorization, job_id=job_id)
+    except (RedisError, OSError) as error:
+        await hub.unsubscribe(inbox)
+        raise Unavailable("Live events are unavailable (Redis); retry shortly.") from error
     except BaseException:
         await hub.unsubscribe(inbox)
         raise
