@@ -17,7 +17,6 @@ from httpx_sse import connect_sse
 from posegen.events import stream_key
 from tests.factories import Account, submit, wait_for
 from tests.processes import start_api
-from tests.services import REDIS_URL, redis_db
 
 pytestmark = pytest.mark.slow
 
@@ -31,13 +30,14 @@ def api(base_env: dict[str, str], db_engine: object, process_logs: Path) -> Iter
 
 
 @pytest.fixture(scope="module")
-def quiet_api(base_env: dict[str, str], db_engine: object, process_logs: Path) -> Iterator[str]:
+def quiet_api(
+    base_env: dict[str, str], quiet_broker_url: str, db_engine: object, process_logs: Path
+) -> Iterator[str]:
     """An API on a broker no worker listens on: its jobs stay queued."""
-    env = {**base_env, "POSEGEN_BROKER_URL": redis_db(11), "POSEGEN_STREAM_KEEPALIVE_SECONDS": "0.4"}
+    env = {**base_env, "POSEGEN_BROKER_URL": quiet_broker_url, "POSEGEN_STREAM_KEEPALIVE_SECONDS": "0.4"}
     proc, base = start_api(env, process_logs / "stream-quiet-api.log")
     yield base
     proc.stop()
-    redis.Redis.from_url(redis_db(11)).flushdb()
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +80,9 @@ def read(client: httpx.Client, account: Account, job_id: str, *, stop_after: int
     return seen
 
 
-def history(job_id: str) -> list[tuple[str, str, dict]]:
+def history(broker_url: str, job_id: str) -> list[tuple[str, str, dict]]:
     """The job's events as Redis keeps them."""
-    entries = redis.Redis.from_url(REDIS_URL).xrange(stream_key(job_id))
+    entries = redis.Redis.from_url(broker_url).xrange(stream_key(job_id))
     return [
         (entry_id.decode(), fields[b"event"].decode(), json.loads(fields[b"data"]))
         for entry_id, fields in entries
@@ -94,7 +94,7 @@ def order(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq)
 
 
-def test_a_stream_follows_a_queued_job_to_its_end(client, make_account, gpu_worker):
+def test_a_stream_follows_a_queued_job_to_its_end(client, make_account, gpu_worker, broker_url):
     account = make_account()
     # The worker runs one job at a time: the job followed waits behind this one.
     blocker = submit(client, account, num_inference_steps=30, strength=1.0).json()
@@ -114,20 +114,20 @@ def test_a_stream_follows_a_queued_job_to_its_end(client, make_account, gpu_work
     # its first event was written).
     ids = [entry_id for entry_id, _, _ in events]
     assert ids == sorted(ids, key=order) and len(set(ids)) == len(ids)
-    kept = history(job["id"])
+    kept = history(broker_url, job["id"])
     assert [entry_id for entry_id, _, _ in kept][-len(ids) + 1 :] == ids[1:]
     assert [name for _, name, _ in kept] == names
     wait_for(client, account, blocker["id"])
 
 
-def test_resuming_with_last_event_id_misses_nothing(client, make_account, gpu_worker):
+def test_resuming_with_last_event_id_misses_nothing(client, make_account, gpu_worker, broker_url):
     account = make_account()
     blocker = submit(client, account, num_inference_steps=30, strength=1.0).json()
     job = submit(client, account, num_inference_steps=8, strength=1.0).json()
     before = read(client, account, job["id"], stop_after=3)  # queued, started, progress 0
     after = read(client, account, job["id"], last_event_id=before[-1][0])
     assert after[-1][1] == "completed", (after, gpu_worker.tail())
-    kept = history(job["id"])
+    kept = history(broker_url, job["id"])
     # Together, every event once, in order: from the first one read to the end.
     ids = [entry_id for entry_id, _, _ in before + after]
     kept_ids = [entry_id for entry_id, _, _ in kept]
@@ -229,7 +229,7 @@ def test_without_redis_a_stream_polls_the_database(embedded_api, make_account):
 
 
 def test_a_stream_reads_what_it_missed_while_its_api_lost_redis(
-    base_env, db_engine, process_logs, make_account
+    base_env, quiet_broker_url, db_engine, process_logs, make_account
 ):
     """The API's link to Redis drops and comes back while a stream is open (the workers still
     reach Redis): the hub subscribes again and the stream reads the events it missed from
@@ -243,9 +243,10 @@ def test_a_stream_reads_what_it_missed_while_its_api_lost_redis(
 
     proxy = TcpProxy(("127.0.0.1", REDIS_PORT))
     proxy.up()
-    env = {**base_env, "POSEGEN_BROKER_URL": f"redis://127.0.0.1:{proxy.port}/11"}
+    database = quiet_broker_url.rsplit("/", 1)[1]
+    env = {**base_env, "POSEGEN_BROKER_URL": f"redis://127.0.0.1:{proxy.port}/{database}"}
     proc, base = start_api(env, process_logs / "stream-proxied-api.log")
-    worker_side = EventLog(redis_db(11))  # a worker's view of Redis, not through the proxy
+    worker_side = EventLog(quiet_broker_url)  # a worker's view of Redis, not through the proxy
     account = make_account()
     seen: list[tuple[str, dict]] = []
     try:
@@ -281,4 +282,3 @@ def test_a_stream_reads_what_it_missed_while_its_api_lost_redis(
         worker_side.close()
         proc.stop()
         proxy.down()
-        redis.Redis.from_url(redis_db(11)).flushdb()

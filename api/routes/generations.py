@@ -75,6 +75,15 @@ def submit_generation(
             description="Comma list of started, progress, completed (every terminal event).",
         ),
     ] = None,
+    deadline_seconds: Annotated[
+        int | None,
+        Form(
+            ge=1,
+            le=jobs.MAX_DEADLINE_SECONDS,
+            description="Not completed this many seconds after submit: failed with "
+            "`deadline_exceeded`, refunded (not run if it has not started).",
+        ),
+    ] = None,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JSONResponse:
     request = jobs.GenerationRequest(
@@ -87,6 +96,7 @@ def submit_generation(
         params=params,
         webhook_url=webhook_url or None,
         webhook_events=webhook_events or None,
+        deadline_seconds=deadline_seconds,
     )
     submitted = jobs.submit(
         session,

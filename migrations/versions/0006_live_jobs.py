@@ -4,7 +4,7 @@ per step reported), with `skipped` for a progress delivery that a later event of
 moot before it was sent.
 
 Revision ID: 0006
-Revises: 0004
+Revises: 0005
 """
 
 from collections.abc import Sequence
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0006"
-down_revision: str | None = "0004"
+down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -11,8 +11,11 @@ from posegen.params import GenerationParams
 from posegen.webhooks import parse_choices
 
 MAX_PROMPT_CHARS = 1000
+MAX_DEADLINE_SECONDS = 86_400
+# Fields added since idempotency keys were first stored, with their defaults.
 ADDED_DEFAULTS: dict[str, object] = {
-    "webhook_events": None, "output_format": "png", "output_quality": 90, "preview": False,
+    "deadline_seconds": None, "webhook_events": None, "output_format": "png",
+    "output_quality": 90, "preview": False,
 }  # fmt: skip
 
 
@@ -30,6 +33,8 @@ class GenerationRequest:
     params: GenerationParams = field(default_factory=GenerationParams)
     webhook_url: str | None = None
     webhook_events: str | None = None  # a comma list of posegen.webhooks.CHOICES
+    # Not completed this many seconds after submit: failed with `deadline_exceeded`.
+    deadline_seconds: int | None = None
 
     def validate(self) -> None:
         for name in ("model_key", "prompt", "negative_prompt", "pose_template_id", "webhook_url"):
@@ -40,6 +45,10 @@ class GenerationRequest:
             value = getattr(self, name)
             if value is not None and len(value) > MAX_PROMPT_CHARS:
                 raise InvalidRequest(f"{name} is longer than {MAX_PROMPT_CHARS} characters.")
+        if self.deadline_seconds is not None and not (
+            1 <= self.deadline_seconds <= MAX_DEADLINE_SECONDS
+        ):
+            raise InvalidRequest(f"deadline_seconds must be 1 to {MAX_DEADLINE_SECONDS}.")
         if self.pose_template_id and self.pose_image is not None:
             raise InvalidRequest("Send at most one of pose_template_id and pose_image.")
         if self.webhook_events and not self.webhook_url:

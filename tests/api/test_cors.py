@@ -7,7 +7,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.api.conftest import QUIET_REDIS_URL
 from tests.factories import submit
 from tests.services import settings_from
 
@@ -15,14 +14,16 @@ ORIGIN = "https://app.example.com"
 
 
 @pytest.fixture
-def cors_app(base_env: dict[str, str], db_engine: object) -> Iterator[object]:
+def cors_app(
+    base_env: dict[str, str], quiet_broker_url: str, db_engine: object
+) -> Iterator[object]:
     from fastapi.testclient import TestClient
 
     from api.app import create_app
 
     env = {
         **base_env,
-        "POSEGEN_BROKER_URL": QUIET_REDIS_URL,
+        "POSEGEN_BROKER_URL": quiet_broker_url,
         "POSEGEN_CORS_ORIGINS": f"{ORIGIN}/, https://other.example.com",
     }
     with TestClient(create_app(settings_from(env))) as client:
