@@ -1,8 +1,9 @@
 """What is kept of a job, and for how long: its inputs until it ends, its outputs until deleted.
 
 A job's files live in storage: `inputs/<id>/...` (the photos, uploaded at submit),
-`outputs/<id>/...` (written by the worker: the outputs and the pose skeleton) and, with
-`preview=true`, `previews/<id>.png` (the latest step preview). The job's row says which of
+`outputs/<id>/...` (written by the worker), `poses/<id>.png` (the skeleton the worker drew,
+kept as long as the outputs) and, with `preview=true`, `previews/<id>.png` (the latest step
+preview). The job's row says which of
 them may still exist:
 - a job that ended (completed, failed, canceled) keeps no inputs and no preview; a queued or
   processing one keeps them, since a job interrupted by a lost worker runs again from them;

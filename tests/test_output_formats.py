@@ -90,4 +90,5 @@ def test_the_pose_a_job_was_conditioned_on(app, make_account, gpu_worker, settin
     assert app.get(pose, headers=account.headers).status_code == 404
     storage = Path(settings.storage_url.removeprefix("file://"))
     assert not (storage / "outputs" / job["id"]).exists()
+    assert not (storage / "poses" / f"{job['id']}.png").exists()
 

@@ -27,18 +27,15 @@ from db.models import Generation
 from posegen import announce, events, lifecycle, retention
 from posegen.catalog import served_models
 from posegen.errors import JobError, StorageUnavailable
-from posegen.images import OUTPUT_FORMATS, as_png, encode
+from posegen.images import OUTPUT_FORMATS, encode
 from posegen.metrics import job_metrics
 from posegen.queue import defer, ready_message, time_limits
 from posegen.render import preview_url
-from posegen.storage.keys import pose_key
 from worker.context import WorkerContext
 from worker.finisher import Finisher
-from worker.previews import Previews
+from worker.job_images import JobImages
 
 if TYPE_CHECKING:
-    from PIL import Image
-
     from worker.engine.engine import EngineJob, EngineResult
 
 log = logging.getLogger(__name__)
@@ -154,7 +151,7 @@ def run_job(ctx: WorkerContext, claim: lifecycle.Claim, *, behind: Finisher | No
     when, is_deadline = _stop_at(ctx, job)
     heartbeat.stop_at(when, deadline=is_deadline)
     heartbeat.start()
-    previews = _previews(ctx, job, heartbeat)
+    images = _job_images(ctx, job, heartbeat)
     result: EngineResult | None = None
     try:
         engine_job = _engine_job(ctx, claim)
@@ -162,8 +159,8 @@ def run_job(ctx: WorkerContext, claim: lifecycle.Claim, *, behind: Finisher | No
             engine_job,
             on_step=heartbeat.progress,
             should_cancel=heartbeat.canceled,
-            on_pose=lambda skeleton: _store_pose(ctx, job_id, skeleton),
-            on_preview=previews.add if previews else None,
+            on_pose=images.pose,
+            on_preview=images.preview if job.params.get("preview") else None,
             preview_interval=ctx.settings.preview_interval,
         )
         ctx.held(job.model_key, ctx.engine.cache_keys(engine_job))
@@ -183,8 +180,7 @@ def run_job(ctx: WorkerContext, claim: lifecycle.Claim, *, behind: Finisher | No
         ctx.restart_requested = True  # state after an unknown error is not to be trusted
         return _fail(ctx, job_id, "internal_error", f"The worker failed: {type(exc).__name__}.")
     finally:
-        if previews is not None:
-            previews.close()
+        images.close()
         if result is None:  # no output to record: the lease is done with
             heartbeat.stop()
 
@@ -279,25 +275,14 @@ def _engine_job(ctx: WorkerContext, claim: lifecycle.Claim) -> EngineJob:
     )
 
 
-def _previews(ctx: WorkerContext, job: Generation, heartbeat: Heartbeat) -> Previews | None:
-    """Where the job's step previews go, if it asked for them; its progress events link the
-    latest once one is stored."""
-    if not job.params.get("preview"):
-        return None
+def _job_images(ctx: WorkerContext, job: Generation, heartbeat: Heartbeat) -> JobImages:
+    """Where the job's skeleton and step previews go; its progress events link the latest
+    preview once one is stored."""
 
     def stored() -> None:
         heartbeat.preview_url = preview_url(job.id)
 
-    return Previews(ctx.storage, job.id, on_stored=stored)
-
-
-def _store_pose(ctx: WorkerContext, job_id: str, skeleton: Image.Image) -> None:
-    """The skeleton the job is conditioned on, for `GET .../pose`: best effort (a job does
-    not fail or wait for storage over it)."""
-    try:
-        ctx.storage.put(pose_key(job_id), as_png(skeleton))
-    except (OSError, StorageUnavailable) as error:
-        log.warning("the pose image was not stored: %s", error, extra={"job_id": job_id})
+    return JobImages(ctx.storage, job.id, on_preview=stored)
 
 
 def _read(ctx: WorkerContext, job_id: str, key: str) -> bytes:

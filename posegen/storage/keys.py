@@ -7,8 +7,8 @@ from __future__ import annotations
 
 
 def pose_key(job_id: str) -> str:
-    """Kept with the job's outputs, and removed with them."""
-    return f"outputs/{job_id}/pose.png"
+    """Kept as long as the job's outputs, and removed with them."""
+    return f"poses/{job_id}.png"
 
 
 def preview_key(job_id: str) -> str:
