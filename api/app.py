@@ -20,7 +20,7 @@ from api.routes import catalog, events, generations, health
 from db.fast import AsyncReads
 from db.models import Generation, status_is
 from db.session import make_engine, make_session_factory
-from posegen.events import event_log, redis_url
+from posegen.events import event_log
 from posegen.logs import configure_logging
 from posegen.metrics import Metrics
 from posegen.queue import Dispatcher, make_producer
@@ -134,8 +134,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await app.state.async_reads.start()
         app.state.storage = storage_from_settings(settings)
         app.state.dispatcher = Dispatcher(make_producer(settings), events=event_log(settings))
-        events_url = redis_url(settings)
-        app.state.event_hub = EventHub(events_url) if events_url else None
+        app.state.event_hub = EventHub.for_settings(settings)
         app.state.metrics = Metrics()
         app.state.fleet = Fleet(app.state.dispatcher, app.state.sessions)
         app.state.metrics.watch_queue(
@@ -152,10 +151,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # status route's p99 roughly doubled under load (bench.api, side by side).
         gc.set_threshold(50_000, 20, 10)
         yield
-        if app.state.event_hub is not None:
-            await app.state.event_hub.close()
-        if app.state.dispatcher.events is not None:
-            app.state.dispatcher.events.close()
+        await _close_events(app)
         await app.state.async_reads.close()
         db_engine.dispose()
 
@@ -175,8 +171,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Image + pose image + the form fields.
     app.add_middleware(Observe)
     app.add_middleware(BodyLimit, max_bytes=2 * settings.max_upload_bytes + 64 * 1024)
+    _allow_origins(app, settings)
+    return app
+
+
+async def _close_events(app: FastAPI) -> None:
+    if app.state.event_hub is not None:
+        await app.state.event_hub.close()
+    if app.state.dispatcher.events is not None:
+        app.state.dispatcher.events.close()  # what is still queued goes out first
+
+
+def _allow_origins(app: FastAPI, settings: Settings) -> None:
+    """CORS for the browser origins in POSEGEN_CORS_ORIGINS (none: no CORS headers). Added
+    last, so outermost: a preflight is answered before the body limit or the metrics see it."""
     if settings.cors_origins:
-        # Outermost: a preflight is answered before the body limit or the metrics see it.
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
@@ -185,7 +194,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=["Location", "Retry-After"],
             max_age=600,
         )
-    return app
 
 
 def _active_counts(app: FastAPI) -> Iterable[tuple[str, str, int]]:

@@ -22,7 +22,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from posegen.events import stream_key
+from posegen.events import redis_url, stream_key
+from posegen.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,12 @@ class EventHub:
         # One (UN)SUBSCRIBE sent at a time on the one connection: a thousand streams starting
         # at once would otherwise each open a connection of their own for the first.
         self._commands = asyncio.Lock()
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> EventHub | None:
+        """The hub on the broker's Redis; None with the embedded broker (streams poll)."""
+        url = redis_url(settings)
+        return cls(url) if url else None
 
     # -- subscriptions ------------------------------------------------------------------------
 

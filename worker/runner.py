@@ -151,18 +151,10 @@ def run_job(ctx: WorkerContext, claim: lifecycle.Claim, *, behind: Finisher | No
     when, is_deadline = _stop_at(ctx, job)
     heartbeat.stop_at(when, deadline=is_deadline)
     heartbeat.start()
-    images = _job_images(ctx, job, heartbeat)
     result: EngineResult | None = None
     try:
         engine_job = _engine_job(ctx, claim)
-        result = ctx.engine.generate(
-            engine_job,
-            on_step=heartbeat.progress,
-            should_cancel=heartbeat.canceled,
-            on_pose=images.pose,
-            on_preview=images.preview if job.params.get("preview") else None,
-            preview_interval=ctx.settings.preview_interval,
-        )
+        result = _generate(ctx, engine_job, job, heartbeat)
         ctx.held(job.model_key, ctx.engine.cache_keys(engine_job))
     except Canceled:
         return _stopped(ctx, job_id, heartbeat.out_of_time())
@@ -180,7 +172,6 @@ def run_job(ctx: WorkerContext, claim: lifecycle.Claim, *, behind: Finisher | No
         ctx.restart_requested = True  # state after an unknown error is not to be trusted
         return _fail(ctx, job_id, "internal_error", f"The worker failed: {type(exc).__name__}.")
     finally:
-        images.close()
         if result is None:  # no output to record: the lease is done with
             heartbeat.stop()
 
@@ -275,14 +266,28 @@ def _engine_job(ctx: WorkerContext, claim: lifecycle.Claim) -> EngineJob:
     )
 
 
-def _job_images(ctx: WorkerContext, job: Generation, heartbeat: Heartbeat) -> JobImages:
-    """Where the job's skeleton and step previews go; its progress events link the latest
-    preview once one is stored."""
+def _generate(
+    ctx: WorkerContext, engine_job: EngineJob, job: Generation, heartbeat: Heartbeat
+) -> EngineResult:
+    """The engine's run, its steps and cancel through the heartbeat; the skeleton it draws
+    and its step previews stored on a thread of their own (the progress events link the
+    latest preview once one is stored), all written before this returns."""
 
     def stored() -> None:
         heartbeat.preview_url = preview_url(job.id)
 
-    return JobImages(ctx.storage, job.id, on_preview=stored)
+    images = JobImages(ctx.storage, job.id, on_preview=stored)
+    try:
+        return ctx.engine.generate(
+            engine_job,
+            on_step=heartbeat.progress,
+            should_cancel=heartbeat.canceled,
+            on_pose=images.pose,
+            on_preview=images.preview if job.params.get("preview") else None,
+            preview_interval=ctx.settings.preview_interval,
+        )
+    finally:
+        images.close()
 
 
 def _read(ctx: WorkerContext, job_id: str, key: str) -> bytes:

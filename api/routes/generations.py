@@ -28,6 +28,7 @@ from posegen.storage.keys import pose_key, preview_key
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/generations", tags=["generations"], route_class=KeyFirstRoute)
+WEBHOOK_EVENTS = "Comma list of started, progress, completed (every terminal event)."
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (401, 402, 403, 404, 409, 413, 415, 422, 429, 503)
 }
@@ -68,13 +69,7 @@ def submit_generation(
     pose_template_id: Annotated[str | None, Form(max_length=100)] = None,
     pose_image: Annotated[UploadFile | None, File()] = None,
     webhook_url: Annotated[str | None, Form(max_length=2048)] = None,
-    webhook_events: Annotated[
-        str | None,
-        Form(
-            max_length=64,
-            description="Comma list of started, progress, completed (every terminal event).",
-        ),
-    ] = None,
+    webhook_events: Annotated[str | None, Form(max_length=64, description=WEBHOOK_EVENTS)] = None,
     deadline_seconds: Annotated[
         int | None,
         Form(
