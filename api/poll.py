@@ -40,7 +40,7 @@ def _statement() -> Any:
         select(
             ApiKey.revoked_at,
             job.c.user_id.label("job_user_id"),
-            job.c.priority.label("job_priority"),
+            job.c.model_id.label("job_model_id"),
             *(job.c[name] for name in RENDERED_COLUMNS),
         )
         .select_from(ApiKey.__table__)
@@ -66,7 +66,7 @@ async def poll(reads: AsyncReads, *, authorization: str | None, job_id: str) -> 
     if row.status == "queued":
         place = {
             "user_id": row.job_user_id,
-            "priority": row.job_priority,
+            "model_id": row.job_model_id,
             "created_at": row.created_at,
         }
         position = queries.capped((await reads.first(queries.POSITION, place))[0])

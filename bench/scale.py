@@ -85,8 +85,9 @@ FROM generate_series(1, :n) AS g
 # The scheduler's turns of the bulk-loaded jobs (inserted past the submit that keeps them).
 TURNS = """
 DELETE FROM queue_turns;
-INSERT INTO queue_turns (user_id, model_id, priority, queued, waiting_since)
-SELECT user_id, model_id, max(priority), count(*), min(created_at) FROM generations
+INSERT INTO queue_turns (user_id, model_id, priority, queued, waiting_since, last_started_at)
+SELECT user_id, model_id, max(priority), count(*), min(created_at), '1970-01-01+00'
+FROM generations
 WHERE status = 'queued' GROUP BY user_id, model_id
 """
 
@@ -117,10 +118,16 @@ def hot_queries(
         "poll (key + job, one query)": (api_poll.POLL.statement, poll),
         "queue position of the caller's newest job, behind the whole queue": (
             scheduler.POSITION,
-            {"user_id": user_id, "priority": 5, "created_at": now},
+            {
+                "user_id": user_id,
+                "model_id": conn.execute(
+                    text("SELECT id FROM ai_models WHERE model_key = 'tiny-sd15-openpose'")
+                ).scalar_one(),
+                "created_at": now,
+            },
         ),
         "claim: the next turn (every model)": (
-            scheduler._turn_order(
+            scheduler.turn_order(
                 [
                     str(
                         conn.execute(

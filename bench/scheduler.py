@@ -47,8 +47,9 @@ CROSS JOIN (SELECT id, row_number() OVER (ORDER BY email) AS n FROM users
 """
 # The turns of bulk-inserted jobs (a submit keeps them; the bulk load goes around it).
 TURNS = """
-INSERT INTO queue_turns (user_id, model_id, priority, queued, waiting_since)
-SELECT user_id, model_id, max(priority), count(*), min(created_at) FROM generations
+INSERT INTO queue_turns (user_id, model_id, priority, queued, waiting_since, last_started_at)
+SELECT user_id, model_id, max(priority), count(*), min(created_at), '1970-01-01+00'
+FROM generations
 WHERE status = 'queued' GROUP BY user_id, model_id
 ON CONFLICT (user_id, model_id) DO UPDATE SET queued = EXCLUDED.queued,
     waiting_since = EXCLUDED.waiting_since
@@ -60,7 +61,7 @@ class Bench:
         from posegen.settings import Settings
 
         self.engine = engine
-        self.sessions = sessionmaker(engine)
+        self.sessions = sessionmaker(engine, expire_on_commit=False)
         self.settings = Settings()
         with self.sessions() as s:
             rows = s.execute(text("SELECT model_key, id FROM ai_models")).all()
@@ -195,8 +196,8 @@ def fleet(b: Bench, claimers: int, seconds: float) -> dict[str, Any]:
         "claimers": claimers,
         "claims": len(claimed),
         "claims_per_s": round(len(claimed) / elapsed, 1),
-        "claim_p50_ms": round(percentile(latencies, 50) * 1000, 2),
-        "claim_p99_ms": round(percentile(latencies, 99) * 1000, 2),
+        "claim_p50_ms": round(percentile(latencies, 0.50) * 1000, 2),
+        "claim_p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
         "claimed_twice": int(twice or 0) + len(claimed) - len({j for _, j, _ in claimed}),
         "most_claims_of_one_user_in_first_1000": max(first.values()) if first else 0,
     }

@@ -262,6 +262,9 @@ class Generation(Base):
     deadline_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
+NEVER_STARTED = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
 class UserTurn(Base):
     """When a user's latest job started (posegen.scheduler: the longest ago goes first; no
     row: never). Apart from `users`, so that a claim never waits for the user's row a submit
@@ -283,9 +286,11 @@ class QueueTurn(Base):
     __tablename__ = "queue_turns"
     __table_args__ = (
         CheckConstraint("queued >= 0", name="queued_not_negative"),
+        # The claim's order: priority, the user's latest start, the oldest job.
         Index(
             "ix_queue_turns_next",
-            "priority",
+            text("priority DESC"),
+            "last_started_at",
             "waiting_since",
             postgresql_where=text("queued > 0"),
             sqlite_where=text("queued > 0"),
@@ -309,6 +314,9 @@ class QueueTurn(Base):
     queued: Mapped[int] = mapped_column(Integer, default=0)
     # When the oldest of these queued jobs was submitted.
     waiting_since: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    # When the user's latest job started (`user_turns`' value, copied for the claim's index;
+    # never: NEVER_STARTED, which sorts first on every database).
+    last_started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
 
 
 class CreditLedger(Base):

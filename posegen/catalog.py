@@ -30,9 +30,10 @@ def listed_models(session: Session) -> Sequence[AiModel]:
 
 def served_models(session: Session, keys: Sequence[str] = ()) -> dict[str, str]:
     """The models a worker serves, key -> id: those named (`posegen worker --models`), else
-    every enabled model."""
+    every model in the catalog (a model disabled while jobs of it wait still runs them)."""
     stmt = select(AiModel.model_key, AiModel.id)
-    stmt = stmt.where(AiModel.model_key.in_(list(keys))) if keys else stmt.where(AiModel.enabled)
+    if keys:
+        stmt = stmt.where(AiModel.model_key.in_(list(keys)))
     return {key: str(model_id) for key, model_id in session.execute(stmt)}
 
 

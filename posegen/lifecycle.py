@@ -115,15 +115,12 @@ def claim_next(
     settings: Settings,
 ) -> Claim | None:
     """The next job by the scheduler's order among these models (ids), claimed for this
-    worker; with `warm` (the models it holds loaded) first, unless another model's job has
-    waited past POSEGEN_AFFINITY_MAX_WAIT. A job past its deadline is not taken (the
-    reconciler fails it). None: nothing of these models is queued (or free to take)."""
-    now = utcnow()
-    cold = [m for m in models if m not in warm]
-    late = scheduler.overdue(
-        session, models=cold, before=now - dt.timedelta(seconds=settings.affinity_max_wait)
-    ) if warm and cold else False  # fmt: skip
-    for choice in scheduler.preferred(served=models, warm=warm, overdue_cold=late):
+    worker; with `warm` (the models it holds loaded) first among the jobs of the highest
+    priority waiting, unless another model's job has waited past POSEGEN_AFFINITY_MAX_WAIT.
+    A job past its deadline is not taken (the reconciler fails it). None: nothing of these
+    models is queued (or free to take)."""
+    late = utcnow() - dt.timedelta(seconds=settings.affinity_max_wait)
+    for choice in scheduler.preferred(session, served=models, warm=warm, overdue_before=late):
         skipped: list[scheduler.Turn] = []
         while (turn := scheduler.next_turn(session, models=choice, skip=skipped)) is not None:
             job_id = scheduler.head_of(session, turn)

@@ -266,7 +266,11 @@ class Dispatcher:
         broadcast (the embedded one)."""
         if self.celery.conf.broker_url.startswith("filesystem"):
             return None
-        replies = self.celery.control.inspect(timeout=timeout).active_queues() or {}
+        # A connection of its own, closed after: the replies are read with a blocking pop,
+        # which must not stay behind on a pooled connection.
+        with self.celery.connection() as conn:
+            inspect = self.celery.control.inspect(timeout=timeout, connection=conn)
+            replies = inspect.active_queues() or {}
         serving: dict[str, list[str]] = {}
         for worker, queues in replies.items():
             for queue in queues:

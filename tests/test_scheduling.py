@@ -100,6 +100,11 @@ def test_two_users_take_turns_and_a_model_nobody_serves_waits(
         assert 'posegen_model_workers{model="tiny-sdxl-openpose"} 0.0' in metrics
         assert 'posegen_model_workers{model="tiny-sd15-openpose"} 1.0' in metrics
 
+        # A worker for that model, started now, runs it: its message was kept meanwhile
+        # (taken by no one, and by no worker of another model).
+        start(base_env, "worker", "--models", "tiny-sdxl-openpose", "--concurrency", "1", name="xl")
+        assert _wait(api, third.key, unserved["id"])["status"] == "completed"
+
 
 def test_a_running_job_past_its_deadline_stops_and_is_refunded(
     api, base_env, make_account, sessions, process_logs

@@ -24,7 +24,7 @@ from kombu.utils.functional import retry_over_time
 from sqlalchemy.orm import Session
 
 from db.models import Generation
-from posegen import announce, events, lifecycle, retention
+from posegen import announce, events, lifecycle, retention, scheduler
 from posegen.catalog import served_models
 from posegen.errors import JobError, StorageUnavailable
 from posegen.images import OUTPUT_FORMATS, encode
@@ -230,8 +230,12 @@ def _claim_next(ctx: WorkerContext, ready_model: str | None) -> lifecycle.Claim 
             lease_seconds=ctx.settings.job_lease_seconds,
             settings=ctx.settings,
         )
-        if claim is not None and ready_model is not None and claim.job.model_key != ready_model:
-            defer(session, ready_message(ready_model, ctx.settings))
+        # The message stood for a job of `ready_model`. Claimed another model's job, or none
+        # because other claimers held the turns: that model's job still needs a message.
+        if ready_model is not None and ready_model in served:
+            taken = claim is not None and claim.job.model_key == ready_model
+            if not taken and scheduler.claimable(session, model_id=served[ready_model]):
+                defer(session, ready_message(ready_model, ctx.settings))
     if claim is None:
         return None
     job = claim.job

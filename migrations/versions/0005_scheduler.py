@@ -1,9 +1,9 @@
 """The scheduler's state: turns (who runs next within a priority) and a job's deadline.
 
-`queue_turns` holds one row per (user, model) that has had queued jobs: how many are queued
-and since when the oldest has waited; `user_turns` says when each user's latest job started
-(a table of its own, written by claims only, so a claim never waits for the user's row that a
-submit or a refund holds). The claim and the depth limit read the rows with queued jobs (partial indexes, so
+`queue_turns` holds one row per (user, model) that has had queued jobs: how many are queued,
+since when the oldest has waited, and (a copy, for the claim's index) when the user's latest
+job started; `user_turns` says that for each user (a table of its own, written by claims only,
+so a claim never waits for the user's row that a submit or a refund holds). The claim and the depth limit read the rows with queued jobs (partial indexes, so
 their cost follows the users waiting, not the jobs). posegen.lifecycle keeps the rows in step,
 in the transaction that changes a job's status; this revision fills them from the jobs queued
 when it runs.
@@ -43,6 +43,7 @@ def upgrade() -> None:
         sa.Column("priority", sa.Integer(), nullable=False),
         sa.Column("queued", sa.Integer(), nullable=False),
         sa.Column("waiting_since", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("last_started_at", sa.DateTime(timezone=True), nullable=False),
         sa.CheckConstraint("queued >= 0", name=op.f("ck_queue_turns_queued_not_negative")),
         sa.ForeignKeyConstraint(
             ["user_id"], ["users.id"], name=op.f("fk_queue_turns_user_id_users"),
@@ -56,7 +57,7 @@ def upgrade() -> None:
     op.create_index(
         "ix_queue_turns_next",
         "queue_turns",
-        ["priority", "waiting_since"],
+        [sa.text("priority DESC"), "last_started_at", "waiting_since"],
         postgresql_where=sa.text("queued > 0"),
         sqlite_where=sa.text("queued > 0"),
     )
@@ -67,7 +68,8 @@ def upgrade() -> None:
         postgresql_where=sa.text("queued > 0"),
         sqlite_where=sa.text("queued > 0"),
     )
-    # A user's queued jobs of one model, oldest first: the claim's pick within a turn.
+    # A user's queued jobs of one model, oldest first: the claim's pick within a turn, and the
+    # user's own jobs ahead of one (its position).
     op.create_index(
         "ix_generations_turn",
         "generations",
@@ -84,8 +86,9 @@ def upgrade() -> None:
         sqlite_where=sa.text("status IN ('queued', 'processing') AND deadline_at IS NOT NULL"),
     )
     op.execute(
-        "INSERT INTO queue_turns (user_id, model_id, priority, queued, waiting_since) "
-        "SELECT user_id, model_id, max(priority), count(*), min(created_at) FROM generations "
+        "INSERT INTO queue_turns (user_id, model_id, priority, queued, waiting_since,"
+        " last_started_at) SELECT user_id, model_id, max(priority), count(*), min(created_at),"
+        " '1970-01-01T00:00:00+00:00' FROM generations "
         "WHERE status = 'queued' GROUP BY user_id, model_id"
     )
 

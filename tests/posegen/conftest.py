@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from db.models import AiModel, Generation, new_id
 from db.session import make_session_factory
 from db.types import utcnow
+from posegen import scheduler
 from posegen.cli.common import upgrade_database
 from tests.services import seeded_engine
 
@@ -76,15 +77,21 @@ def make_job(
     status: str = "queued",
     pose_template_id: str | None = None,
 ) -> str:
-    """A job of the tiny model, created `age_s` ago, flushed: its id."""
+    """A job of the tiny model, created `age_s` ago, flushed: its id. A queued one joins its
+    turn, as a submit's does."""
     created_at = utcnow() - dt.timedelta(seconds=age_s)
+    model = tiny_model(session)
     row = job_row(
-        tiny_model(session), user_id, created_at=created_at, priority=priority, status=status,
+        model, user_id, created_at=created_at, priority=priority, status=status,
         pose_template_id=pose_template_id,
     )  # fmt: skip
     job = Generation(**row)
     session.add(job)
     session.flush()
+    if status == "queued":
+        scheduler.joined(
+            session, user_id=user_id, model_id=model.id, priority=priority, since=created_at
+        )
     return job.id
 
 

@@ -36,7 +36,7 @@ def statements(session: Session) -> Iterator[list[str]]:
         event.remove(engine, "before_cursor_execute", record)
 
 
-def test_claim_answers_the_job_and_its_catalog_rows_in_four_statements(
+def test_claim_answers_the_job_and_its_catalog_rows_in_five_statements(
     any_session: Session,
 ) -> None:
     s = any_session
@@ -50,9 +50,9 @@ def test_claim_answers_the_job_and_its_catalog_rows_in_four_statements(
 
     with statements(s) as sent:
         claim = lifecycle.claim(s, job_id=with_template, worker_id="w1", lease_seconds=60)
-    # The job, its turn (one queued less), the user's last start (their turn moves to the
-    # back), and the catalog rows.
-    assert sent == ["UPDATE", "UPDATE", "INSERT", "SELECT"]
+    # The job, its turn (one queued less), the user's last start and its copy on the user's
+    # turns (their turn moves to the back), and the catalog rows.
+    assert sent == ["UPDATE", "UPDATE", "INSERT", "UPDATE", "SELECT"]
     assert claim is not None
     assert (claim.job.id, claim.job.status, claim.job.worker_id) == (
         with_template,

@@ -8,14 +8,14 @@ import time
 from typing import Any
 
 import pytest
-from sqlalchemy import insert, update
+from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 from api.poll import poll
 from db.fast import AsyncReads
-from db.models import Generation, new_id
+from db.models import NEVER_STARTED, Generation, QueueTurn, new_id
 from db.types import utcnow
-from posegen import accounts, jobs
+from posegen import accounts, jobs, lifecycle
 from posegen.errors import NotFound, Unauthorized
 from posegen.jobs import queries
 from tests.posegen.conftest import job_row, make_job, tiny_model
@@ -66,14 +66,16 @@ def test_poll_matches_plain_reads(any_session: Session) -> None:
         for name, job_id in ids.items()
         if name != "theirs"
     }
+    # One user's jobs of one model are one turn, at the priority its latest job joined with
+    # (9), first in first out: the old low-priority job first (posegen.scheduler).
     assert positions == {
-        "old_high": 0, "new_high": 1, "old_low": 3, "running": None, "done": None, "failed": None
+        "old_low": 0, "old_high": 1, "new_high": 2, "running": None, "done": None, "failed": None
     }  # fmt: skip
     # The ETA: the poll reads the model's run-time history itself when nothing is cached
-    # (one completed job of 5 s; one job ahead of new_high, so two runs).
+    # (one completed job of 5 s; two jobs ahead of new_high, so three runs).
     queries._RUN_SECONDS.clear()
     eta = _poll(s, authorization=auth, job_id=ids["new_high"])["eta_seconds"]
-    assert eta == pytest.approx(10, abs=0.5)
+    assert eta == pytest.approx(15, abs=0.5)
     for name, job_id in ids.items():
         if name != "theirs":
             polled = _poll(s, authorization=auth, job_id=job_id)
@@ -124,6 +126,12 @@ def test_a_position_past_the_cap_reads_as_the_cap(any_session: Session) -> None:
         for i in range(cap + 2)
     ]
     s.execute(insert(Generation), rows)
+    s.add(  # their turn, as their submits would have kept it
+        QueueTurn(
+            user_id=user.id, model_id=model.id, priority=5, queued=len(rows),
+            waiting_since=rows[0]["created_at"], last_started_at=NEVER_STARTED,
+        )
+    )  # fmt: skip
     s.commit()
     auth = f"Bearer {key}"
 
@@ -140,12 +148,9 @@ def test_a_position_past_the_cap_reads_as_the_cap(any_session: Session) -> None:
         assert job is not None
         assert jobs.job_json(s, job)["queue_position"] == polled(i)[0]
 
-    # Ten jobs leave the queue: positions follow at once.
-    s.execute(
-        update(Generation)
-        .where(Generation.id.in_([r["id"] for r in rows[:10]]))
-        .values(status="processing")
-    )
+    # Ten jobs are claimed: positions follow at once.
+    for row in rows[:10]:
+        assert lifecycle.claim(s, job_id=row["id"], worker_id="w", lease_seconds=60)
     s.commit()
     assert polled(cap - 2) == (cap - 12, False)
     assert polled(cap + 1) == (cap - 9, False)

@@ -34,16 +34,16 @@ HOT = {
     "poll": (poll.POLL.statement, {"job_id": ANY_ID, "key_hash": "x"}, ("pk_generations",)),
     "queue position": (
         scheduler.POSITION,
-        {"user_id": ANY_ID, "priority": 5, "created_at": NOW},
-        ("ix_generations_turn", "ix_generations_queue"),
+        {"user_id": ANY_ID, "model_id": ANY_ID, "created_at": NOW},
+        ("ix_generations_turn",),
     ),
     "claim: next turn": (
-        scheduler._turn_order([ANY_ID], []),
+        scheduler.turn_order([ANY_ID], []),
         {},
         ("ix_queue_turns_next", "ix_queue_turns_model"),
     ),
     "claim: the turn's head": (
-        scheduler._TURN_HEAD,
+        scheduler.TURN_HEAD,
         {"turn_user": ANY_ID, "turn_model": ANY_ID, "now": NOW},
         ("ix_generations_turn",),
     ),
@@ -70,7 +70,11 @@ HOT = {
         ("ix_generations_user_created",),
     ),
     "stale queued": (reconciler.stale_queued(NOW, 1000, "tiny-sd15-openpose"), {}, QUEUE),
-    "queued by model": (reconciler.queued_by_model(), {}, (*QUEUE, "ix_generations_turn")),
+    "queued by model": (
+        reconciler.queued_by_model(),
+        {},
+        (*QUEUE, "ix_generations_turn"),
+    ),
     "expired leases": (reconciler.expired_leases(NOW, 1000), {}, ("ix_generations_active",)),
     "due webhooks": (webhooks.due_query(NOW, 500), {}, ("ix_webhook_deliveries_due",)),
 }
@@ -111,6 +115,15 @@ def _bulk_jobs(engine: Engine, n: int, *, status: str) -> str:
             ),
             {"user": user, "model": model, "status": status, "n": n},
         )
+        # Their turns, as submits keep them (the bulk insert goes around the submit).
+        c.execute(
+            text(
+                "INSERT INTO queue_turns (user_id, model_id, priority, queued, waiting_since,"
+                " last_started_at) SELECT user_id, model_id, 5, count(*), min(created_at),"
+                " '1970-01-01+00' FROM generations WHERE status = 'queued'"
+                " GROUP BY user_id, model_id"
+            )
+        )
         c.execute(text("ANALYZE generations"))
     return user
 
@@ -131,7 +144,8 @@ def test_counting_a_job_near_the_head_reads_only_the_head(db_engine: Engine) -> 
         fourth = c.execute(
             text("SELECT created_at FROM generations ORDER BY created_at OFFSET 3 LIMIT 1")
         ).scalar_one()
-        params = {"user_id": user, "priority": 5, "created_at": fourth}
+        model = c.execute(text("SELECT model_id FROM generations LIMIT 1")).scalar_one()
+        params = {"user_id": user, "model_id": model, "created_at": fourth}
         assert c.execute(scheduler.POSITION, params).scalar_one() == 3
         pages, plan = _pages_read(c, scheduler.POSITION, params)
     assert pages < 20, plan
@@ -153,3 +167,44 @@ def test_a_deep_page_of_the_list_starts_at_its_cursor(db_engine: Engine) -> None
         assert len(c.execute(statement).all()) == 9
         pages, plan = _pages_read(c, statement, {})
     assert pages < 40, plan
+
+
+def test_a_position_reads_its_own_users_jobs_not_another_users_backlog(
+    db_engine: Engine,
+) -> None:
+    """A light user's job behind a heavy user's 20,000: its position counts the heavy user's
+    jobs from their turn row, and its own older jobs from its own index entries."""
+    _bulk_jobs(db_engine, 20000, status="queued")
+    with Session(db_engine) as s:
+        light = accounts.create_user(s, email="light@example.com").id
+        s.commit()
+    with db_engine.begin() as c:
+        c.execute(
+            text(
+                "INSERT INTO generations (id, user_id, model_id, model_key, status, prompt,"
+                " negative_prompt, params, pose_source, input_key, credit_cost, priority,"
+                " progress_step, progress_total, outputs, attempts, created_at)"
+                " SELECT gen_random_uuid(), :user, model_id, model_key, 'queued', 'p', '', '{}',"
+                " 'image', 'inputs/x.png', 1, 5, 0, 0, '[]', 0, now() FROM generations LIMIT 1"
+            ),
+            {"user": light},
+        )
+        c.execute(
+            text(
+                "INSERT INTO queue_turns (user_id, model_id, priority, queued, waiting_since,"
+                " last_started_at) SELECT user_id, model_id, 5, 1, created_at, '1970-01-01+00'"
+                " FROM generations WHERE user_id = :user"
+            ),
+            {"user": light},
+        )
+        created = c.execute(
+            text("SELECT created_at FROM generations WHERE user_id = :u"), {"u": light}
+        ).scalar_one()
+    with db_engine.connect() as c:
+        model = c.execute(text("SELECT model_id FROM generations LIMIT 1")).scalar_one()
+        params = {"user_id": light, "model_id": model, "created_at": created}
+        # Neither user started a job, and the heavy user's turn waited first: one heavy job,
+        # then this one.
+        assert c.execute(scheduler.POSITION, params).scalar_one() == 1
+        pages, plan = _pages_read(c, scheduler.POSITION, params)
+    assert pages < 30, plan

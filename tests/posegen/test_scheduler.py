@@ -189,6 +189,15 @@ def test_turns_follow_every_transition_and_a_drifted_one_is_repaired(
     assert reconciler.reconcile(s, settings=SETTINGS).repaired == 1
     s.commit()
     assert counted() == 2 and scheduler.drifted(s) == []
+    # A turn missing altogether (jobs recorded past the scheduler) is made again, and its
+    # jobs are claimed.
+    s.delete(s.get_one(QueueTurn, (u, m)))
+    s.commit()
+    assert claim_all(s, [m]) == []
+    assert reconciler.reconcile(s, settings=SETTINGS).repaired == 1
+    s.commit()
+    assert counted() == 2
+    assert sorted(claim_all(s, [m])) == sorted([ids[2], ids[3]])
 
 
 @pytest.mark.parametrize("tier_limits", ["3", "free=3"])
@@ -196,3 +205,40 @@ def test_the_queue_limit_per_tier_parses(tier_limits: str) -> None:
     limits = Settings(max_queued_per_user=tier_limits).max_queued_per_user  # type: ignore[arg-type]
     assert limits["free"] == 3
     assert limits["pro"] == (3 if "=" not in tier_limits else 200)
+
+
+def test_a_claim_that_finds_the_turns_held_still_sees_the_job_waiting(
+    session: Session, sessions
+) -> None:
+    """Two claimers at once for one user's two jobs: the second skips the turn the first
+    holds and claims nothing, but `claimable` tells its worker to keep the job's message."""
+    s = session
+    u = user(s, "busy")
+    queue(s, u, 2)
+    queue(s, u, 1, key="tiny-sdxl-openpose", deadline_in_s=-1)
+    sd, xl = model(s).id, model(s, "tiny-sdxl-openpose").id
+    first = lifecycle.claim_next(
+        s, worker_id="a", models=[sd], lease_seconds=60, settings=SETTINGS
+    )  # uncommitted: the turn stays locked
+    assert first is not None
+    with sessions() as other:
+        assert (
+            lifecycle.claim_next(
+                other, worker_id="b", models=[sd], lease_seconds=60, settings=SETTINGS
+            )
+            is None
+        )
+        assert scheduler.claimable(other, model_id=sd)
+        # A model whose only queued job is past its deadline has nothing to keep a message for.
+        assert not scheduler.claimable(other, model_id=xl)
+        other.rollback()
+    s.rollback()
+
+
+def test_a_warm_model_does_not_jump_a_higher_priority(any_session: Session) -> None:
+    s = any_session
+    u, v = user(s, "warm-low"), user(s, "cold-high")
+    sd, xl = model(s).id, model(s, "tiny-sdxl-openpose").id
+    low = queue(s, u, 1, age_s=5, priority=1)
+    high = queue(s, v, 1, key="tiny-sdxl-openpose", age_s=1, priority=9)
+    assert claim_all(s, [sd, xl], warm=[sd]) == [*high, *low]

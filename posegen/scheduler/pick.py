@@ -1,0 +1,143 @@
+"""The pick: the next turn in the claim's order among the models a worker serves, the
+turn's oldest job, and the preference for models a worker holds loaded."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import bindparam, func, literal_column, or_, select
+from sqlalchemy.orm import Session
+
+from db.models import Generation, QueueTurn, status_is
+from db.types import utcnow
+from posegen.scheduler.tables import JOBS, TURNS, WAITING
+
+
+@dataclass(frozen=True)
+class Turn:
+    user_id: str
+    model_id: str
+
+
+def turn_order(models: Sequence[str], skip: Sequence[Turn]) -> Any:
+    statement = (
+        select(QueueTurn.user_id, QueueTurn.model_id)
+        .where(WAITING, QueueTurn.model_id.in_(list(models)))
+        .order_by(  # ix_queue_turns_next
+            QueueTurn.priority.desc(),
+            QueueTurn.last_started_at,
+            QueueTurn.waiting_since,
+        )
+        .limit(1)
+        .with_for_update(of=QueueTurn, skip_locked=True)
+    )
+    for turn in skip:
+        statement = statement.where(
+            or_(QueueTurn.user_id != turn.user_id, QueueTurn.model_id != turn.model_id)
+        )
+    return statement
+
+
+# A job past its deadline is not taken: the reconciler fails it (a claim holding the turn row
+# must not wait for the user's row, which the refund locks).
+TURN_HEAD = (
+    select(Generation.id)
+    .where(
+        status_is(Generation.status, "queued"),
+        Generation.user_id == bindparam("turn_user"),
+        Generation.model_id == bindparam("turn_model"),
+        or_(Generation.deadline_at.is_(None), Generation.deadline_at > bindparam("now")),
+    )
+    .order_by(Generation.created_at)
+    .limit(1)
+    .with_for_update(skip_locked=True)
+)
+
+
+def next_turn(session: Session, *, models: Sequence[str], skip: Sequence[Turn] = ()) -> Turn | None:
+    """The turn whose job runs next among these models (ids), locked until the caller's
+    transaction ends; None when none of them has a queued job free to take."""
+    if not models:
+        return None
+    row = session.execute(turn_order(models, skip)).first()
+    return None if row is None else Turn(user_id=str(row[0]), model_id=str(row[1]))
+
+
+def head_of(session: Session, turn: Turn) -> str | None:
+    """The oldest queued job of a turn, locked; None when it has none free (a concurrent
+    cancel holds it, the rest are past their deadline, or the count drifted)."""
+    params = {"turn_user": turn.user_id, "turn_model": turn.model_id, "now": utcnow()}
+    job_id = session.scalar(TURN_HEAD, params)
+    return None if job_id is None else str(job_id)
+
+
+def claimable(session: Session, *, model_id: str) -> bool:
+    """Whether a job of this model is queued and not past its deadline, locked or not: a
+    claim that found none free (another claimer held the turns) must not drop the message
+    that stands for it."""
+    job = (
+        select(literal_column("1"))
+        .select_from(JOBS)
+        .where(
+            status_is(Generation.status, "queued"),
+            Generation.user_id == QueueTurn.user_id,
+            Generation.model_id == QueueTurn.model_id,
+            or_(Generation.deadline_at.is_(None), Generation.deadline_at > utcnow()),
+        )
+        .correlate(TURNS)
+        .exists()
+    )
+    found = session.scalar(
+        select(literal_column("1"))
+        .select_from(TURNS)
+        .where(QueueTurn.model_id == model_id, WAITING, job)
+        .limit(1)
+    )
+    return found is not None
+
+
+def overdue(session: Session, *, models: Sequence[str], before: dt.datetime) -> bool:
+    """Whether a job of one of these models has waited since before `before`."""
+    if not models:
+        return False
+    found = session.scalar(
+        select(literal_column("1"))
+        .select_from(TURNS)
+        .where(
+            WAITING,
+            QueueTurn.model_id.in_(list(models)),
+            QueueTurn.waiting_since < before,
+        )
+        .limit(1)
+    )
+    return found is not None
+
+
+def top_priority(session: Session, *, models: Sequence[str]) -> int | None:
+    """The highest priority with a job queued among these models (None: none queued)."""
+    if not models:
+        return None
+    return session.scalar(
+        select(func.max(QueueTurn.priority)).where(WAITING, QueueTurn.model_id.in_(list(models)))
+    )
+
+
+def preferred(
+    session: Session, *, served: Sequence[str], warm: Sequence[str], overdue_before: dt.datetime
+) -> list[Sequence[str]]:
+    """The model sets to pick from, in turn: the warm ones first, when a job of theirs is of
+    the highest priority waiting and no cold model's job has waited since before
+    `overdue_before` (POSEGEN_AFFINITY_MAX_WAIT); then every served model."""
+    warm_served = [m for m in served if m in warm]
+    cold = [m for m in served if m not in warm]
+    if not warm_served or not cold:
+        return [served]
+    top_warm = top_priority(session, models=warm_served)
+    if top_warm is None or top_warm < (top_priority(session, models=cold) or 0):
+        return [served]
+    if overdue(session, models=cold, before=overdue_before):
+        return [served]
+    return [warm_served, served]
