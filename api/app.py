@@ -9,15 +9,18 @@ from contextlib import asynccontextmanager
 
 from anyio import to_thread
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors, poll
+from api.event_hub import EventHub
 from api.fleet import Fleet
-from api.routes import catalog, generations, health
+from api.routes import catalog, events, generations, health
 from db.fast import AsyncReads
 from db.models import Generation, status_is
 from db.session import make_engine, make_session_factory
+from posegen.events import event_log
 from posegen.logs import configure_logging
 from posegen.metrics import Metrics
 from posegen.queue import Dispatcher, make_producer
@@ -130,7 +133,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.async_reads = AsyncReads(settings.database_url, pool_size=settings.api_threads)
         await app.state.async_reads.start()
         app.state.storage = storage_from_settings(settings)
-        app.state.dispatcher = Dispatcher(make_producer(settings))
+        app.state.dispatcher = Dispatcher(make_producer(settings), events=event_log(settings))
+        app.state.event_hub = EventHub.for_settings(settings)
         app.state.metrics = Metrics()
         app.state.fleet = Fleet(app.state.dispatcher, app.state.sessions)
         app.state.metrics.watch_queue(
@@ -147,6 +151,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # status route's p99 roughly doubled under load (bench.api, side by side).
         gc.set_threshold(50_000, 20, 10)
         yield
+        await _close_events(app)
         await app.state.async_reads.close()
         db_engine.dispose()
 
@@ -159,13 +164,36 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.include_router(health.router)
     app.include_router(generations.router)
+    app.include_router(events.router)
     app.include_router(catalog.router)
     app.router.routes.insert(0, poll.ROUTE)  # matched first: see api/poll.py
 
     # Image + pose image + the form fields.
     app.add_middleware(Observe)
     app.add_middleware(BodyLimit, max_bytes=2 * settings.max_upload_bytes + 64 * 1024)
+    _allow_origins(app, settings)
     return app
+
+
+async def _close_events(app: FastAPI) -> None:
+    if app.state.event_hub is not None:
+        await app.state.event_hub.close()
+    if app.state.dispatcher.events is not None:
+        app.state.dispatcher.events.close()  # what is still queued goes out first
+
+
+def _allow_origins(app: FastAPI, settings: Settings) -> None:
+    """CORS for the browser origins in POSEGEN_CORS_ORIGINS (none: no CORS headers). Added
+    last, so outermost: a preflight is answered before the body limit or the metrics see it."""
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID"],
+            expose_headers=["Location", "Retry-After"],
+            max_age=600,
+        )
 
 
 def _active_counts(app: FastAPI) -> Iterable[tuple[str, str, int]]:

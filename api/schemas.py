@@ -21,6 +21,8 @@ class ErrorResponse(BaseModel):
 class Progress(BaseModel):
     step: int
     total: int
+    # With `preview=true`, while the job runs: GET it for the latest preview.
+    preview_url: str | None = None
 
 
 class Output(BaseModel):
@@ -28,6 +30,7 @@ class Output(BaseModel):
     url: str
     width: int
     height: int
+    content_type: Literal["image/png", "image/webp", "image/jpeg"]
 
 
 class Job(BaseModel):
@@ -47,6 +50,7 @@ class Job(BaseModel):
     outputs: list[Output]
     error: ErrorBody | None
     webhook_url: str | None
+    webhook_events: list[Literal["started", "progress", "completed"]]
     attempts: int
     created_at: str
     started_at: str | None

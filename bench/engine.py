@@ -4,8 +4,8 @@
 
 Reports medians (seconds) of: the engine's whole run (fit, skeleton from a template, pipeline
 from the cache, the call, PNG encode) and the bare pipeline call with the same prepared
-images; their ratio (goal <= 1.03); pose extraction ms per image for each backend; model load
-seconds cold vs cached. `--full` uses full-size SD1.5/SDXL configs with random weights (same
+images; their ratio (goal <= 1.03); what step previews add to a run (goal < 5 %); pose extraction ms
+per image for each backend; model load seconds cold vs cached. `--full` uses full-size SD1.5/SDXL configs with random weights (same
 compute as the real models) - for a GPU; on a CPU keep --size and --steps small.
 """
 
@@ -68,9 +68,9 @@ def main() -> None:
     import torch
 
     from posegen.images import fit
+    from posegen.skeleton import draw_skeleton
     from worker.engine.engine import Engine, EngineConfig, EngineJob
     from worker.engine.run import RunParams, run_pipeline
-    from worker.engine.skeleton import draw_skeleton
     from worker.engine.tiny import build_tiny
 
     model_dir = args.model_dir or Path(tempfile.mkdtemp(prefix="posegen-bench-"))
@@ -154,6 +154,53 @@ def main() -> None:
         bare_call()
         sync()
         bare_times.append(time.perf_counter() - started)
+
+    # What step previews cost a job (`preview=true`): the projection of the latents on the
+    # job's thread at the first step and then every POSEGEN_PREVIEW_INTERVAL seconds (the
+    # worker encodes and stores them on a thread of its own), and at every step (the most
+    # they can cost). Interleaved with runs without previews.
+    preview_times: dict[str, list[float]] = {"none": [], "default": [], "every_step": []}
+    previews_made = {"default": 0, "every_step": 0}
+
+    def counted(mode: str) -> Any:
+        def on_preview(step: int, image: Any) -> None:
+            previews_made[mode] += 1
+
+        return on_preview
+
+    for _ in range(args.repeats):
+        for mode, interval in (("none", None), ("default", 1.0), ("every_step", 0.0)):
+            started = time.perf_counter()
+            if interval is None:
+                engine.generate(job)
+            else:
+                engine.generate(job, on_preview=counted(mode), preview_interval=interval)
+            sync()
+            preview_times[mode].append(time.perf_counter() - started)
+    preview_medians = {k: statistics.median(v) for k, v in preview_times.items()}
+    # The projection alone, timed directly (the runs above include the machine's noise).
+    from worker.engine.preview import latents_to_image
+
+    latents = torch.randn((1, 4, args.size // 8, args.size // 8), device=engine.device)
+    projections = []
+    for _ in range(50):
+        started = time.perf_counter()
+        latents_to_image(latents, args.family)
+        projections.append(time.perf_counter() - started)
+    projection_s = statistics.median(projections)
+    preview_cost = {
+        "run_s_median": {k: round(v, 5) for k, v in preview_medians.items()},
+        "ratio_default_over_none": round(preview_medians["default"] / preview_medians["none"], 4),
+        "ratio_every_step_over_none": round(
+            preview_medians["every_step"] / preview_medians["none"], 4
+        ),
+        "previews_per_run": {k: v / args.repeats for k, v in previews_made.items()},
+        "projection_ms_median": round(projection_s * 1000, 3),
+        # What the projections of the default cadence take of a run without previews.
+        "projection_share_of_run_default": round(
+            projection_s * previews_made["default"] / args.repeats / preview_medians["none"], 5
+        ),
+    }
 
     # Where the engine's own time goes, phase by phase (medians, ms).
     from posegen.images import as_png
@@ -275,6 +322,7 @@ def main() -> None:
         "models_gib": round(engine.cache.used_bytes / 1024**3, 3),
         "gpu_run_peak_gib_by_mode": peak_gib or None,
         "pose_extraction_ms_median": pose_ms,
+        "preview_cost": preview_cost,
         "model_load_s": {
             "cold": round(cold, 3),
             "cached_median": round(statistics.median(cached_times), 6),

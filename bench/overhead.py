@@ -57,9 +57,9 @@ def bare_runner(model_dir: Path, torch_threads: int = 0) -> Any:
     Returns a function that runs it once and answers its seconds."""
     from PIL import Image
 
+    from posegen.skeleton import draw_skeleton
     from worker.engine.engine import Engine, EngineConfig, EngineJob
     from worker.engine.run import RunParams, run_pipeline
-    from worker.engine.skeleton import draw_skeleton
 
     stored = fitted_astronaut(SIZE, SIZE)
     params = RunParams(

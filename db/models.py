@@ -40,7 +40,7 @@ NAMING_CONVENTION = {
 TIERS = ("free", "basic", "pro", "enterprise")
 JOB_STATUSES = ("queued", "processing", "completed", "failed", "canceled")
 TERMINAL_STATUSES = ("completed", "failed", "canceled")
-DELIVERY_STATUSES = ("pending", "delivered", "failed")
+DELIVERY_STATUSES = ("pending", "delivered", "failed", "skipped")
 
 
 def status_is(column: Any, *values: str) -> ColumnElement[bool]:
@@ -234,6 +234,9 @@ class Generation(Base):
     credit_cost: Mapped[int] = mapped_column(Integer)
     priority: Mapped[int] = mapped_column(Integer, default=5)
     webhook_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The webhook events its owner chose, a comma list of `posegen.webhooks.CHOICES` in their
+    # order; NULL: "completed" (every terminal event).
+    webhook_events: Mapped[str | None] = mapped_column(String(64), nullable=True)
     progress_step: Mapped[int] = mapped_column(Integer, default=0)
     progress_total: Mapped[int] = mapped_column(Integer, default=0)
     outputs: Mapped[list[Any]] = mapped_column(JSON, default=list)
@@ -342,7 +345,9 @@ class WebhookDelivery(Base):
     __tablename__ = "webhook_deliveries"
     __table_args__ = (
         CheckConstraint(f"status IN {DELIVERY_STATUSES!r}", name="status_known"),
-        UniqueConstraint("generation_id", "event_type"),
+        # One delivery per job, event type and `seq`: a transition's event is recorded once
+        # however often its transition runs.
+        UniqueConstraint("generation_id", "event_type", "seq"),
         Index(
             "ix_webhook_deliveries_due",
             "next_attempt_at",
@@ -360,6 +365,8 @@ class WebhookDelivery(Base):
         Uuid(as_uuid=False), ForeignKey("users.id", ondelete="CASCADE")
     )
     event_type: Mapped[str] = mapped_column(String(64))
+    # 0, but for progress events: the step they report.
+    seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     url: Mapped[str] = mapped_column(Text)
     # The exact body, frozen at the event: every retry sends the same bytes.
     payload: Mapped[str] = mapped_column(Text)

@@ -9,7 +9,7 @@ from sqlalchemy import bindparam, or_, select
 from sqlalchemy.orm import Session
 
 from db.models import AiModel, PoseTemplate
-from posegen.errors import InvalidRequest
+from posegen.errors import InvalidRequest, NotFound
 
 COCO18_NAMES = (
     "nose", "neck", "right_shoulder", "right_elbow", "right_wrist", "left_shoulder",
@@ -77,6 +77,15 @@ def submit_choices(
             f"Unknown pose_template_id {template_ref!r}; GET /v1/pose-templates lists them."
         )
     return model, template
+
+
+def pose_template(session: Session, ref: str) -> PoseTemplate:
+    """A pose template by its id or key."""
+    where = PoseTemplate.id == ref if is_uuid(ref) else PoseTemplate.key == ref
+    template = session.scalar(select(PoseTemplate).where(where))
+    if template is None:
+        raise NotFound(f"No pose template {ref!r}; GET /v1/pose-templates lists them.")
+    return template
 
 
 def pose_templates(session: Session) -> Sequence[PoseTemplate]:

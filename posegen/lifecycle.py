@@ -18,7 +18,8 @@ from sqlalchemy.orm import Session
 
 from db.models import AiModel, Generation, PoseTemplate
 from db.types import utcnow
-from posegen import credits, scheduler, webhooks
+from posegen import credits, scheduler
+from posegen.announce import announce
 from posegen.queue import defer, generate_message
 from posegen.settings import Settings
 
@@ -149,6 +150,7 @@ def claim(session: Session, *, job_id: str, worker_id: str, lease_seconds: float
     if job is None:
         return None
     scheduler.left(session, user_id=job.user_id, model_id=job.model_id, started=now)
+    announce(session, job, "started")
     family, base_model, controlnet_model, keypoints = session.execute(
         _CATALOG, {"template_id": job.pose_template_id, "model_id": job.model_id}
     ).one()
@@ -198,7 +200,7 @@ def complete(
     ).one_or_none()
     if job is None:
         return None
-    webhooks.record_event(session, job=job, event_type="generation.completed")
+    announce(session, job, "completed")
     return job
 
 
@@ -227,7 +229,7 @@ def fail(
         # The refund is guarded by the ledger's unique key, and the event by the deliveries'
         # unique key: running this path twice changes nothing the second time.
         credits.refund(session, generation_id=job.id)
-        webhooks.record_event(session, job=job, event_type="generation.failed")
+        announce(session, job, "failed")
     if turn is not None:
         scheduler.left(session, user_id=turn[0], model_id=turn[1])
     return job if changed else None
@@ -260,7 +262,7 @@ def cancel(session: Session, *, job_id: str) -> Generation | None:
     if not changed:
         return None
     credits.refund(session, generation_id=job.id)
-    webhooks.record_event(session, job=job, event_type="generation.canceled")
+    announce(session, job, "canceled")
     if turn is not None:
         scheduler.left(session, user_id=turn[0], model_id=turn[1])
     return job
@@ -303,4 +305,5 @@ def _queued_again(
             since=job.created_at,
         )  # fmt: skip
         defer(session, generate_message(job, settings))
+        announce(session, job, "queued")
     return job

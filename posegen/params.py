@@ -9,10 +9,12 @@ stored with the job, its shape in the job's answer, and what the engine runs (th
 from __future__ import annotations
 
 import secrets
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_SEED = 2**32 - 1
+OutputFormat = Literal["png", "webp", "jpeg"]
 
 
 class GenerationParams(BaseModel):
@@ -41,6 +43,13 @@ class GenerationParams(BaseModel):
     seed: int | None = Field(
         None, ge=0, le=MAX_SEED, description="The noise's seed; a random one when left out."
     )
+    output_format: OutputFormat = Field("png", description="The outputs' image format.")
+    output_quality: int = Field(
+        90, ge=1, le=100, description="WebP and JPEG quality (PNG is lossless)."
+    )
+    preview: bool = Field(
+        False, description="Store a preview of the image while it runs (progress.preview_url)."
+    )
 
     def resolve(self, *, steps: int, guidance_scale: float, width: int, height: int) -> Params:
         """Every parameter set: the caller's, else the model's (`steps`, `guidance_scale`), a
@@ -68,3 +77,7 @@ class Params(BaseModel):
     seed: int
     width: int
     height: int
+    # Defaults for the jobs stored before these existed.
+    output_format: OutputFormat = "png"
+    output_quality: int = 90
+    preview: bool = False

@@ -21,6 +21,7 @@ from celery import Celery
 from kombu.entity import Queue
 from sqlalchemy.orm import Session
 
+from posegen.events import EventLog, recorded
 from posegen.settings import Settings
 
 if TYPE_CHECKING:
@@ -197,6 +198,7 @@ def defer(session: Session, message: Message) -> None:
 
 def drop_outbox(session: Session) -> None:
     session.info.pop("outbox", None)
+    recorded(session)  # the job events of the transaction, dropped with it
 
 
 def discard(session: Session) -> None:
@@ -223,10 +225,14 @@ def unit_of_work(session: Session, dispatcher: Dispatcher) -> Iterator[Session]:
 class Dispatcher:
     """Sends what the domain deferred, once the boundary has committed."""
 
-    def __init__(self, celery: Celery | Callable[[], Celery]) -> None:
+    def __init__(
+        self, celery: Celery | Callable[[], Celery], *, events: EventLog | None = None
+    ) -> None:
         # A factory is called on first use: a CLI command that defers nothing never builds a
         # producer (which, on the embedded broker, creates its folders).
         self._celery = celery
+        # Where the jobs' live events go once their transaction commits (None: nowhere).
+        self.events = events
 
     @cached_property
     def celery(self) -> Celery:
@@ -272,6 +278,9 @@ class Dispatcher:
         return {queue: sorted(workers) for queue, workers in serving.items()}
 
     def flush(self, session: Session) -> int:
+        events = recorded(session)
+        if self.events is not None:
+            self.events.publish(events)
         messages: list[Message] = session.info.pop("outbox", [])
         sent = 0
         for message in messages:

@@ -22,8 +22,8 @@ POSITION_CAP = 1000
 RENDERED_COLUMNS = (
     "id", "status", "model_key", "prompt", "negative_prompt", "params", "pose_source",
     "pose_template_id", "credit_cost", "progress_step", "progress_total", "outputs",
-    "error_code", "error_message", "webhook_url", "attempts", "created_at", "started_at",
-    "finished_at", "deleted_at",
+    "error_code", "error_message", "webhook_url", "webhook_events", "attempts", "created_at",
+    "started_at", "finished_at", "deleted_at",
 )  # fmt: skip
 
 # What a job is rendered from: the ORM object, or the poll's plain row of the same columns.
@@ -43,7 +43,7 @@ def render_job(
         "pose_source": job.pose_source,
         "pose_template_id": job.pose_template_id,
         "credit_cost": job.credit_cost,
-        "progress": {"step": job.progress_step, "total": job.progress_total},
+        "progress": _progress(job),
         "queue_position": queue_position,
         # True when the job has POSITION_CAP or more jobs ahead (the position is a lower bound).
         "queue_position_capped": queue_position is not None and queue_position >= POSITION_CAP,
@@ -54,6 +54,7 @@ def render_job(
                 "url": f"/v1/generations/{job.id}/outputs/{out['index']}",
                 "width": out["width"],
                 "height": out["height"],
+                "content_type": out.get("content_type", "image/png"),
             }
             # A deleted job's output keys stay in the row until its files are gone.
             for out in ([] if job.deleted_at else job.outputs)
@@ -62,12 +63,26 @@ def render_job(
             {"code": job.error_code, "message": job.error_message} if job.error_code else None
         ),
         "webhook_url": job.webhook_url,
+        # posegen.webhooks.choices, spelled here: the webhooks import this module.
+        "webhook_events": (job.webhook_events or "completed").split(","),
         "attempts": job.attempts,
         "created_at": _iso(job.created_at),
         "started_at": _iso(job.started_at),
         "finished_at": _iso(job.finished_at),
         "deleted_at": _iso(job.deleted_at),
     }
+
+
+def preview_url(job_id: str) -> str:
+    return f"/v1/generations/{job_id}/preview"
+
+
+def _progress(job: JobLike) -> dict[str, Any]:
+    progress: dict[str, Any] = {"step": job.progress_step, "total": job.progress_total}
+    # Previews are written from the first step on, and removed when the job ends.
+    if job.status == "processing" and job.progress_step and job.params.get("preview"):
+        progress["preview_url"] = preview_url(job.id)
+    return progress
 
 
 def _iso(value: dt.datetime | None) -> str | None:

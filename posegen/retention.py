@@ -1,9 +1,12 @@
 """What is kept of a job, and for how long: its inputs until it ends, its outputs until deleted.
 
-A job's files live in storage: `inputs/<id>/...` (the photos, uploaded at submit) and
-`outputs/<id>/...` (written by the worker). The job's row says which of them may still exist:
-- a job that ended (completed, failed, canceled) keeps no inputs; a queued or processing one
-  keeps them, since a job interrupted by a lost worker runs again from them;
+A job's files live in storage: `inputs/<id>/...` (the photos, uploaded at submit),
+`outputs/<id>/...` (written by the worker), `poses/<id>.png` (the skeleton the worker drew,
+kept as long as the outputs) and, with `preview=true`, `previews/<id>.png` (the latest step
+preview). The job's row says which of
+them may still exist:
+- a job that ended (completed, failed, canceled) keeps no inputs and no preview; a queued or
+  processing one keeps them, since a job interrupted by a lost worker runs again from them;
 - a deleted job (`DELETE /v1/generations/{id}`, or outputs older than
   POSEGEN_OUTPUT_RETENTION_DAYS) keeps no outputs either. It stays listed, with `deleted_at`
   and no outputs; its ledger entries and the rest of the row stay.
@@ -32,6 +35,7 @@ from posegen import jobs
 from posegen.errors import AlreadyFinished
 from posegen.settings import Settings
 from posegen.storage import Storage
+from posegen.storage.keys import pose_key, preview_key
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +81,7 @@ def purge(session: Session, *, storage: Storage, job_id: str) -> bool:
             Generation.input_key,
             Generation.pose_image_key,
             Generation.outputs,
+            Generation.params,
         )
         .where(Generation.id == job_id)
         .with_for_update(skip_locked=True)
@@ -84,8 +89,10 @@ def purge(session: Session, *, storage: Storage, job_id: str) -> bool:
     if row is None or row.status not in TERMINAL_STATUSES or row.purged_at is not None:
         return False
     keys = [row.input_key, row.pose_image_key]
+    if row.params.get("preview"):
+        keys.append(preview_key(job_id))
     if row.deleted_at is not None:
-        keys += [out["key"] for out in row.outputs]
+        keys += [out["key"] for out in row.outputs] + [pose_key(job_id)]
     for key in keys:
         if key:
             storage.delete(key)

@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     # runs. "auto": where the model leaves the CPU time for it (on a GPU, or on CPU threads that
     # leave a core free); on a CPU whose every core runs the model it would only take from it.
     record_behind: Literal["auto", "on", "off"] = "auto"
+    # A job with `preview=true` stores a preview at its first step, then at most this often.
+    preview_interval: float = Field(default=1.0, ge=0)
 
     # -- API limits ---------------------------------------------------------------------------
     # Requests one API process works on at once (its thread pool), and the database
@@ -59,6 +61,11 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(default=40_000_000, ge=1)
     rate_limit_per_minute: Annotated[dict[str, int], NoDecode] = Field(default=DEFAULT_RATE_LIMITS)
     list_limit_max: int = 100
+    # Seconds between the `: keep-alive` comments of an idle event stream (proxies close
+    # connections that say nothing for a while).
+    stream_keepalive_seconds: float = Field(default=15.0, gt=0, le=3600)
+    # Browser origins allowed to call the API (CORS); empty: no CORS headers at all.
+    cors_origins: Annotated[list[str], NoDecode] = Field(default=[])
 
     # -- scheduling (posegen.scheduler) ------------------------------------------------------
     # Queued jobs a user may have at once, per tier (0: unlimited): beyond, 429 queue_full.
@@ -78,6 +85,13 @@ class Settings(BaseSettings):
     )
     webhook_timeout: float = 10.0
     webhook_sweep_interval: float = 5.0
+    # At most one `generation.progress` webhook per job this often (seconds).
+    webhook_progress_interval: float = Field(default=2.0, gt=0)
+    # Deliveries in flight at once to one endpoint (scheme, host, port), per worker process.
+    webhook_endpoint_concurrency: int = Field(default=4, ge=1, le=100)
+    # Failed attempts in a row that pause an endpoint (its circuit opens) for the retry
+    # schedule's next step.
+    webhook_circuit_failures: int = Field(default=5, ge=1)
 
     # -- reliability --------------------------------------------------------------------------
     reconcile_interval: float = 30.0
@@ -107,6 +121,13 @@ class Settings(BaseSettings):
     def _parse_schedule(cls, value: object) -> object:
         if isinstance(value, str):
             return [float(part) for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _parse_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip().rstrip("/") for part in value.split(",") if part.strip()]
         return value
 
     @field_validator("output_retention_days", mode="before")

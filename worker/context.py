@@ -17,9 +17,13 @@ from typing import TYPE_CHECKING
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.session import make_engine, make_session_factory
+from posegen.events import event_log
+from posegen.metrics import job_metrics
 from posegen.queue import Dispatcher, make_producer, unit_of_work
 from posegen.settings import Settings, get_settings
 from posegen.storage import Storage, storage_from_settings
+from posegen.webhook_sender import Sender
+from posegen.webhooks import Attempt
 from worker.finisher import Finisher
 
 if TYPE_CHECKING:
@@ -61,6 +65,18 @@ class WorkerContext:
                 process_index=getattr(current_process(), "index", 0) or 0,
             )
         )
+
+    @cached_property
+    def webhook_sender(self) -> Sender:
+        """Sends the webhooks this process is handed (made on first use, in its process)."""
+        metrics = job_metrics()
+
+        def count(attempt: Attempt) -> None:
+            failed = "http_error" if attempt.status_code else "error"
+            outcome = "success" if attempt.ok else failed
+            metrics.webhook_attempts.labels(outcome).inc()
+
+        return Sender(unit_of_work=self.session, settings=self.settings, on_attempt=count)
 
     @cached_property
     def finisher(self) -> Finisher:
@@ -124,7 +140,7 @@ def context() -> WorkerContext:
             settings=settings,
             sessions=make_session_factory(engine),
             storage=storage_from_settings(settings),
-            dispatcher=Dispatcher(make_producer(settings)),
+            dispatcher=Dispatcher(make_producer(settings), events=event_log(settings)),
         )
         _context_pid = os.getpid()
     return _context

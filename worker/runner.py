@@ -21,15 +21,19 @@ from typing import TYPE_CHECKING, TypeVar
 
 from celery.exceptions import SoftTimeLimitExceeded
 from kombu.utils.functional import retry_over_time
+from sqlalchemy.orm import Session
 
 from db.models import Generation
-from posegen import lifecycle, retention, scheduler
+from posegen import announce, events, lifecycle, retention, scheduler
 from posegen.catalog import served_models
 from posegen.errors import JobError, StorageUnavailable
+from posegen.images import OUTPUT_FORMATS, encode
 from posegen.metrics import job_metrics
 from posegen.queue import defer, ready_message, time_limits
+from posegen.render import preview_url
 from worker.context import WorkerContext
 from worker.finisher import Finisher
+from worker.job_images import JobImages
 
 if TYPE_CHECKING:
     from worker.engine.engine import EngineJob, EngineResult
@@ -44,12 +48,15 @@ class Heartbeat:
 
     ctx: WorkerContext
     job_id: str
+    job: Generation | None = None  # as claimed: what its progress events show
+    preview_url: str | None = None  # set once a preview is stored
 
     def __post_init__(self) -> None:
         self._stop_at = float("inf")
         self._deadline = False
         self._step: tuple[int, int] | None = None
         self._written: tuple[int, int] | None = None
+        self._hooked_at = -float("inf")  # when a progress webhook was last recorded
         self._lost = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -65,6 +72,10 @@ class Heartbeat:
 
     def progress(self, step: int, total: int) -> None:
         self._step = (step, total)
+        sink = self.ctx.dispatcher.events
+        if sink is not None and self.job is not None:
+            extra = {"preview_url": self.preview_url} if self.preview_url and step else {}
+            sink.publish([events.progress(self.job, step=step, total=total, **extra)])
 
     def stop_at(self, when: float, *, deadline: bool) -> None:
         """Stop the job between steps at this time (time.time()): its time limit, or its
@@ -83,6 +94,14 @@ class Heartbeat:
             return None
         return "deadline_exceeded" if self._deadline else "timeout"
 
+    def _progress_webhook(self, session: Session, step: tuple[int, int]) -> None:
+        """At most one per POSEGEN_WEBHOOK_PROGRESS_INTERVAL, with the progress written."""
+        now = time.monotonic()
+        if self.job is None or now - self._hooked_at < self.ctx.settings.webhook_progress_interval:
+            return
+        self._hooked_at = now
+        announce.progress_webhook(session, self.job, step=step[0], total=step[1])
+
     def _loop(self) -> None:
         interval = self.ctx.settings.heartbeat_seconds
         while not self._stop.wait(interval):
@@ -100,6 +119,8 @@ class Heartbeat:
                     step=step[0] if step and step != self._written else None,
                     total=step[1] if step and step != self._written else None,
                 )
+                if ours and step and step[0] and step != self._written:
+                    self._progress_webhook(session, step)
         except Exception:
             log.warning("heartbeat failed", extra={"job_id": self.job_id}, exc_info=True)
             return
@@ -126,16 +147,14 @@ def run_job(ctx: WorkerContext, claim: lifecycle.Claim, *, behind: Finisher | No
 
     job: Generation = claim.job
     job_id = job.id
-    heartbeat = Heartbeat(ctx, job_id)
+    heartbeat = Heartbeat(ctx, job_id, job)
     when, is_deadline = _stop_at(ctx, job)
     heartbeat.stop_at(when, deadline=is_deadline)
     heartbeat.start()
     result: EngineResult | None = None
     try:
         engine_job = _engine_job(ctx, claim)
-        result = ctx.engine.generate(
-            engine_job, on_step=heartbeat.progress, should_cancel=heartbeat.canceled
-        )
+        result = _generate(ctx, engine_job, job, heartbeat)
         ctx.held(job.model_key, ctx.engine.cache_keys(engine_job))
     except Canceled:
         return _stopped(ctx, job_id, heartbeat.out_of_time())
@@ -251,15 +270,43 @@ def _engine_job(ctx: WorkerContext, claim: lifecycle.Claim) -> EngineJob:
     )
 
 
+def _generate(
+    ctx: WorkerContext, engine_job: EngineJob, job: Generation, heartbeat: Heartbeat
+) -> EngineResult:
+    """The engine's run, its steps and cancel through the heartbeat; the skeleton it draws
+    and its step previews stored on a thread of their own (the progress events link the
+    latest preview once one is stored), all written before this returns."""
+
+    def stored() -> None:
+        heartbeat.preview_url = preview_url(job.id)
+
+    images = JobImages(ctx.storage, job.id, on_preview=stored)
+    try:
+        return ctx.engine.generate(
+            engine_job,
+            on_step=heartbeat.progress,
+            should_cancel=heartbeat.canceled,
+            on_pose=images.pose,
+            on_preview=images.preview if job.params.get("preview") else None,
+            preview_interval=ctx.settings.preview_interval,
+        )
+    finally:
+        images.close()
+
+
 def _read(ctx: WorkerContext, job_id: str, key: str) -> bytes:
     return _patiently(ctx, job_id, lambda: ctx.storage.get(key))
 
 
 def _record(ctx: WorkerContext, job: Generation, result: EngineResult, *, steps: int) -> str:
     """Store the output and complete the job (or drop the output: no longer ours)."""
-    key = f"outputs/{job.id}/0.png"
+    output = {"index": 0, "width": result.width, "height": result.height}
+    fmt, quality = job.params.get("output_format", "png"), job.params.get("output_quality", 90)
+    _, suffix, content_type = OUTPUT_FORMATS[fmt]
+    key = f"outputs/{job.id}/0.{suffix}"
+    data = result.png if fmt == "png" else encode(result.image, fmt=fmt, quality=quality)
     try:
-        _patiently(ctx, job.id, lambda: ctx.storage.put(key, result.png))
+        _patiently(ctx, job.id, lambda: ctx.storage.put(key, data, content_type=content_type))
     except StorageUnavailable as exc:  # the image goes with this attempt; the job runs again
         return _hand_back(ctx, job.id, attempt=job.attempts, error=exc)
     with ctx.session() as session:
@@ -267,7 +314,7 @@ def _record(ctx: WorkerContext, job: Generation, result: EngineResult, *, steps:
             session,
             job_id=job.id,
             worker_id=ctx.worker_id,
-            outputs=[{"index": 0, "key": key, "width": result.width, "height": result.height}],
+            outputs=[dict(output, key=key, content_type=content_type)],
             steps=steps,
         )
     if done is None:  # canceled (or lease lost) just before the end: the output is not ours

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 
 from celery import Celery
-from celery.exceptions import SoftTimeLimitExceeded
 
 from posegen import reconciler, retention, webhooks
 from posegen.metrics import job_metrics
@@ -44,31 +42,10 @@ def register(app: Celery) -> None:
 
     @app.task(name=DELIVER_WEBHOOK_TASK)
     def deliver_webhook(delivery_id: str) -> str:
-        ctx = context()
-        with ctx.session() as session:
-            if not webhooks.claim_delivery(session, delivery_id=delivery_id, settings=ctx.settings):
-                return "not due"
-        started = time.monotonic()
-        try:
-            with ctx.session() as session:
-                message = webhooks.outgoing(session, delivery_id=delivery_id)
-            # The HTTP call happens outside any transaction.
-            attempt = webhooks.post_signed(message, settings=ctx.settings)
-        except SoftTimeLimitExceeded:
-            raise
-        except Exception as exc:
-            # The task's last resort: an attempt that raised is a failed attempt like any
-            # other, recorded and retried on the schedule; unrecorded, the sweep would send
-            # it again forever (the claim only holds it for a while).
-            log.exception("webhook attempt raised", extra={"delivery_id": delivery_id})
-            attempt = webhooks.Attempt.raised(exc, started=started)
-        outcome = "success" if attempt.ok else ("http_error" if attempt.status_code else "error")
-        job_metrics().webhook_attempts.labels(outcome).inc()
-        with ctx.session() as session:
-            webhooks.record_attempt(
-                session, delivery_id=delivery_id, attempt=attempt, settings=ctx.settings
-            )
-        return "delivered" if attempt.ok else f"attempt failed: {attempt.error}"
+        # Handed to this process's sender, which has many in flight at once (one slow
+        # endpoint holds none of the worker's slots): posegen.webhook_sender.
+        context().webhook_sender.submit(delivery_id)
+        return "handed to the sender"
 
     @app.task(name=SWEEP_WEBHOOKS_TASK)
     def sweep_webhooks() -> int:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query, Response
 
 from api.deps import CurrentUser, KeyFirstRoute, ReadSessionDep
 from api.schemas import ErrorResponse, Me, ModelList, PoseTemplateList
 from posegen import catalog
 from posegen.seeding import MODEL_FIELDS
+from posegen.skeleton import skeleton_png
 
 router = APIRouter(
     prefix="/v1",
@@ -43,6 +44,28 @@ def list_pose_templates(_: CurrentUser, session: ReadSessionDep) -> dict[str, An
             for t in catalog.pose_templates(session)
         ]
     }
+
+
+@router.get(
+    "/pose-templates/{template_id}/image",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorResponse}},
+)
+def pose_template_image(
+    template_id: str,
+    _: CurrentUser,
+    session: ReadSessionDep,
+    width: Annotated[int, Query(ge=64, le=2048)] = 512,
+    height: Annotated[int, Query(ge=64, le=2048)] = 512,
+) -> Response:
+    """The template (by id or key) drawn as the OpenPose skeleton a job conditions on."""
+    template = catalog.pose_template(session, template_id)
+    keypoints = [tuple(k) if k else None for k in template.keypoints]
+    return Response(
+        skeleton_png(keypoints, width=width, height=height),
+        media_type="image/png",
+        headers={"Cache-Control": "private, max-age=3600"},
+    )
 
 
 @router.get("/me", response_model=Me)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Header, Query, Request, Response, UploadFile
@@ -22,9 +23,12 @@ from posegen import jobs, retention
 from posegen.errors import NotFound, PayloadTooLarge
 from posegen.params import GenerationParams
 from posegen.settings import Settings
+from posegen.storage import Storage
+from posegen.storage.keys import pose_key, preview_key
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/generations", tags=["generations"], route_class=KeyFirstRoute)
+WEBHOOK_EVENTS = "Comma list of started, progress, completed (every terminal event)."
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (401, 402, 403, 404, 409, 413, 415, 422, 429, 503)
 }
@@ -65,6 +69,7 @@ def submit_generation(
     pose_template_id: Annotated[str | None, Form(max_length=100)] = None,
     pose_image: Annotated[UploadFile | None, File()] = None,
     webhook_url: Annotated[str | None, Form(max_length=2048)] = None,
+    webhook_events: Annotated[str | None, Form(max_length=64, description=WEBHOOK_EVENTS)] = None,
     deadline_seconds: Annotated[
         int | None,
         Form(
@@ -85,6 +90,7 @@ def submit_generation(
         pose_image=_read(pose_image, settings, "pose_image"),
         params=params,
         webhook_url=webhook_url or None,
+        webhook_events=webhook_events or None,
         deadline_seconds=deadline_seconds,
     )
     submitted = jobs.submit(
@@ -97,7 +103,7 @@ def submit_generation(
     )
     # The answer (queue position included) is read inside the job's transaction: after the
     # commit it would take a transaction of its own, two more round trips (BEGIN, ROLLBACK).
-    answer = jobs.job_json(session, submitted.job)
+    answer = submitted.answer or jobs.job_json(session, submitted.job)
     dispatcher.commit(session)
     log.info(
         "job submitted" if submitted.created else "job replayed (idempotency key)",
@@ -167,7 +173,10 @@ def delete_generation(
 @router.get(
     "/{job_id}/outputs/{index}",
     responses={
-        200: {"content": {"image/png": {}}, "description": "The image (local storage)."},
+        200: {
+            "content": {"image/png": {}, "image/webp": {}, "image/jpeg": {}},
+            "description": "The image, in the job's output_format (local storage).",
+        },
         307: {"description": "Redirect to a presigned URL (S3 storage)."},
         **ERRORS,
     },
@@ -176,11 +185,65 @@ def delete_generation(
 def get_output(
     job_id: str, index: int, user: CurrentUser, session: ReadSessionDep, storage: StorageDep
 ) -> Response:
-    key = jobs.output_key(session, job_id=job_id, index=index, user=user)
+    key, content_type = jobs.output_key(session, job_id=job_id, index=index, user=user)
+    return stored_file(
+        storage, key, content_type=content_type, filename=f"{job_id}-{index}{Path(key).suffix}"
+    )
+
+
+@router.get(
+    "/{job_id}/pose",
+    responses={
+        200: {"content": {"image/png": {}}, "description": "The skeleton (local storage)."},
+        307: {"description": "Redirect to a presigned URL (S3 storage)."},
+        **ERRORS,
+    },
+    response_class=Response,
+)
+def get_pose(
+    job_id: str, user: CurrentUser, session: ReadSessionDep, storage: StorageDep
+) -> Response:
+    """The OpenPose skeleton the job was conditioned on (PNG), once its worker drew it."""
+    job = jobs.get_for_user(session, job_id=job_id, user=user)
+    if job.started_at is None or job.deleted_at is not None:
+        state = "deleted" if job.deleted_at else "not started yet"
+        raise NotFound(f"Generation {job_id} has no pose image: it is {state}.")
+    return stored_file(
+        storage, pose_key(job.id), content_type="image/png", filename=f"{job.id}-pose.png"
+    )
+
+
+@router.get(
+    "/{job_id}/preview",
+    responses={
+        200: {"content": {"image/png": {}}, "description": "The preview (local storage)."},
+        307: {"description": "Redirect to a presigned URL (S3 storage)."},
+        **ERRORS,
+    },
+    response_class=Response,
+)
+def get_preview(
+    job_id: str, user: CurrentUser, session: ReadSessionDep, storage: StorageDep
+) -> Response:
+    """The latest step preview of a job submitted with `preview=true`, while it runs."""
+    job = jobs.get_for_user(session, job_id=job_id, user=user)
+    if not job.params.get("preview"):
+        raise NotFound(f"Generation {job_id} was not submitted with preview=true.")
+    if job.status != "processing":
+        raise NotFound(f"Generation {job_id} is {job.status}: previews exist while it runs.")
+    response = stored_file(
+        storage, preview_key(job.id), content_type="image/png", filename=f"{job.id}-preview.png"
+    )
+    response.headers["Cache-Control"] = "no-store"  # overwritten at each preview
+    return response
+
+
+def stored_file(storage: Storage, key: str, *, content_type: str, filename: str) -> Response:
+    """A stored image: its bytes from local storage, or a redirect to a presigned URL."""
     url = storage.presigned_url(key)
     if url is not None:
         return RedirectResponse(url, status_code=307)
     path = storage.local_path(key)
     if path is None or not path.is_file():
-        raise NotFound(f"Output {index} of generation {job_id} is missing from storage.")
-    return FileResponse(path, media_type="image/png", filename=f"{job_id}-{index}.png")
+        raise NotFound(f"{filename} is missing from storage.")
+    return FileResponse(path, media_type=content_type, filename=filename)

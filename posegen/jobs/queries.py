@@ -38,11 +38,12 @@ def get_for_user(session: Session, *, job_id: str, user: User) -> Generation:
     return job
 
 
-def output_key(session: Session, *, job_id: str, index: int, user: User) -> str:
+def output_key(session: Session, *, job_id: str, index: int, user: User) -> tuple[str, str]:
+    """The storage key of the caller's output and its content type."""
     job = get_for_user(session, job_id=job_id, user=user)
     for out in [] if job.deleted_at else job.outputs:
         if out["index"] == index:
-            return str(out["key"])
+            return str(out["key"]), str(out.get("content_type", "image/png"))
     raise NotFound(f"Generation {job_id} has no output {index}.")
 
 

@@ -8,9 +8,15 @@ from dataclasses import asdict, dataclass, field
 
 from posegen.errors import InvalidRequest
 from posegen.params import GenerationParams
+from posegen.webhooks import parse_choices
 
 MAX_PROMPT_CHARS = 1000
 MAX_DEADLINE_SECONDS = 86_400
+# Fields added since idempotency keys were first stored, with their defaults.
+ADDED_DEFAULTS: dict[str, object] = {
+    "deadline_seconds": None, "webhook_events": None, "output_format": "png",
+    "output_quality": 90, "preview": False,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -26,6 +32,7 @@ class GenerationRequest:
     pose_image: bytes | None = None
     params: GenerationParams = field(default_factory=GenerationParams)
     webhook_url: str | None = None
+    webhook_events: str | None = None  # a comma list of posegen.webhooks.CHOICES
     # Not completed this many seconds after submit: failed with `deadline_exceeded`.
     deadline_seconds: int | None = None
 
@@ -44,6 +51,9 @@ class GenerationRequest:
             raise InvalidRequest(f"deadline_seconds must be 1 to {MAX_DEADLINE_SECONDS}.")
         if self.pose_template_id and self.pose_image is not None:
             raise InvalidRequest("Send at most one of pose_template_id and pose_image.")
+        if self.webhook_events and not self.webhook_url:
+            raise InvalidRequest("webhook_events needs a webhook_url.")
+        parse_choices(self.webhook_events)
 
     def fingerprint(self) -> str:
         """A digest of everything that defines the request (images by their hash)."""
@@ -51,8 +61,11 @@ class GenerationRequest:
         # their own: the digests of stored idempotency keys stay valid.
         fields = {**asdict(self), **self.params.model_dump()}
         del fields["params"]
-        if fields["deadline_seconds"] is None:  # as before the field existed: keys stay valid
-            del fields["deadline_seconds"]
+        # Fields added since, left at their defaults, are left out too: the digest of a
+        # request that does not use them is what it was before they existed.
+        for name, default in ADDED_DEFAULTS.items():
+            if fields[name] == default:
+                del fields[name]
         for name in ("image", "pose_image"):
             raw = fields[name]
             fields[name] = hashlib.sha256(raw).hexdigest() if raw is not None else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import delete, event, select
 from sqlalchemy.exc import IntegrityError
@@ -12,7 +13,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 
 from db.models import AiModel, Generation, IdempotencyKey, PoseTemplate, User, new_id
 from db.types import utcnow
-from posegen import catalog, credits, lifecycle, scheduler, webhooks
+from posegen import catalog, credits, events, lifecycle, scheduler, webhooks
 from posegen.accounts import tier_rank
 from posegen.errors import (
     AlreadyFinished,
@@ -23,12 +24,13 @@ from posegen.errors import (
     TierRequired,
 )
 from posegen.images import CheckedImage, check_upload
-from posegen.jobs.queries import get_for_user, recent_run_seconds
+from posegen.jobs.queries import get_for_user, job_json, recent_run_seconds
 from posegen.jobs.request import GenerationRequest
 from posegen.queue import defer, generate_message
 from posegen.ratelimit import check_rate_limit
 from posegen.settings import Settings
 from posegen.storage import Storage
+from posegen.webhook_urls import check_url
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,9 @@ log = logging.getLogger(__name__)
 class Submitted:
     job: Generation
     created: bool  # False: an idempotent replay of an earlier request
+    # The job's JSON as it entered the queue (its position included): the `queued` event's
+    # data, and the submit's answer. None for a replay.
+    answer: dict[str, Any] | None = None
 
 
 def check_model_access(model: AiModel, user: User) -> None:
@@ -82,7 +87,9 @@ def submit(
         return Submitted(job=winner, created=False)
     _store_inputs(session, storage, _inputs(job, image=image, pose=pose))
     _charge_and_send(session, job, user=user, settings=settings)
-    return Submitted(job=job, created=True)
+    answer = job_json(session, job)
+    events.record(session, events.Event(job_id=job.id, name="queued", data=answer))
+    return Submitted(job=job, created=True, answer=answer)
 
 
 def _allowed_choices(
@@ -101,7 +108,7 @@ def _allowed_choices(
 def _checked_webhook_url(request: GenerationRequest, settings: Settings) -> str | None:
     if not request.webhook_url:
         return None
-    return webhooks.check_url(request.webhook_url, allow_private=settings.webhook_allow_private)
+    return check_url(request.webhook_url, allow_private=settings.webhook_allow_private)
 
 
 def _fitted_images(
@@ -151,6 +158,7 @@ def _new_job(
         credit_cost=model.credit_cost,
         priority=model.priority,
         webhook_url=webhook_url,
+        webhook_events=webhooks.parse_choices(request.webhook_events),
         outputs=[],
         created_at=now,
         published_at=now,

@@ -14,8 +14,8 @@ JOB_KEYS = {
     "id", "status", "model_key", "prompt", "negative_prompt", "params", "pose_source",
     "pose_template_id", "credit_cost", "progress", "queue_position", "queue_position_capped",
     "eta_seconds", "outputs",
-    "error", "webhook_url", "attempts", "created_at", "started_at", "finished_at",
-    "deleted_at",
+    "error", "webhook_url", "webhook_events", "attempts", "created_at", "started_at",
+    "finished_at", "deleted_at",
 }  # fmt: skip
 
 
@@ -30,6 +30,7 @@ def test_submit_records_charges_and_enqueues(app, make_account, session, quiet_b
     assert job["params"] == {
         "num_inference_steps": 3, "guidance_scale": 7.5, "controlnet_conditioning_scale": 1.0,
         "strength": 0.75, "seed": 7, "width": 128, "height": 128,
+        "output_format": "png", "output_quality": 90, "preview": False,
     }  # fmt: skip
     assert job["pose_source"] == "template" and job["credit_cost"] == 1
     assert (

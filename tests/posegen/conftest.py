@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
+import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -101,3 +104,54 @@ def conn(db_engine: Engine) -> Iterator[Connection]:
         yield c
         c.exec_driver_sql("RESET enable_seqscan")
         c.rollback()
+
+
+# -- a webhook receiver -------------------------------------------------------------------
+
+
+class Receiver:
+    def __init__(
+        self, codes: list[int], *, host: str = "127.0.0.1", port: int = 0, delay: float = 0
+    ) -> None:
+        """`delay`: seconds each answer takes (a slow endpoint)."""
+        self.codes = list(codes)
+        self.requests: list[tuple[dict[str, str], bytes]] = []
+        self.arrived: list[float] = []  # time.time() of each request
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                receiver.arrived.append(time.time())
+                receiver.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                time.sleep(delay)
+                code = receiver.codes.pop(0) if receiver.codes else 200
+                self.send_response(code)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.port = self.server.server_address[1]
+        self.url = f"http://{host}:{self.port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait(self, count: int, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.requests) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(self.requests) >= count, f"{len(self.requests)} of {count} requests arrived"
+
+
+@pytest.fixture
+def receiver():
+    made: list[Receiver] = []
+
+    def make(codes: list[int] | None = None, **where: object) -> Receiver:
+        made.append(Receiver(codes or [], **where))  # type: ignore[arg-type]
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.server.shutdown()

@@ -2,64 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from posegen import accounts, webhooks
-from posegen.webhooks import RefusedUrl
+from posegen import accounts, webhook_sender, webhook_urls, webhooks
+from posegen.webhook_urls import RefusedUrl
 from tests.factories import submit, wait_for
 
 # "localhost" in full-width letters: another name until UTS 46 maps it (as resolvers do).
 FULL_WIDTH_LOCALHOST = "\uff4c\uff4f\uff43\uff41\uff4c\uff48\uff4f\uff53\uff54"
-
-
-class Receiver:
-    def __init__(self, codes: list[int], *, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.codes = list(codes)
-        self.requests: list[tuple[dict[str, str], bytes]] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["content-length"]))
-                receiver.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
-                code = receiver.codes.pop(0) if receiver.codes else 200
-                self.send_response(code)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer((host, port), Handler)
-        self.port = self.server.server_address[1]
-        self.url = f"http://{host}:{self.port}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def wait(self, count: int, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.requests) < count and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert len(self.requests) >= count, f"{len(self.requests)} of {count} requests arrived"
-
-
-@pytest.fixture
-def receiver():
-    made: list[Receiver] = []
-
-    def make(codes: list[int] | None = None, **where: object) -> Receiver:
-        made.append(Receiver(codes or [], **where))  # type: ignore[arg-type]
-        return made[-1]
-
-    yield make
-    for r in made:
-        r.server.shutdown()
 
 
 pytestmark = pytest.mark.slow
@@ -79,7 +37,7 @@ def test_completed_event_is_signed_with_the_users_secret(
     event = Webhook(secret).verify(body, headers)
     with pytest.raises(WebhookVerificationError):
         Webhook(accounts.new_webhook_secret()).verify(body, headers)
-    assert webhooks.verify(secret=secret, headers=headers, body=body)
+    assert webhook_sender.verify(secret=secret, headers=headers, body=body)
     assert event["type"] == "generation.completed" and event["data"]["id"] == job["id"]
     assert event["data"]["status"] == "completed" and event["data"]["outputs"]
 
@@ -172,11 +130,11 @@ def test_410_stops_retrying(app, make_account, housekeeping, receiver, sessions)
 )
 def test_refused_urls(url):
     with pytest.raises(RefusedUrl):
-        webhooks.check_url(url, allow_private=False)
+        webhook_urls.check_url(url, allow_private=False)
 
 
 def test_public_https_address_is_allowed():
-    webhooks.check_url("https://8.8.8.8/hook", allow_private=False)
+    webhook_urls.check_url("https://8.8.8.8/hook", allow_private=False)
 
 
 def test_private_url_refused_at_submit(settings, db_engine, make_account):
@@ -195,7 +153,7 @@ def test_send_checks_the_url_again(settings):
     message = webhooks.Outgoing(
         url="https://127.0.0.1/hook", msg_id="m", secret=accounts.new_webhook_secret(), body=b"{}"
     )
-    attempt = webhooks.post_signed(message, settings=strict)
+    attempt = asyncio.run(webhook_sender.post_signed(message, settings=strict))
     assert attempt.status_code is None and attempt.error.startswith("refused")
 
 
@@ -224,7 +182,7 @@ def test_connection_goes_to_the_checked_address_with_the_name_in_host(
         secret=secret,
         body=b'{"a":1}',
     )
-    attempt = webhooks.post_signed(message, settings=settings)
+    attempt = asyncio.run(webhook_sender.post_signed(message, settings=settings))
     assert attempt.ok, attempt
     assert rebound.requests == [] and len(checked.requests) == 1
     headers, body = checked.requests[0]
@@ -256,7 +214,7 @@ def test_redirects_are_not_followed(settings):
             secret=accounts.new_webhook_secret(),
             body=b"{}",
         )
-        attempt = webhooks.post_signed(message, settings=settings)
+        attempt = asyncio.run(webhook_sender.post_signed(message, settings=settings))
     finally:
         server.shutdown()
     assert attempt.status_code == 307 and not attempt.ok
@@ -286,7 +244,7 @@ def test_redirects_are_not_followed(settings):
 @pytest.mark.parametrize("allow_private", [False, True])
 def test_urls_a_sender_cannot_send_are_refused_even_with_private_allowed(url, allow_private):
     with pytest.raises(RefusedUrl):
-        webhooks.check_url(url, allow_private=allow_private)
+        webhook_urls.check_url(url, allow_private=allow_private)
 
 
 @pytest.mark.parametrize(
@@ -298,7 +256,7 @@ def test_urls_a_sender_cannot_send_are_refused_even_with_private_allowed(url, al
     ],
 )
 def test_the_new_ranges_pass_when_private_addresses_are_allowed(url):
-    assert webhooks.check_url(url, allow_private=True) == url
+    assert webhook_urls.check_url(url, allow_private=True) == url
 
 
 @pytest.mark.parametrize(
@@ -320,12 +278,12 @@ def test_the_new_ranges_pass_when_private_addresses_are_allowed(url):
 )
 def test_check_url_returns_the_spelling_that_is_stored_and_sent(url, stored):
     allow_private = not stored.startswith("https://8.8.8.8") and "2001:" not in stored
-    assert webhooks.check_url(url, allow_private=allow_private) == stored
+    assert webhook_urls.check_url(url, allow_private=allow_private) == stored
 
 
 def test_international_names_are_idna_encoded():
     # No lookup here (the sandbox has no public DNS): the spelling alone.
-    target = webhooks.normalise("https://B\u00fccher.Example/hook", allow_private=False)
+    target = webhook_urls.normalise("https://B\u00fccher.Example/hook", allow_private=False)
     assert target.url == "https://xn--bcher-kva.example/hook"
     assert (target.host, target.port) == ("xn--bcher-kva.example", 443)
 

@@ -13,6 +13,7 @@ from PIL import Image
 from posegen.errors import JobError
 from posegen.images import fit
 from posegen.seeding import SEEDS_DIR
+from posegen.skeleton import COLORS, draw_skeleton
 from tests.factories import astronaut_png, png_bytes
 from worker.engine import families
 from worker.engine.engine import Engine, EngineConfig, EngineJob
@@ -21,7 +22,6 @@ from worker.engine.pose.mediapipe import MediaPipeExtractor
 from worker.engine.pose.openpose import OpenPoseExtractor
 from worker.engine.resolve import WeightsMissing, resolve
 from worker.engine.run import RunParams
-from worker.engine.skeleton import COLORS, draw_skeleton
 
 STANDING = [
     (0.5, 0.15), (0.5, 0.25), (0.4, 0.26), (0.37, 0.4), (0.36, 0.53), (0.6, 0.26), (0.63, 0.4),
@@ -283,3 +283,62 @@ def test_torch_threads_setting_sets_the_operator_threads(model_dir):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_skeleton_matches_opencvs_drawing():
+    """The Pillow drawing (which the API can do without OpenCV) against OpenCV's, as
+    controlnet-aux draws: the same polygons; a fill may differ on an edge pixel."""
+    import math
+
+    import cv2
+
+    from posegen.skeleton import LIMBS
+
+    size = 512
+    reference = np.zeros((size, size, 3), dtype=np.uint8)
+    for (a, b), color in zip(LIMBS, COLORS, strict=False):
+        p1, p2 = STANDING[a - 1], STANDING[b - 1]
+        if p1 is None or p2 is None:
+            continue
+        x1, y1, x2, y2 = p1[0] * size, p1[1] * size, p2[0] * size, p2[1] * size
+        angle = math.degrees(math.atan2(y1 - y2, x1 - x2))
+        length = math.hypot(x1 - x2, y1 - y2)
+        polygon = cv2.ellipse2Poly(
+            (int((x1 + x2) / 2), int((y1 + y2) / 2)), (int(length / 2), 4), int(angle), 0, 360, 1
+        )
+        cv2.fillConvexPoly(reference, np.asarray(polygon), [int(c * 0.6) for c in color])
+    for point, color in zip(STANDING, COLORS, strict=False):
+        if point is not None:
+            cv2.circle(reference, (int(point[0] * size), int(point[1] * size)), 4, color, -1)
+    drawn = np.asarray(draw_skeleton(STANDING, width=size, height=size))
+    differing = np.any(drawn != reference, axis=2)
+    painted = np.any(reference != 0, axis=2)
+    assert differing.sum() <= 0.05 * painted.sum(), (differing.sum(), painted.sum())
+
+
+@pytest.mark.parametrize(
+    ("family", "zero", "first_channel"),
+    [("sd15", (127, 127, 127), (172, 156, 168)), ("sdxl", (141, 125, 127), (187, 179, 182))],
+)
+def test_latent_preview_is_the_known_linear_projection(family, zero, first_channel):
+    import torch
+
+    from worker.engine.preview import latents_to_image
+
+    latents = torch.zeros((1, 4, 8, 6))
+    latents[0, 0, :, 3:] = 1.0  # the right half: channel 0 alone
+    image = latents_to_image(latents, family)
+    assert image.size == (6, 8) and image.mode == "RGB"
+    assert image.getpixel((0, 0)) == zero and image.getpixel((5, 7)) == first_channel
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_previews_at_the_first_step_then_by_interval(engine, family):
+    seen: list[tuple[int, tuple[int, int]]] = []
+    run = job(family, params=params(num_inference_steps=4))
+    keep = lambda step, image: seen.append((step, image.size))  # noqa: E731
+    engine.generate(run, on_preview=keep, preview_interval=3600)
+    assert seen == [(1, (16, 16))]  # 128 px: 16 x 16 latents
+    seen.clear()
+    engine.generate(run, on_preview=keep, preview_interval=0)
+    assert seen == [(step, (16, 16)) for step in (1, 2, 3, 4)]

@@ -111,10 +111,10 @@ def test_model_cpu_offload_keeps_weights_off_the_gpu(model_dir):
 def _peak_bytes(pipe, *, size: int, tiled: bool) -> int:
     """Peak GPU memory of one diffusers call above what was allocated before it."""
     from posegen.images import fit
+    from posegen.skeleton import draw_skeleton
     from tests.factories import astronaut_png
     from tests.worker.test_engine import STANDING
     from worker.engine.run import run_pipeline
-    from worker.engine.skeleton import draw_skeleton
 
     subject = fit(Image.open(io.BytesIO(astronaut_png())).convert("RGB"), width=size, height=size)
     control = draw_skeleton(STANDING, width=size, height=size)

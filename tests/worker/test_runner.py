@@ -139,7 +139,7 @@ def test_a_finished_job_is_recorded_behind_the_next_one(ctx, gate, user_id):
     for job_id in (first, second):
         done = state(ctx, job_id)
         assert done.status == "completed" and done.lease_expires_at is None
-        assert done.outputs == [{"index": 0, "key": f"outputs/{job_id}/0.png", "width": 128, "height": 128}]  # fmt: skip
+        assert done.outputs == [{"index": 0, "key": f"outputs/{job_id}/0.png", "width": 128, "height": 128, "content_type": "image/png"}]  # fmt: skip
         assert Image.open(io.BytesIO(ctx.storage.get(done.outputs[0]["key"]))).size == (128, 128)
     assert ctx.finisher.wait() is None  # nothing pending
 

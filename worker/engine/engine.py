@@ -22,12 +22,13 @@ from PIL import Image
 
 from posegen.errors import JobError
 from posegen.images import as_png, fit
+from posegen.skeleton import Keypoints, draw_skeleton
 from worker.engine import families
 from worker.engine.cache import PipelineCache
 from worker.engine.pose import NoPoseDetected, PoseExtractor, make_extractor
+from worker.engine.preview import Schedule, latents_to_image
 from worker.engine.resolve import Resolved, resolve
 from worker.engine.run import Canceled, RunParams, run_pipeline, steps_for
-from worker.engine.skeleton import Keypoints, draw_skeleton
 
 log = logging.getLogger(__name__)
 
@@ -239,15 +240,33 @@ class Engine:
         *,
         on_step: Callable[[int, int], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
+        on_pose: Callable[[Image.Image], None] | None = None,
+        on_preview: Callable[[int, Image.Image], None] | None = None,
+        preview_interval: float = 1.0,
     ) -> EngineResult:
+        """`on_pose` receives the skeleton the job is conditioned on, once it is drawn;
+        `on_preview(step, image)` a preview of the latents at the first step, then at most
+        every `preview_interval` seconds."""
         started = time.perf_counter()
         w, h = job.params.width, job.params.height
         subject = fit(_open(job.image), width=w, height=h)
         control = self.control_image(job, subject)
+        if on_pose is not None:
+            on_pose(control)
         pipe = self.pipeline(job)
         if on_step is not None:
             on_step(0, steps_for(job.params))
-        image = self._run_with_oom_retry(pipe, job, subject, control, on_step, should_cancel)
+        on_latents = None
+        if on_preview is not None:
+            schedule = Schedule(preview_interval)
+
+            def on_latents(step: int, latents: Any) -> None:
+                if schedule.due():
+                    on_preview(step, latents_to_image(latents, job.family))
+
+        image = self._run_with_oom_retry(
+            pipe, job, subject, control, on_step, should_cancel, on_latents
+        )
         return EngineResult(image=image, seconds=time.perf_counter() - started)
 
     def _run_with_oom_retry(
@@ -258,6 +277,7 @@ class Engine:
         control: Image.Image,
         on_step: Callable[[int, int], None] | None,
         should_cancel: Callable[[], bool] | None,
+        on_latents: Callable[[int, Any], None] | None = None,
     ) -> Image.Image:
         micro = families.family(job.family).micro_conditioning
         large = job.params.width * job.params.height > 1024 * 1024
@@ -271,6 +291,7 @@ class Engine:
                 return run_pipeline(
                     pipe, init_image=subject, control_image=control, params=job.params,
                     micro_conditioning=micro, on_step=on_step, should_cancel=should_cancel,
+                    on_latents=on_latents,
                 )  # fmt: skip
             except self._torch.OutOfMemoryError as exc:
                 if attempt == 2:

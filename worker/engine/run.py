@@ -40,7 +40,9 @@ def run_pipeline(
     micro_conditioning: bool = False,
     on_step: Callable[[int, int], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    on_latents: Callable[[int, Any], None] | None = None,
 ) -> Image.Image:
+    """`on_latents(step, latents)` sees the latents after each step (previews)."""
     import torch
 
     total, strength = denoising_steps(params)
@@ -50,6 +52,8 @@ def run_pipeline(
         pipeline: Any, step: int, _timestep: Any, kwargs: dict[str, Any]
     ) -> dict[str, Any]:
         nonlocal canceled
+        if on_latents is not None:
+            on_latents(min(step + 1, total), kwargs["latents"])
         if on_step is not None:
             on_step(min(step + 1, total), total)
         if should_cancel is not None and should_cancel():

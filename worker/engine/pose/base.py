@@ -6,7 +6,7 @@ from typing import Protocol
 
 from PIL import Image
 
-from worker.engine.skeleton import Point
+from posegen.skeleton import Point
 
 
 class NoPoseDetected(Exception):

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from posegen.skeleton import Point
 from worker.engine.pose.base import NoPoseDetected
-from worker.engine.skeleton import Point
 
 # COCO-18 index -> MediaPipe landmark index; the neck (1) is the shoulders' midpoint.
 COCO_FROM_MEDIAPIPE = {

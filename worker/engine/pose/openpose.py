@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from posegen.skeleton import Point
 from worker.engine.pose.base import NoPoseDetected
-from worker.engine.skeleton import Point
 
 ANNOTATORS_REPO = "lllyasviel/Annotators"
 WEIGHT_FILES = ("body_pose_model.pth", "hand_pose_model.pth", "facenet.pth")
