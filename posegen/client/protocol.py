@@ -37,23 +37,24 @@ RETRIED_STATUSES = frozenset({429, 503})
 
 
 class SubmitFields(TypedDict, total=False):
-    """The submit's form fields besides the photo and the model (CONTRACT.md, "Submit")."""
+    """The submit's form fields besides the photo and the model (CONTRACT.md, "Submit");
+    None is the same as leaving a field out."""
 
-    prompt: str
-    negative_prompt: str
-    pose_template_id: str
-    num_inference_steps: int
-    guidance_scale: float
-    controlnet_conditioning_scale: float
-    strength: float
-    seed: int
-    webhook_url: str
-    webhook_events: str | list[str]
-    preview: bool
-    output_format: str
-    output_quality: int
-    num_outputs: int
-    deadline_seconds: int
+    prompt: str | None
+    negative_prompt: str | None
+    pose_template_id: str | None
+    num_inference_steps: int | None
+    guidance_scale: float | None
+    controlnet_conditioning_scale: float | None
+    strength: float | None
+    seed: int | None
+    webhook_url: str | None
+    webhook_events: str | list[str] | None
+    preview: bool | None
+    output_format: str | None
+    output_quality: int | None
+    num_outputs: int | None
+    deadline_seconds: int | None
 
 
 SUBMIT_FIELDS = frozenset(SubmitFields.__annotations__)
