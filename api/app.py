@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 from anyio import to_thread
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -152,7 +153,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await app.state.async_reads.close()
         db_engine.dispose()
 
-    app = FastAPI(
+    # Swagger UI (/docs) and ReDoc (/redoc) load their scripts from this process, not from a
+    # CDN that a browser behind a firewall cannot reach (the pages were blank there).
+    app = FastAPIOffline(
+        static_url="/docs/static",
         title="posegen",
         version="0.1.0",
         description="Photo + pose -> avatar, as an asynchronous job queue.",
