@@ -13,7 +13,7 @@ from fastapi_offline import FastAPIOffline
 from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import errors, poll
+from api import errors, openapi, poll
 from api.routes import catalog, generations, health
 from db.fast import AsyncReads
 from db.models import Generation, status_is
@@ -161,8 +161,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description="Photo + pose -> avatar, as an asynchronous job queue.",
         lifespan=lifespan,
+        # Operation ids are the routes' names (`submit_generation`), as generated clients
+        # name their functions after them.
+        generate_unique_id_function=lambda route: route.name,
     )
     errors.install(app)
+    openapi.install(app)
     app.include_router(health.router)
     app.include_router(generations.router)
     app.include_router(catalog.router)

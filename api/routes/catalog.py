@@ -7,16 +7,11 @@ from typing import Any
 from fastapi import APIRouter
 
 from api.deps import CurrentUser, KeyFirstRoute, ReadSessionDep
-from api.schemas import ErrorResponse, Me, ModelList, PoseTemplateList
+from api.schemas import Me, ModelList, PoseTemplateList
 from posegen import catalog
 from posegen.seeding import MODEL_FIELDS
 
-router = APIRouter(
-    prefix="/v1",
-    tags=["catalog"],
-    responses={401: {"model": ErrorResponse}},
-    route_class=KeyFirstRoute,
-)
+router = APIRouter(prefix="/v1", tags=["catalog"], route_class=KeyFirstRoute)
 
 
 @router.get("/models", response_model=ModelList)
