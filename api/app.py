@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors, openapi, poll
-from api.routes import catalog, generations, health
+from api.routes import catalog, generations, health, playground
 from db.fast import AsyncReads
 from db.models import Generation, status_is
 from db.session import make_engine, make_session_factory
@@ -170,6 +170,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(generations.router)
     app.include_router(catalog.router)
+    playground.install(app)
     app.router.routes.insert(0, poll.ROUTE)  # matched first: see api/poll.py
 
     # Image + pose image + the form fields.
