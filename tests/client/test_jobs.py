@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from PIL import Image
@@ -16,7 +18,6 @@ from sqlalchemy import func, select
 from db.models import Generation
 from posegen.client import TERMINAL, ApiError, AsyncClient, Client, WaitTimeout, verify_webhook
 from tests.factories import astronaut_png, ledger_kinds
-from tests.posegen.test_webhooks import Receiver
 
 pytestmark = pytest.mark.slow
 MODEL = "tiny-sd15-openpose"
@@ -114,8 +115,36 @@ def test_wait_times_out_with_the_last_state(live_api, make_account):
         assert client.wait(job["id"], timeout=60)["status"] in TERMINAL
 
 
+class Hook:
+    """A loopback HTTP server that takes webhooks and keeps their headers and bodies."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[dict[str, str], bytes]] = []
+        received = self.requests
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                received.append((dict(self.headers.items()), body))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.requests and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert self.requests, "no webhook arrived"
+
+
 def test_a_delivered_webhook_verifies(live_api, gpu_worker, housekeeping, make_account):
-    hook = Receiver([])
+    hook = Hook()
     try:
         account = make_account(credits=5)
         with Client(live_api, account.key) as client:
@@ -124,7 +153,7 @@ def test_a_delivered_webhook_verifies(live_api, gpu_worker, housekeeping, make_a
                 astronaut_png(), model_key=MODEL, pose_template_id="waving", webhook_url=hook.url
             )
             assert client.wait(job["id"], timeout=120)["status"] == "completed"
-        hook.wait(1)
+        hook.wait()
         headers, body = hook.requests[0]
         event = verify_webhook(secret, headers, body)
         assert event["type"] == "generation.completed" and event["data"]["id"] == job["id"]
