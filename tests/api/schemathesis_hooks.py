@@ -7,21 +7,27 @@ with another request. A cursor is opaque: a valid one is only ever one the API g
 made-up cursors are dropped from valid requests and real ones reach the list through the
 schema's NextPage link.
 
-Three kinds of report are dropped, each for a reason that is not the API's:
-- "schema-violating request accepted" where the body sent does conform: the generator filled
+Four kinds of report are dropped, each for a reason that is not the API's:
+- "schema-violating request accepted" where the form sent does conform: the generator filled
   the one invalid field of a body it meant to be invalid with a value it took from an earlier
-  response (a model key, a pose template's id);
-- "schema-valid request rejected" where the body sent does not conform: the same filling put
-  a pose template's id beside a pose image (the schema's `not` forbids both), or an empty
-  string where a file goes;
-- "deleted resource still available" for the job itself: `DELETE /v1/generations/{id}`
-  deletes the job's photos and outputs, and the job stays, with `deleted_at` (the contract's
-  words); its outputs do answer 404 afterwards, and that is still checked."""
+  response (a model key, a pose template's id), or sent a sample file where it had generated
+  an invalid value for a file field;
+- "schema-valid request rejected" where the form sent does not conform: the same filling put
+  a pose template's id beside a pose image (the schema's `not` forbids both), or a file went
+  out empty, or as another type than the encoding's (a GIF labelled image/png);
+- "created resource not found" for what a worker makes once it runs the job (its outputs, the
+  pose it drew, its previews): they do not exist when the job was just submitted;
+- "deleted resource still available" for the job itself and its event stream:
+  `DELETE /v1/generations/{id}` deletes the job's photos and outputs, and the job stays, with
+  `deleted_at` (the contract's words); its outputs do answer 404 afterwards, and that is still
+  checked."""
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
+import email.parser
+import email.policy
 import hashlib
 import io
 import os
@@ -29,12 +35,17 @@ import re
 import uuid
 
 import jsonschema
+import requests
 import schemathesis
 from hypothesis import strategies as st
 from PIL import Image
 from schemathesis.core.failures import AcceptedNegativeData, Failure
 from schemathesis.core.parameters import ParameterLocation
-from schemathesis.openapi.checks import RejectedPositiveData, UseAfterFree
+from schemathesis.openapi.checks import (
+    EnsureResourceAvailability,
+    RejectedPositiveData,
+    UseAfterFree,
+)
 
 MODELS = os.environ["POSEGEN_SCHEMATHESIS_MODELS"].split(",")
 POSES = os.environ["POSEGEN_SCHEMATHESIS_POSES"].split(",")
@@ -107,12 +118,20 @@ def filter_failure(
     response: schemathesis.Response,
 ) -> bool:
     if isinstance(failure, UseAfterFree):
-        return not re.fullmatch(r"GET /v1/generations/[^/]+", failure.usage)
+        return not JOB_STAYS.fullmatch(failure.usage)
+    if isinstance(failure, EnsureResourceAvailability):
+        return not MADE_BY_THE_WORKER.fullmatch(failure.not_available_with)
     if isinstance(failure, AcceptedNegativeData) and _only_the_body_was_negated(case):
-        return not _body_conforms(case)
+        return not _body_conforms(case, response)
     if isinstance(failure, RejectedPositiveData) and isinstance(case.body, dict):
-        return _body_conforms(case)
+        return _body_conforms(case, response)
     return True
+
+
+# After a DELETE the job stays (its files go): the job and its event stream still answer.
+JOB_STAYS = re.compile(r"GET /v1/generations/[^/]+(/events)?")
+# What a worker makes once it runs the job: not there when the job was just submitted.
+MADE_BY_THE_WORKER = re.compile(r"GET /v1/generations/[^/]+/(outputs/[^/]+|pose|preview)")
 
 
 def _only_the_body_was_negated(case: schemathesis.Case) -> bool:
@@ -121,12 +140,43 @@ def _only_the_body_was_negated(case: schemathesis.Case) -> bool:
     return negated == {ParameterLocation.BODY}
 
 
-def _body_conforms(case: schemathesis.Case) -> bool:
+def _body_conforms(case: schemathesis.Case, response: schemathesis.Response) -> bool:
+    """Whether the form that was sent conforms to the schema. Its files are taken from the
+    wire, as schemathesis may send a sample file where it generated another value: for the
+    schema a file is a string of its bytes (`format: binary`, `minLength`)."""
     raw = case.operation.schema.raw_schema
     media = raw["paths"][case.operation.path][case.method.lower()]["requestBody"]["content"]
     body_schema = media[case.media_type]["schema"]
+    form = raw["components"]["schemas"][body_schema["$ref"].rsplit("/", 1)[1]]
+    binary = {name for name, prop in form["properties"].items() if prop.get("format") == "binary"}
+    body = {k: v for k, v in case.body.items() if k not in binary}
+    for name, data in _files_sent(response.request).items():
+        if name in binary:
+            # Of the encoding's types (PNG, JPEG, WebP), else not what the schema allows.
+            body[name] = "x" * len(data) if _image_type(data) else None
     validator = jsonschema.Draft202012Validator({**body_schema, "components": raw["components"]})
-    # A file is a string of its bytes for the schema (`format: binary`, `minLength`).
-    return isinstance(case.body, dict) and validator.is_valid(
-        {k: "x" * len(v) if isinstance(v, bytes) else v for k, v in case.body.items()}
-    )
+    return validator.is_valid(body)
+
+
+def _files_sent(request: requests.PreparedRequest) -> dict[str, bytes]:
+    """Each file part of the multipart body that was sent, by its field name."""
+    content = request.body if isinstance(request.body, bytes) else b""
+    head = f"Content-Type: {request.headers.get('Content-Type', '')}\r\n\r\n".encode()
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + content)
+    files = {}
+    for part in message.iter_parts() if message.is_multipart() else ():
+        if part.get_filename() is not None:
+            files[part.get_param("name", header="content-disposition")] = (
+                part.get_payload(decode=True) or b""
+            )
+    return files
+
+
+def _image_type(data: bytes) -> str | None:
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return None
