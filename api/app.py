@@ -14,19 +14,14 @@ from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors, openapi, poll
+from api.fleet import Fleet
 from api.routes import catalog, generations, health, playground
 from db.fast import AsyncReads
 from db.models import Generation, status_is
 from db.session import make_engine, make_session_factory
 from posegen.logs import configure_logging
 from posegen.metrics import Metrics
-from posegen.queue import (
-    GENERATION_QUEUE,
-    MAINTENANCE_QUEUE,
-    WEBHOOK_QUEUE,
-    Dispatcher,
-    make_producer,
-)
+from posegen.queue import Dispatcher, make_producer
 from posegen.settings import Settings, get_settings
 from posegen.storage import storage_from_settings
 
@@ -138,7 +133,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.storage = storage_from_settings(settings)
         app.state.dispatcher = Dispatcher(make_producer(settings))
         app.state.metrics = Metrics()
-        app.state.metrics.watch_queue(lambda: _active_counts(app), lambda: _queue_depths(app))
+        app.state.fleet = Fleet(app.state.dispatcher, app.state.sessions)
+        app.state.metrics.watch_queue(
+            lambda: _active_counts(app), app.state.fleet.depths, app.state.fleet.workers_per_model
+        )
         # What start-up made lives as long as the process: out of the collector's way, so a
         # full collection under load scans only what requests allocate (the status route's
         # p99: bench.api).
@@ -177,17 +175,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(Observe)
     app.add_middleware(BodyLimit, max_bytes=2 * settings.max_upload_bytes + 64 * 1024)
     return app
-
-
-def _queue_depths(app: FastAPI) -> dict[str, int]:
-    """Messages waiting per queue (empty where the broker cannot say)."""
-    dispatcher: Dispatcher = app.state.dispatcher
-    depths = {}
-    for queue in (GENERATION_QUEUE, WEBHOOK_QUEUE, MAINTENANCE_QUEUE):
-        waiting = dispatcher.waiting(queue)
-        if waiting is not None:
-            depths[queue] = waiting
-    return depths
 
 
 def _active_counts(app: FastAPI) -> Iterable[tuple[str, str, int]]:

@@ -1,7 +1,8 @@
 """GET /v1/generations/{id}, the status poll: the hottest route, in one home.
 
-The key, the caller's job and its queue position are one statement, awaited on the event loop
-(`db.fast.AsyncReads`): no hop to a worker thread and back, which cost more than the query.
+The key and the caller's job are one statement (a queued job's position a second), awaited
+on the event loop (`db.fast.AsyncReads`): no hop to a worker thread and back, which cost
+more than the query.
 The route is matched before FastAPI's router and answered without FastAPI's request handling
 (no dependency solving, no validation of the answer): a quarter of a poll's CPU
 (`python -m bench.floor`; `bench.api` under load). It is still a FastAPI route, so the OpenAPI
@@ -16,7 +17,7 @@ from typing import Any
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from sqlalchemy import and_, bindparam, case, literal_column, select
+from sqlalchemy import and_, bindparam, select
 
 from api.openapi import documented
 from api.schemas import Job
@@ -30,18 +31,16 @@ from posegen.render import RENDERED_COLUMNS, render_job
 
 
 def _statement() -> Any:
-    """Key, job and queue position in one statement, built once (building an expression this
-    size costs more than running it). The job's columns are read as a plain row, not an ORM
-    object: loading an entity costs more than the query on this hot path, and only the
-    columns the job JSON shows. `job` aliases the jobs table; the position is
-    `queries.queue_position`'s count, NULL unless the job is queued."""
+    """Key and job in one statement, built once (building an expression this size costs more
+    than running it). The job's columns are read as a plain row, not an ORM object: loading
+    an entity costs more than the query on this hot path, and only the columns the job JSON
+    shows, with what its queue position is computed from. `job` aliases the jobs table."""
     job = Generation.__table__.alias("job")
-    counted = queries.count_ahead(literal_column("9") - job.c.priority, job.c.created_at)
-    position = case((job.c.status == "queued", counted), else_=None)
     return (
         select(
             ApiKey.revoked_at,
-            position.label("queue_position"),
+            job.c.user_id.label("job_user_id"),
+            job.c.priority.label("job_priority"),
             *(job.c[name] for name in RENDERED_COLUMNS),
         )
         .select_from(ApiKey.__table__)
@@ -54,22 +53,23 @@ POLL = DriverQuery(_statement())
 
 
 async def poll(reads: AsyncReads, *, authorization: str | None, job_id: str) -> dict[str, Any]:
-    """A status poll in one round trip: the key, the caller's job and its queue position
-    (auth, fetch and position as separate queries cost three). The queue's cut-off and the
-    model's run time come from this process's caches (`posegen.jobs.queries`), read here only
-    when they are stale."""
+    """A status poll in one round trip (auth and fetch as separate queries cost two), and a
+    second for a queued job's position (`posegen.scheduler`). The model's run time, for the
+    ETA, comes from this process's cache (`posegen.jobs.queries`), read here only when stale."""
     key_hash = bearer_key_hash(authorization)
     # An id that is not a UUID matches no job; the key is still checked (401 before 404).
     params = {"job_id": job_id if catalog.is_uuid(job_id) else None, "key_hash": key_hash}
-    params |= queries.cached_cutoff() or queries.remember_cutoff(
-        await reads.first(queries.CUTOFF, {})
-    )
     row = live_key(await reads.first(POLL, params))
     if row.id is None:  # another user's job is indistinguishable from a missing one
         raise NotFound(f"No generation {job_id!r}.")
-    position = None if row.queue_position is None else queries.capped(row.queue_position)
-    per_job = None
-    if position is not None:
+    position = per_job = None
+    if row.status == "queued":
+        place = {
+            "user_id": row.job_user_id,
+            "priority": row.job_priority,
+            "created_at": row.created_at,
+        }
+        position = queries.capped((await reads.first(queries.POSITION, place))[0])
         per_job = await _run_seconds(reads, row.model_key)
     return render_job(row, queue_position=position, eta_seconds=queries.eta(per_job, position))
 

@@ -82,6 +82,16 @@ FROM generate_series(1, :n) AS g
 """
 
 
+# The scheduler's turns of the bulk-loaded jobs (inserted past the submit that keeps them).
+TURNS = """
+DELETE FROM queue_turns;
+INSERT INTO queue_turns (user_id, model_id, priority, queued, waiting_since, last_started_at)
+SELECT user_id, model_id, max(priority), count(*), min(created_at), '1970-01-01+00'
+FROM generations
+WHERE status = 'queued' GROUP BY user_id, model_id
+"""
+
+
 # The hot queries as the code builds them, each EXPLAIN ANALYZEd at full size with the plan
 # Postgres keeps for it once the driver has prepared it (the generic plan: see db/plans.py).
 def hot_queries(
@@ -89,13 +99,12 @@ def hot_queries(
 ) -> dict[str, tuple[Any, dict[str, Any]]]:
     from api import poll as api_poll
     from db.models import Generation
-    from posegen import catalog, reconciler, webhooks
+    from posegen import catalog, reconciler, scheduler, webhooks
     from posegen.accounts import hash_key
     from posegen.jobs import queries
     from posegen.ratelimit import BLOCKING_JOB, blocking_params
 
     now = dt.datetime.now(dt.UTC)
-    cutoff = queries.queue_cutoff(conn)  # as an API process reads it
     deep = conn.execute(  # a next page half-way down the filler user's 1.1 M jobs
         select(Generation.user_id, Generation.id, Generation.created_at)
         .where(Generation.user_id != user_id)
@@ -106,17 +115,24 @@ def hot_queries(
     deep_cursor = queries.encode_cursor(Generation(id=deep.id, created_at=deep.created_at))
     poll = {"job_id": job_id, "key_hash": hash_key(key)}
     return {
-        # The caller's newest job is behind the whole queue: with the process's cut-off the
-        # count is skipped; without one (fewer than POSITION_CAP queued) it is counted.
-        "poll (key + job + queue position, one query), job behind the cut-off": (
-            api_poll.POLL.statement,
-            poll | cutoff,
+        "poll (key + job, one query)": (api_poll.POLL.statement, poll),
+        "queue position of the caller's newest job, behind the whole queue": (
+            scheduler.POSITION,
+            {"user_id": user_id, "priority": 5, "created_at": now},
         ),
-        "poll, the same job counted (no cut-off known)": (
-            api_poll.POLL.statement,
-            poll | queries.NO_CUTOFF,
+        "claim: the next turn (every model)": (
+            scheduler._turn_order(
+                [
+                    str(
+                        conn.execute(
+                            text("SELECT id FROM ai_models WHERE model_key = 'tiny-sd15-openpose'")
+                        ).scalar_one()
+                    )
+                ],
+                [],
+            ),
+            {},
         ),
-        "queue cut-off (each API process, once a second)": (queries.CUTOFF.statement, {}),
         "submit: model + template": (
             catalog._CHOICES,
             {"model_key": "tiny-sd15-openpose", "ref": "standing", "ref_id": None},
@@ -124,10 +140,6 @@ def hot_queries(
         "submit: rate limit (enterprise, 3000/min)": (
             BLOCKING_JOB,
             blocking_params(user_id, 3000),
-        ),
-        "submit: queue position of the new job (behind the cut-off)": (
-            queries.AHEAD,
-            {"order": 4, "created_at": now} | cutoff,
         ),
         "eta_recent_runs": (queries.recent_runs("tiny-sd15-openpose"), {}),
         "list_for_user": (
@@ -139,10 +151,10 @@ def hot_queries(
             {},
         ),
         "reconcile_stale_queued": (
-            reconciler.stale_queued(now - dt.timedelta(seconds=120), 1000),
+            reconciler.stale_queued(now - dt.timedelta(seconds=120), 1000, "tiny-sd15-openpose"),
             {},
         ),
-        "reconcile_queued_count": (reconciler.queued_count(), {}),
+        "reconcile_queued_by_model": (reconciler.queued_by_model(), {}),
         "reconcile_expired_leases": (reconciler.expired_leases(now, 1000), {}),
         "webhooks_due": (webhooks.due_query(now, 500), {}),
     }
@@ -156,20 +168,14 @@ def publish_queued(engine: Any, broker: str) -> tuple[Dispatcher, float]:
     from sqlalchemy.orm import Session
 
     from db.models import Generation, status_is
-    from posegen.queue import (
-        GENERATION_QUEUE,
-        Dispatcher,
-        generate_message,
-        make_producer,
-        priority_keys,
-    )
+    from posegen.queue import Dispatcher, generate_message, make_producer, model_queue
     from posegen.settings import Settings
 
     settings = Settings(broker_url=broker)
     dispatcher = Dispatcher(make_producer(settings))
     started = time.perf_counter()
     with dispatcher.celery.connection_for_write() as conn:
-        conn.default_channel.client.delete(*priority_keys(GENERATION_QUEUE))
+        conn.default_channel.client.delete(model_queue("tiny-sd15-openpose"))
     with Session(engine) as session:
         queued = session.scalars(
             select(Generation)
@@ -190,16 +196,17 @@ def sweeps(engine: Any, broker: str, repeats: int = 5, lost: int = 500) -> dict[
     from sqlalchemy.orm import Session
 
     from posegen import reconciler
-    from posegen.queue import GENERATION_QUEUE, priority_keys
+    from posegen.queue import model_queue
     from posegen.settings import Settings
 
     settings = Settings()  # the default requeue age
     dispatcher, publish_s = publish_queued(engine, broker)
     with engine.connect() as conn:
-        queued = conn.execute(reconciler.queued_count()).scalar_one()
+        queued = sum(n for _, n in conn.execute(reconciler.queued_by_model()))
+    queue = model_queue("tiny-sd15-openpose")  # the bulk-loaded jobs' model
 
-    def waiting() -> int | None:
-        return dispatcher.waiting(GENERATION_QUEUE)
+    def waiting(name: str = queue) -> int | None:
+        return dispatcher.waiting(name)
 
     result: dict[str, Any] = {
         "queued_jobs": queued,
@@ -222,16 +229,10 @@ def sweeps(engine: Any, broker: str, repeats: int = 5, lost: int = 500) -> dict[
         }
 
     run("broker_counted", waiting)
-    # Lose messages from the head of the queue: kombu pushes on the left and pops on the
-    # right of the highest-priority list first.
+    # Lose messages from the head of the queue: kombu pushes on the left and pops on the right.
     with dispatcher.celery.connection_for_write() as conn:
-        client = conn.default_channel.client
-        left = lost
-        for key in priority_keys(GENERATION_QUEUE):
-            if left <= 0:
-                break
-            left -= len(client.rpop(key, left) or [])
-    result["messages_lost"] = lost - left
+        taken = conn.default_channel.client.rpop(queue, lost) or []
+    result["messages_lost"] = len(taken)
     result["messages_on_broker_after_loss"] = waiting()
     run("broker_counted_after_loss", waiting)
     run("by_age", None)
@@ -286,6 +287,8 @@ def main() -> None:
                     " ORDER BY 9 - priority, created_at OFFSET 3 LIMIT 1) RETURNING id"
                 )
             ).scalar_one()
+            for statement in TURNS.split(";"):
+                conn.execute(text(statement))
         full = measure(base, headers, args.requests, head_job=str(head_job))
         reconcile = sweeps(engine, s.env["POSEGEN_BROKER_URL"])
         plans: dict[str, list[str]] = {}

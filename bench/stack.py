@@ -148,6 +148,9 @@ def stack(**overrides: str) -> Iterator[Stack]:
         "POSEGEN_VAR_DIR": str(var),
         "POSEGEN_POSE_BACKEND": "mediapipe",
         "POSEGEN_RATE_LIMIT_PER_MINUTE": "100000000",
+        # The benches fill queues far past any production limit on purpose.
+        "POSEGEN_MAX_QUEUED_PER_USER": "0",
+        "POSEGEN_MAX_QUEUE_DEPTH": "0",
         "POSEGEN_LOG_LEVEL": "WARNING",
         **overrides,
     }

@@ -188,6 +188,24 @@ class Generation(Base):
             postgresql_where=text(f"status IN {TERMINAL_STATUSES!r} AND purged_at IS NULL"),
             sqlite_where=text(f"status IN {TERMINAL_STATUSES!r} AND purged_at IS NULL"),
         ),
+        # A user's queued jobs of one model, oldest first: the claim's pick within a turn.
+        Index(
+            "ix_generations_turn",
+            "user_id",
+            "model_id",
+            "created_at",
+            postgresql_where=text("status = 'queued'"),
+            sqlite_where=text("status = 'queued'"),
+        ),
+        # Live jobs with a deadline: the reconciler fails those past it.
+        Index(
+            "ix_generations_deadline",
+            "deadline_at",
+            postgresql_where=text(
+                "status IN ('queued', 'processing') AND deadline_at IS NOT NULL"
+            ),
+            sqlite_where=text("status IN ('queued', 'processing') AND deadline_at IS NOT NULL"),
+        ),
         # Outputs still kept, oldest first: what POSEGEN_OUTPUT_RETENTION_DAYS expires.
         Index(
             "ix_generations_kept_outputs",
@@ -236,6 +254,66 @@ class Generation(Base):
     # outputs either once deleted. NULL on a finished job: files still to remove (the
     # database commits the intent first; storage follows, and the sweep retries).
     purged_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Submit time plus the caller's `deadline_seconds`: not completed by then, the job fails
+    # with `deadline_exceeded` (queued: it never runs; running: it stops between steps).
+    deadline_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+NEVER_STARTED = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+class UserTurn(Base):
+    """When a user's latest job started (posegen.scheduler: the longest ago goes first; no
+    row: never). Apart from `users`, so that a claim never waits for the user's row a submit
+    or a refund holds."""
+
+    __tablename__ = "user_turns"
+
+    user_id: Mapped[str] = mapped_column(
+        Uuid(as_uuid=False), ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    last_started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
+class QueueTurn(Base):
+    """Whose turn it is (posegen.scheduler): one row per user and model that has had queued
+    jobs, kept in step with the jobs by posegen.lifecycle. The claim and the depth limit read
+    the rows with queued jobs, so their cost follows the users waiting, not the queue's length."""
+
+    __tablename__ = "queue_turns"
+    __table_args__ = (
+        CheckConstraint("queued >= 0", name="queued_not_negative"),
+        # The claim's order: priority, the user's latest start, the oldest job.
+        Index(
+            "ix_queue_turns_next",
+            text("priority DESC"),
+            "last_started_at",
+            "waiting_since",
+            postgresql_where=text("queued > 0"),
+            sqlite_where=text("queued > 0"),
+        ),
+        Index(
+            "ix_queue_turns_model",
+            "model_id",
+            postgresql_where=text("queued > 0"),
+            sqlite_where=text("queued > 0"),
+        ),
+    )
+
+    user_id: Mapped[str] = mapped_column(
+        Uuid(as_uuid=False), ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    model_id: Mapped[str] = mapped_column(
+        Uuid(as_uuid=False), ForeignKey("ai_models.id"), primary_key=True
+    )
+    # The model's priority when the jobs were queued (higher runs first).
+    priority: Mapped[int] = mapped_column(Integer)
+    queued: Mapped[int] = mapped_column(Integer, default=0)
+    # When the oldest of these queued jobs was submitted.
+    waiting_since: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    # When the user's latest job started (`user_turns`' value, copied for the claim's index;
+    # never: NEVER_STARTED, which sorts first on every database).
+    last_started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
 
 
 class CreditLedger(Base):

@@ -28,6 +28,14 @@ def listed_models(session: Session) -> Sequence[AiModel]:
     return session.scalars(stmt).all()
 
 
+def served_models(session: Session, keys: Sequence[str] = ()) -> dict[str, str]:
+    """The models a worker serves, key -> id: those named (`posegen worker --models`), else
+    every enabled model."""
+    stmt = select(AiModel.model_key, AiModel.id)
+    stmt = stmt.where(AiModel.model_key.in_(list(keys))) if keys else stmt.where(AiModel.enabled)
+    return {key: str(model_id) for key, model_id in session.execute(stmt)}
+
+
 def model_by_key(session: Session, model_key: str) -> AiModel:
     model = session.scalar(select(AiModel).where(AiModel.model_key == model_key))
     if model is None:

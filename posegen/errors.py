@@ -57,6 +57,24 @@ class RateLimited(PosegenError):
     code, status = "rate_limited", 429
 
 
+class QueueFull(PosegenError):
+    """The caller has as many queued jobs as their tier allows (POSEGEN_MAX_QUEUED_PER_USER)."""
+
+    code, status = "queue_full", 429
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
+
+
+class Overloaded(PosegenError):
+    """The model's queue is at its depth limit (POSEGEN_MAX_QUEUE_DEPTH)."""
+
+    code, status = "overloaded", 503
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
+
+
 class Unavailable(PosegenError):
     code, status = "unavailable", 503
 

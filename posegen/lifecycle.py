@@ -9,6 +9,7 @@ worker whose lease ran out changes nothing. The boundary (task, request) commits
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,9 +18,11 @@ from sqlalchemy.orm import Session
 
 from db.models import AiModel, Generation, PoseTemplate
 from db.types import utcnow
-from posegen import credits, webhooks
+from posegen import credits, scheduler, webhooks
 from posegen.queue import defer, generate_message
 from posegen.settings import Settings
+
+DEADLINE_MESSAGE = "The job did not complete within its deadline_seconds."
 
 
 @dataclass(frozen=True)
@@ -101,8 +104,44 @@ _REQUEUE_EXPIRED = (
 )
 
 
+def claim_next(
+    session: Session,
+    *,
+    worker_id: str,
+    models: Sequence[str],
+    warm: Sequence[str] = (),
+    lease_seconds: float,
+    settings: Settings,
+) -> Claim | None:
+    """The next job by the scheduler's order among these models (ids), claimed for this
+    worker; with `warm` (the models it holds loaded) first, unless another model's job has
+    waited past POSEGEN_AFFINITY_MAX_WAIT. A job past its deadline is not taken (the
+    reconciler fails it). None: nothing of these models is queued (or free to take)."""
+    now = utcnow()
+    cold = [m for m in models if m not in warm]
+    late = scheduler.overdue(
+        session, models=cold, before=now - dt.timedelta(seconds=settings.affinity_max_wait)
+    ) if warm and cold else False  # fmt: skip
+    for choice in scheduler.preferred(served=models, warm=warm, overdue_cold=late):
+        skipped: list[scheduler.Turn] = []
+        while (turn := scheduler.next_turn(session, models=choice, skip=skipped)) is not None:
+            job_id = scheduler.head_of(session, turn)
+            if job_id is None:  # the count drifted, or a cancel holds the job: the next turn
+                skipped.append(turn)
+                continue
+            claimed = claim(
+                session, job_id=job_id, worker_id=worker_id, lease_seconds=lease_seconds
+            )
+            if claimed is None:
+                skipped.append(turn)
+                continue
+            return claimed
+    return None
+
+
 def claim(session: Session, *, job_id: str, worker_id: str, lease_seconds: float) -> Claim | None:
-    """queued -> processing for this worker, or None (not queued: a duplicate, or canceled)."""
+    """queued -> processing for this worker, or None (not queued: a duplicate, or canceled);
+    the user's turn moves to the back."""
     now = utcnow()
     lease_until = now + dt.timedelta(seconds=lease_seconds)
     job = session.scalars(
@@ -112,6 +151,7 @@ def claim(session: Session, *, job_id: str, worker_id: str, lease_seconds: float
     ).one_or_none()
     if job is None:
         return None
+    scheduler.left(session, user_id=job.user_id, model_id=job.model_id, started=now)
     family, base_model, controlnet_model, keypoints = session.execute(
         _CATALOG, {"template_id": job.pose_template_id, "model_id": job.model_id}
     ).one()
@@ -169,27 +209,31 @@ def fail(
     session: Session, *, job_id: str, code: str, message: str, worker_id: str | None = None
 ) -> Generation | None:
     """-> failed with an error, refunded once. `worker_id` None: fail from any live state."""
-    conditions = [Generation.id == job_id, Generation.status.in_(("queued", "processing"))]
-    if worker_id is not None:
-        conditions.append(Generation.worker_id == worker_id)
-    result = session.execute(
-        update(Generation)
-        .where(*conditions)
-        .values(
-            status="failed",
-            error_code=code,
-            error_message=message[:2000],
-            finished_at=utcnow(),
-            lease_expires_at=None,
+    values = {
+        "error_code": code,
+        "error_message": message[:2000],
+        "finished_at": utcnow(),
+        "lease_expires_at": None,
+    }
+    turn = None if worker_id is not None else _from_queued(session, job_id, "failed", values)
+    changed = turn is not None
+    if not changed:
+        conditions = [Generation.id == job_id, Generation.status == "processing"]
+        if worker_id is not None:
+            conditions.append(Generation.worker_id == worker_id)
+        result = session.execute(
+            update(Generation).where(*conditions).values(status="failed", **values)
         )
-    )
+        changed = result.rowcount == 1  # type: ignore[attr-defined]
     job = session.get_one(Generation, job_id, populate_existing=True)
     if job.status == "failed":
         # The refund is guarded by the ledger's unique key, and the event by the deliveries'
         # unique key: running this path twice changes nothing the second time.
         credits.refund(session, generation_id=job.id)
         webhooks.record_event(session, job=job, event_type="generation.failed")
-    return job if result.rowcount == 1 else None  # type: ignore[attr-defined]
+    if turn is not None:
+        scheduler.left(session, user_id=turn[0], model_id=turn[1])
+    return job if changed else None
 
 
 def release(
@@ -205,16 +249,23 @@ def release(
 def cancel(session: Session, *, job_id: str) -> Generation | None:
     """queued or processing -> canceled, refunded once; None if the job had ended already
     (the job, read again, is in the session either way)."""
-    result = session.execute(
-        update(Generation)
-        .where(Generation.id == job_id, Generation.status.in_(("queued", "processing")))
-        .values(status="canceled", finished_at=utcnow(), lease_expires_at=None)
-    )
+    values = {"finished_at": utcnow(), "lease_expires_at": None}
+    turn = _from_queued(session, job_id, "canceled", values)
+    changed = turn is not None
+    if not changed:
+        result = session.execute(
+            update(Generation)
+            .where(Generation.id == job_id, Generation.status == "processing")
+            .values(status="canceled", **values)
+        )
+        changed = result.rowcount == 1  # type: ignore[attr-defined]
     job = session.get_one(Generation, job_id, populate_existing=True)
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+    if not changed:
         return None
     credits.refund(session, generation_id=job.id)
     webhooks.record_event(session, job=job, event_type="generation.canceled")
+    if turn is not None:
+        scheduler.left(session, user_id=turn[0], model_id=turn[1])
     return job
 
 
@@ -227,6 +278,22 @@ def requeue_expired(
     return _queued_again(session, _REQUEUE_EXPIRED, {"job_id": job_id, "now": now}, settings)
 
 
+def _from_queued(
+    session: Session, job_id: str, status: str, values: dict[str, Any]
+) -> tuple[str, str] | None:
+    """queued -> an end (canceled, failed): the job's (user, model), whose turn counts one
+    less once the caller has refunded it (`scheduler.left`: the user's row before the turn's,
+    the order every transaction takes them in); None if the job was not queued."""
+    row = session.execute(
+        update(Generation)
+        .where(Generation.id == job_id, Generation.status == "queued")
+        .values(status=status, **values)
+        .returning(Generation.user_id, Generation.model_id),
+        execution_options={"synchronize_session": False},
+    ).first()
+    return None if row is None else (str(row[0]), str(row[1]))
+
+
 def _queued_again(
     session: Session, statement: Any, params: dict[str, Any], settings: Settings
 ) -> Generation | None:
@@ -234,5 +301,9 @@ def _queued_again(
     None when its conditions no longer held."""
     job = session.scalars(statement, params, execution_options=_RETURNING).one_or_none()
     if job is not None:
+        scheduler.joined(
+            session, user_id=job.user_id, model_id=job.model_id, priority=job.priority,
+            since=job.created_at,
+        )  # fmt: skip
         defer(session, generate_message(job, settings))
     return job

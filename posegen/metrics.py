@@ -22,9 +22,11 @@ class QueueCollector(Collector):
         self,
         counts: Callable[[], Iterable[tuple[str, str, int]]],
         depths: Callable[[], dict[str, int]],
+        serving: Callable[[], dict[str, int] | None],
     ) -> None:
         self.counts = counts
         self.depths = depths
+        self.serving = serving
 
     def collect(self) -> Iterable[Any]:
         active = GaugeMetricFamily(
@@ -41,6 +43,16 @@ class QueueCollector(Collector):
         for queue, count in _safely(self.depths, {}).items():
             depth.add_metric([queue], count)
         yield depth
+        workers = GaugeMetricFamily(
+            "posegen_model_workers",
+            "Workers serving each model (absent where the broker cannot tell). Queued jobs "
+            'of a model no worker serves wait: alert on posegen_jobs_active{status="queued"} '
+            "without workers.",
+            labels=["model"],
+        )
+        for model, count in (_safely(self.serving, None) or {}).items():
+            workers.add_metric([model], count)
+        yield workers
 
 
 def _safely(read: Callable[[], Any], default: Any) -> Any:
@@ -122,8 +134,9 @@ class Metrics:
         self,
         counts: Callable[[], Iterable[tuple[str, str, int]]],
         depths: Callable[[], dict[str, int]],
+        serving: Callable[[], dict[str, int] | None],
     ) -> None:
-        self.registry.register(QueueCollector(counts, depths))
+        self.registry.register(QueueCollector(counts, depths, serving))
 
 
 def serve_multiprocess(port: int, host: str = "0.0.0.0") -> None:

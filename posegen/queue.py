@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The generation queues: one per model, `generation.<model_key>`. A message on one says "a job
+# of this model is ready"; the worker that takes it claims the best queued job of the models it
+# serves (posegen.scheduler). `generation` names them all where queues are listed
+# (`posegen worker --queues generation`).
 GENERATION_QUEUE = "generation"
 WEBHOOK_QUEUE = "webhooks"
 MAINTENANCE_QUEUE = "maintenance"
@@ -50,8 +54,8 @@ def priority_keys(queue: str) -> list[str]:
     return [queue, *(f"{queue}{PRIORITY_SEP}{step}" for step in PRIORITY_STEPS if step)]
 
 
-def celery_priority(model_priority: int) -> int:
-    return 9 - max(0, min(9, model_priority))
+def model_queue(model_key: str) -> str:
+    return f"{GENERATION_QUEUE}.{model_key}"
 
 
 def broker_url(settings: Settings) -> str:
@@ -159,24 +163,31 @@ class Message:
 def time_limits(job: Generation, settings: Settings) -> tuple[float, float]:
     """(soft, hard) seconds for this job: a generous allowance from its steps and pixels
     (2 s per step at 512x512, some twenty times a slow GPU's pace, plus a minute for a cold
-    model load), never above the configured limits. The soft limit fails the job with
-    `timeout`; the hard one kills the process (Celery replaces it)."""
+    model load), never above the configured limits. Past the soft limit the runner stops the
+    job between steps and fails it with `timeout`; Celery's limits (the configured ones) stop
+    a job stuck inside a step."""
     pixels = job.params["width"] * job.params["height"] / (512 * 512)
     soft = min(settings.job_soft_time_limit, 60 + 2.0 * job.params["num_inference_steps"] * pixels)
     hard = min(settings.job_hard_time_limit, soft + 60)
     return soft, max(hard, soft + 1)
 
 
-def generate_message(job: Generation, settings: Settings) -> Message:
-    soft, hard = time_limits(job, settings)
+def ready_message(model_key: str, settings: Settings, *, job_id: str | None = None) -> Message:
+    """ "A job of this model is ready", naming the job it was sent for (for logs and tests).
+    Whichever job the worker claims runs under the configured limits (Celery's, set when the
+    task starts), and under its own `time_limits` between steps (the runner)."""
     return Message(
         task=GENERATE_TASK,
-        args=(job.id,),
-        queue=GENERATION_QUEUE,
-        priority=celery_priority(job.priority),
-        soft_time_limit=soft,
-        time_limit=hard,
+        args=(job_id, model_key),
+        queue=model_queue(model_key),
+        soft_time_limit=settings.job_soft_time_limit,
+        time_limit=settings.job_hard_time_limit,
     )
+
+
+def generate_message(job: Generation, settings: Settings) -> Message:
+    """The message a queued job is sent with (`ready_message`)."""
+    return ready_message(job.model_key, settings, job_id=job.id)
 
 
 def defer(session: Session, message: Message) -> None:
@@ -242,6 +253,19 @@ class Dispatcher:
             for key in priority_keys(queue):
                 pipe.llen(key)
             return sum(int(n) for n in pipe.execute())
+
+    def consumers(self, *, timeout: float = 1.0) -> dict[str, list[str]] | None:
+        """Queue name -> the workers consuming it, asked of the workers by Celery's remote
+        control (a broadcast; replies within `timeout`); None where the broker cannot
+        broadcast (the embedded one)."""
+        if self.celery.conf.broker_url.startswith("filesystem"):
+            return None
+        replies = self.celery.control.inspect(timeout=timeout).active_queues() or {}
+        serving: dict[str, list[str]] = {}
+        for worker, queues in replies.items():
+            for queue in queues:
+                serving.setdefault(queue["name"], []).append(worker)
+        return {queue: sorted(workers) for queue, workers in serving.items()}
 
     def flush(self, session: Session) -> int:
         messages: list[Message] = session.info.pop("outbox", [])

@@ -2,11 +2,14 @@
 
 Swept by beat every POSEGEN_RECONCILE_INTERVAL seconds:
 - queued jobs whose message may be lost (broker restart, crash between commit and publish)
-  are published again: as many as the queued jobs outnumber the messages waiting on the
-  broker, in run order (the head of the queue first);
+  are published again: per model, as many as its queued jobs outnumber the messages waiting
+  on its queue, in run order (the head of the queue first);
 - processing jobs whose lease ran out (their worker died) go back to the queue;
-- jobs interrupted more times than the attempt limit fail, refunded.
-A duplicate message is harmless: the worker's claim only takes a job that is queued.
+- jobs interrupted more times than the attempt limit fail, refunded;
+- jobs past their deadline that no worker stopped (queued, or their worker gone) fail with
+  `deadline_exceeded`, refunded;
+- scheduler turns whose count drifted from the jobs are counted again.
+A duplicate message is harmless: a worker's claim only takes a job that is queued.
 """
 
 from __future__ import annotations
@@ -16,14 +19,14 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import Select, delete, func, select
+from sqlalchemy import Select, and_, delete, func, select
 from sqlalchemy.orm import Session
 
 from db.models import Generation, IdempotencyKey, status_is
 from db.types import utcnow
-from posegen import lifecycle
+from posegen import lifecycle, scheduler
 from posegen.jobs import QUEUE_ORDER
-from posegen.queue import defer, generate_message
+from posegen.queue import defer, generate_message, model_queue
 from posegen.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -35,28 +38,55 @@ class Sweep:
     requeued: int
     # The model of each job failed, for the job metrics (counted once the sweep commits).
     failed_models: tuple[str, ...] = ()
+    repaired: int = 0
 
     @property
     def failed(self) -> int:
         return len(self.failed_models)
 
     def counts(self) -> dict[str, int]:
-        return {"republished": self.republished, "requeued": self.requeued, "failed": self.failed}
+        return {
+            "republished": self.republished,
+            "requeued": self.requeued,
+            "failed": self.failed,
+            "repaired": self.repaired,
+        }
 
 
-def stale_queued(stale: dt.datetime, batch: int) -> Select[Generation]:
-    """Queued jobs last published before `stale`, in run order (ix_generations_queue)."""
+def stale_queued(
+    stale: dt.datetime, batch: int, model_key: str | None = None
+) -> Select[Generation]:
+    """Queued jobs (of one model) last published before `stale`, in run order
+    (ix_generations_queue)."""
+    where = [status_is(Generation.status, "queued"), Generation.published_at < stale]
+    if model_key is not None:
+        where.append(Generation.model_key == model_key)
+    return select(Generation).where(*where).order_by(*QUEUE_ORDER).limit(batch)
+
+
+def queued_by_model() -> Select[str, int]:
+    """How many jobs of each model are queued (ix_generations_queue)."""
     return (
-        select(Generation)
-        .where(status_is(Generation.status, "queued"), Generation.published_at < stale)
-        .order_by(*QUEUE_ORDER)
-        .limit(batch)
+        select(Generation.model_key, func.count())
+        .where(status_is(Generation.status, "queued"))
+        .group_by(Generation.model_key)
     )
 
 
-def queued_count() -> Select[int]:
-    """How many jobs are queued (ix_generations_queue)."""
-    return select(func.count()).where(status_is(Generation.status, "queued"))
+def past_deadline(now: dt.datetime, batch: int) -> Select[Generation]:
+    """Live jobs past their deadline (ix_generations_deadline) that no worker is stopping:
+    queued ones, and running ones whose lease ran out."""
+    return (
+        select(Generation)
+        .where(
+            status_is(Generation.status, "queued", "processing"),
+            Generation.deadline_at.is_not(None),
+            Generation.deadline_at < now,
+            (Generation.status == "queued")
+            | and_(Generation.status == "processing", Generation.lease_expires_at < now),
+        )
+        .limit(batch)
+    )
 
 
 def expired_leases(now: dt.datetime, batch: int) -> Select[Generation]:
@@ -72,37 +102,22 @@ def reconcile(
     session: Session,
     *,
     settings: Settings,
-    count_waiting: Callable[[], int | None] | None = None,
+    count_waiting: Callable[[str], int | None] | None = None,
     batch: int = 1000,
 ) -> Sweep:
-    """One sweep. `count_waiting`: the generation messages waiting on the broker, where it
-    can tell (`Dispatcher.waiting`); without it, every queued job whose last message is older
-    than POSEGEN_REQUEUE_AFTER_SECONDS is published again."""
+    """One sweep. `count_waiting`: the generation messages waiting on a queue of the broker,
+    where it can tell (`Dispatcher.waiting`); without it, every queued job whose last message
+    is older than POSEGEN_REQUEUE_AFTER_SECONDS is published again."""
     now = utcnow()
-    stale = now - dt.timedelta(seconds=settings.requeue_after_seconds)
-    lost = batch
-    if count_waiting is not None:
-        queued_jobs = session.scalar(queued_count()) or 0
-        try:
-            waiting = count_waiting()
-        except Exception:  # the broker is unreachable: nothing could be published anyway
-            log.warning("could not count the broker's messages; none re-published", exc_info=True)
-            waiting = queued_jobs  # and the expired leases below are still swept
-        if waiting is not None:
-            # A message can only be lost where the queued jobs outnumber the messages. By
-            # age alone, a backlog older than the requeue age got up to `batch` duplicates a
-            # sweep (120,000 an hour), each costing a worker a claim. The broker is counted
-            # after the jobs: a job submitted in between makes this err towards publishing
-            # fewer, and only a job claimed in between (a few a sweep) towards one more.
-            lost = min(batch, queued_jobs - waiting)
-    queued = session.scalars(stale_queued(stale, lost)).all() if lost > 0 else []
-    for job in queued:
-        job.published_at = now
-        defer(session, generate_message(job, settings))
-
-    expired = session.scalars(expired_leases(now, batch)).all()
+    failed_models = _fail_past_deadline(session, now=now, batch=batch)
+    republished = _republish(
+        session, now=now, settings=settings, count_waiting=count_waiting, batch=batch
+    )
     requeued = 0
-    failed_models: list[str] = []
+    # The failures first: a refund locks the user's row, which must come before any turn
+    # row a requeue locks (posegen.scheduler).
+    expired = session.scalars(expired_leases(now, batch)).all()
+    expired = sorted(expired, key=lambda job: job.attempts < settings.max_attempts)
     for job in expired:
         if job.attempts >= settings.max_attempts:
             done = lifecycle.fail(
@@ -117,8 +132,62 @@ def reconcile(
         back = lifecycle.requeue_expired(session, job_id=job.id, now=now, settings=settings)
         if back is not None:
             requeued += 1
+    repaired = 0
+    for user_id, model_id in scheduler.drifted(session):
+        scheduler.repair(session, user_id=user_id, model_id=model_id)
+        repaired += 1
     session.flush()
-    return Sweep(republished=len(queued), requeued=requeued, failed_models=tuple(failed_models))
+    return Sweep(
+        republished=republished, requeued=requeued, failed_models=tuple(failed_models),
+        repaired=repaired,
+    )  # fmt: skip
+
+
+def _fail_past_deadline(session: Session, *, now: dt.datetime, batch: int) -> list[str]:
+    """Fail the jobs past their deadline that no worker stops; their models."""
+    failed: list[str] = []
+    for job in session.scalars(past_deadline(now, batch)).all():
+        done = lifecycle.fail(
+            session, job_id=job.id, code="deadline_exceeded", message=lifecycle.DEADLINE_MESSAGE
+        )
+        if done is not None:
+            failed.append(job.model_key)
+    return failed
+
+
+def _republish(
+    session: Session,
+    *,
+    now: dt.datetime,
+    settings: Settings,
+    count_waiting: Callable[[str], int | None] | None,
+    batch: int,
+) -> int:
+    """Publish again the queued jobs whose message may be lost, model by model."""
+    stale = now - dt.timedelta(seconds=settings.requeue_after_seconds)
+    republished = 0
+    for model_key, queued_jobs in session.execute(queued_by_model()).all():
+        lost = batch
+        if count_waiting is not None:
+            try:
+                waiting = count_waiting(model_queue(model_key))
+            except Exception:  # the broker is unreachable: nothing could be published anyway
+                log.warning("could not count the broker's messages", exc_info=True)
+                return republished  # and the expired leases are still swept
+            if waiting is not None:
+                # A message can only be lost where the queued jobs outnumber the messages. By
+                # age alone, a backlog older than the requeue age got up to `batch` duplicates
+                # a sweep, each costing a worker a claim. The broker is counted after the jobs:
+                # a job submitted in between makes this err towards publishing fewer, and only
+                # a job claimed in between (a few a sweep) towards one more.
+                lost = min(batch, queued_jobs - waiting)
+        if lost <= 0:
+            continue
+        for job in session.scalars(stale_queued(stale, lost, model_key)).all():
+            job.published_at = now
+            defer(session, generate_message(job, settings))
+            republished += 1
+    return republished
 
 
 def purge_expired_idempotency_keys(session: Session) -> int:

@@ -13,6 +13,7 @@ Tier = Literal["free", "basic", "pro", "enterprise"]
 
 
 DEFAULT_RATE_LIMITS = {"free": 30, "basic": 120, "pro": 600, "enterprise": 3000}
+DEFAULT_QUEUED_LIMITS = {"free": 10, "basic": 50, "pro": 200, "enterprise": 1000}
 
 
 class Settings(BaseSettings):
@@ -59,6 +60,17 @@ class Settings(BaseSettings):
     rate_limit_per_minute: Annotated[dict[str, int], NoDecode] = Field(default=DEFAULT_RATE_LIMITS)
     list_limit_max: int = 100
 
+    # -- scheduling (posegen.scheduler) ------------------------------------------------------
+    # Queued jobs a user may have at once, per tier (0: unlimited): beyond, 429 queue_full.
+    max_queued_per_user: Annotated[dict[str, int], NoDecode] = Field(default=DEFAULT_QUEUED_LIMITS)
+    # Queued jobs per model (0: unlimited): beyond, 503 overloaded.
+    max_queue_depth: int = Field(default=10_000, ge=0)
+    # A worker keeps to the models it holds loaded unless another model's job has waited
+    # longer than this many seconds.
+    affinity_max_wait: float = Field(default=30.0, ge=0)
+    # The models a GPU worker serves (`posegen worker --models`); empty: every enabled model.
+    worker_models: Annotated[list[str], NoDecode] = Field(default=[])
+
     # -- webhooks -----------------------------------------------------------------------------
     webhook_allow_private: bool = False
     webhook_retry_schedule: Annotated[list[float], NoDecode] = Field(
@@ -104,23 +116,22 @@ class Settings(BaseSettings):
         # means unset.
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("worker_models", mode="before")
+    @classmethod
+    def _parse_models(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
     @field_validator("rate_limit_per_minute", mode="before")
     @classmethod
     def _parse_rate_limits(cls, value: object) -> object:
-        # "free=30,basic=120" (the tiers not named keep their defaults) or a single number for
-        # every tier; 0 means unlimited.
-        if isinstance(value, str):
-            value = value.strip()
-            if "=" not in value:
-                return dict.fromkeys(DEFAULT_RATE_LIMITS, int(value))
-            pairs = (part.split("=", 1) for part in value.split(",") if part.strip())
-            value = {k.strip(): int(v) for k, v in pairs}
-        if isinstance(value, dict):
-            unknown = set(value) - set(DEFAULT_RATE_LIMITS)
-            if unknown:
-                raise ValueError(f"unknown tier {sorted(unknown)[0]!r}")
-            return {**DEFAULT_RATE_LIMITS, **value}
-        return value
+        return _per_tier(value, DEFAULT_RATE_LIMITS)
+
+    @field_validator("max_queued_per_user", mode="before")
+    @classmethod
+    def _parse_queued_limits(cls, value: object) -> object:
+        return _per_tier(value, DEFAULT_QUEUED_LIMITS)
 
     @property
     def embedded_broker(self) -> bool:
@@ -133,6 +144,23 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+
+def _per_tier(value: object, defaults: dict[str, int]) -> object:
+    """A limit per tier: "free=30,basic=120" (the tiers not named keep their defaults) or a
+    single number for every tier; 0 means unlimited."""
+    if isinstance(value, str):
+        value = value.strip()
+        if "=" not in value:
+            return dict.fromkeys(defaults, int(value))
+        pairs = (part.split("=", 1) for part in value.split(",") if part.strip())
+        value = {k.strip(): int(v) for k, v in pairs}
+    if isinstance(value, dict):
+        unknown = set(value) - set(defaults)
+        if unknown:
+            raise ValueError(f"unknown tier {sorted(unknown)[0]!r}")
+        return {**defaults, **value}
+    return value
 
 
 @lru_cache(maxsize=1)

@@ -9,7 +9,7 @@ from typing import Any
 
 import redis
 
-from posegen.queue import GENERATE_TASK, GENERATION_QUEUE, priority_keys
+from posegen.queue import GENERATE_TASK, GENERATION_QUEUE
 
 # Where kombu keeps the messages a worker took and has not acknowledged yet (late acks: until
 # the task returns), keyed by delivery tag.
@@ -27,11 +27,17 @@ def job_id_of(raw: bytes | dict[str, Any]) -> str | None:
     return job_id
 
 
+def generation_lists(client: redis.Redis) -> list[bytes]:
+    """The Redis lists of every model's generation queue (`generation.<model_key>`)."""
+    keys = client.scan_iter(match=f"{GENERATION_QUEUE}.*")
+    return [key for key in keys if client.type(key) == b"list"]
+
+
 def waiting_job_ids(url: str) -> list[str]:
-    """The job ids of every generation message waiting, over all the queue's priority lists,
-    sorted (a job published twice is there twice)."""
+    """The job ids of every generation message waiting, over every model's queue, sorted (a
+    job published twice is there twice)."""
     client = redis.Redis.from_url(url)
-    ids = (job_id_of(raw) for key in priority_keys(GENERATION_QUEUE) for raw in client.lrange(key, 0, -1))  # fmt: skip
+    ids = (job_id_of(raw) for key in generation_lists(client) for raw in client.lrange(key, 0, -1))  # fmt: skip
     return sorted(i for i in ids if i is not None)
 
 

@@ -1,5 +1,7 @@
-"""Real services for every test: a fresh Postgres database built by Alembic, Redis, Celery
-worker processes, the tiny models. Each test leaves the tables and the queue empty."""
+"""Real services for every test: Postgres databases built by Alembic, Redis, Celery worker
+processes, the tiny models. Each module that uses them gets a database and a Redis database of
+its own, and its processes stop when it ends: no module's workers or reconciler reach another
+module's jobs. Each test leaves the tables and the queue empty."""
 
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from tests.factories import Account
 from tests.processes import Proc, start_api
 from tests.services import (
     DATA_TABLES,
-    REDIS_URL,
+    RedisDatabases,
+    consumers,
     free_port,
     fresh_database,
     seeded_engine,
@@ -32,24 +35,38 @@ from tests.services import (
 
 
 @pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    with fresh_database() as url:
-        yield url
-
-
-# For a module whose jobs the session's workers and reconciler must not touch: a database of
-# its own (override `db_engine` with `module_db_engine` there).
-@pytest.fixture(scope="module")
-def module_db() -> Iterator[str]:
+def migrated_database() -> Iterator[str]:
+    """Built by the migrations once; each module's database is a copy of it."""
     with fresh_database() as url:
         yield url
 
 
 @pytest.fixture(scope="module")
-def module_db_engine(module_db: str) -> Iterator[object]:
-    engine = seeded_engine(module_db)
-    yield engine
-    engine.dispose()  # type: ignore[attr-defined]
+def database_url(migrated_database: str) -> Iterator[str]:
+    """This module's own Postgres database."""
+    with fresh_database(template=migrated_database) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def redis_databases() -> RedisDatabases:
+    return RedisDatabases()
+
+
+@pytest.fixture(scope="module")
+def broker_url(redis_databases: RedisDatabases) -> Iterator[str]:
+    """This module's own Redis database: the broker of its API and of the workers it starts."""
+    with redis_databases.take() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def quiet_broker_url(redis_databases: RedisDatabases) -> Iterator[str]:
+    """A Redis database of this module that no process consumes: what is published there stays
+    for the test to read. No worker fixture is given it, and `clean` checks after each test that
+    no consumer came."""
+    with redis_databases.take() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -61,14 +78,17 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def base_env(
-    pg_url: str, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    database_url: str,
+    broker_url: str,
+    model_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> dict[str, str]:
     var = tmp_path_factory.mktemp("var")
     return {
-        "POSEGEN_DATABASE_URL": pg_url,
-        "POSEGEN_BROKER_URL": REDIS_URL,
+        "POSEGEN_DATABASE_URL": database_url,
+        "POSEGEN_BROKER_URL": broker_url,
         "POSEGEN_STORAGE_URL": f"file://{var / 'storage'}",
         "POSEGEN_MODEL_DIR": str(model_dir),
         "POSEGEN_VAR_DIR": str(var),
@@ -81,6 +101,8 @@ def base_env(
         "POSEGEN_JOB_LEASE_SECONDS": "3",
         "POSEGEN_HEARTBEAT_SECONDS": "0.3",
         "POSEGEN_RATE_LIMIT_PER_MINUTE": "10000",
+        # Tests queue many jobs with no worker to take them; the limits have tests of their own.
+        "POSEGEN_MAX_QUEUED_PER_USER": "0",
         "POSEGEN_LOG_JSON": "true",
         # The GPU-worker way (auto picks it on a GPU): the end-to-end and fault tests run a
         # finished job's record behind the next job; the S3 worker records before returning.
@@ -88,12 +110,12 @@ def base_env(
     }
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def settings(base_env: dict[str, str]) -> Settings:
     return settings_from(base_env)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def db_engine(settings: Settings) -> Iterator[object]:
     engine = seeded_engine(settings.database_url)
     yield engine
@@ -115,15 +137,19 @@ def session(sessions: object) -> Iterator[Session]:
 
 @pytest.fixture(autouse=True)
 def clean(request: pytest.FixtureRequest) -> Iterator[None]:
-    """After each test that touched the database or the broker: empty tables and queues."""
+    """After each test that touched the database or a broker: empty tables and queues."""
     yield
     if "db_engine" in request.fixturenames:
         engine = request.getfixturevalue("db_engine")
         with engine.begin() as conn:
             conn.execute(text(f"TRUNCATE {DATA_TABLES} CASCADE"))
             conn.execute(text("DELETE FROM ai_models WHERE model_key LIKE 'test-%'"))
-    if "base_env" in request.fixturenames:  # every fixture that reaches the broker uses it
-        redis.Redis.from_url(REDIS_URL).flushdb()
+    if "broker_url" in request.fixturenames:
+        redis.Redis.from_url(request.getfixturevalue("broker_url")).flushdb()
+    if "quiet_broker_url" in request.fixturenames:
+        quiet = request.getfixturevalue("quiet_broker_url")
+        assert consumers(quiet) == [], f"a process consumes from the quiet broker {quiet}"
+        redis.Redis.from_url(quiet).flushdb()
 
 
 @pytest.fixture
@@ -152,12 +178,15 @@ def make_account(sessions: object) -> object:
 # -- processes ------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def process_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("logs")
+@pytest.fixture(scope="module")
+def process_logs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp(f"logs-{Path(request.node.name).stem}")
 
 
-@pytest.fixture(scope="session")
+# The processes below are the module's: on its database and broker, stopped when it ends.
+
+
+@pytest.fixture(scope="module")
 def gpu_worker(base_env: dict[str, str], db_engine: object, process_logs: Path) -> Iterator[Proc]:
     port = free_port()
     args = ["worker", "--concurrency", "1", "--metrics-port", str(port)]
@@ -167,7 +196,7 @@ def gpu_worker(base_env: dict[str, str], db_engine: object, process_logs: Path) 
     proc.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def housekeeping(base_env: dict[str, str], db_engine: object, process_logs: Path) -> Iterator[Proc]:
     port = free_port()
     worker = Proc(
@@ -190,7 +219,7 @@ def housekeeping(base_env: dict[str, str], db_engine: object, process_logs: Path
     worker.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def live_api(base_env: dict[str, str], db_engine: object, process_logs: Path) -> Iterator[str]:
     """A real uvicorn server (its own process), for concurrent clients."""
     proc, base = start_api(base_env, process_logs / "api.log")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,6 +101,18 @@ def wait_for(
             return job
         time.sleep(0.1)
     raise AssertionError(f"job {job_id} still {job.get('status')} after {timeout}s")
+
+
+def eventually(check: Callable[[], bool], timeout: float = 30.0) -> bool:
+    """Whether `check` holds within `timeout` seconds: for what another process does in its own
+    time (a worker removes a job's photos and logs its end just after it records the end, which
+    a poll may see first)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def ledger_kinds(sessions: Any, job_id: str) -> dict[str, int]:

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.orm import Session
 
@@ -31,10 +30,9 @@ from posegen import accounts
 from posegen.cli.common import upgrade_database
 from tests.factories import png_bytes
 from tests.processes import start_api
-from tests.services import free_port, redis_db, seeded_engine
+from tests.services import free_port, seeded_engine
 
 pytestmark = pytest.mark.slow
-FAILOVER_BROKER = redis_db(7)  # its own: no worker takes these jobs, no other test counts them
 
 
 class PrivateServer:
@@ -117,12 +115,12 @@ def db_engine(server):
 
 
 @pytest.fixture(scope="module")
-def api(base_env, server, db_engine, process_logs) -> Iterator[str]:
-    env = {**base_env, "POSEGEN_DATABASE_URL": server.url, "POSEGEN_BROKER_URL": FAILOVER_BROKER}
+def api(base_env, server, quiet_broker_url, db_engine, process_logs) -> Iterator[str]:
+    """On the module's quiet broker: no worker takes these jobs."""
+    env = {**base_env, "POSEGEN_DATABASE_URL": server.url, "POSEGEN_BROKER_URL": quiet_broker_url}
     proc, base = start_api(env, process_logs / "api-failover.log")
     yield base
     proc.stop()
-    redis.Redis.from_url(FAILOVER_BROKER).flushdb()
 
 
 @pytest.fixture

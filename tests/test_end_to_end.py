@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from posegen import credits
-from tests.factories import astronaut_png, strand, submit, wait_for
+from tests.factories import astronaut_png, eventually, strand, submit, wait_for
 from tests.services import ROOT
 
 pytestmark = pytest.mark.slow
@@ -322,8 +322,16 @@ def test_structured_logs_carry_the_job_id_across_api_and_worker(
         getattr(r, "job_id", None) == job["id"] and r.getMessage() == "job submitted"
         for r in caplog.records
     )
-    worker_lines = [
-        json.loads(line) for line in gpu_worker.log.read_text().splitlines() if line.startswith("{")
-    ]
-    mine = {line["msg"] for line in worker_lines if line.get("job_id") == job["id"]}
+
+    def logged() -> set[str]:
+        lines = gpu_worker.log.read_text().splitlines()
+        return {
+            entry["msg"]
+            for entry in (json.loads(line) for line in lines if line.startswith("{"))
+            if entry.get("job_id") == job["id"]
+        }
+
+    # The worker logs the job's end just after it records it, which the poll may see first.
+    eventually(lambda: {"job started", "job completed"} <= logged(), timeout=10)
+    mine = logged()
     assert {"job started", "job completed"} <= mine

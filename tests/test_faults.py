@@ -1,4 +1,7 @@
-"""Faults caused for real: a worker SIGKILLed mid-job, Redis flushed, Postgres unreachable."""
+"""Faults caused for real: a worker SIGKILLed mid-job, Redis flushed, Postgres unreachable.
+
+They run on the module's own database and Redis database (`base_env`), with workers each test
+starts and stops: nothing else touches the jobs whose faults are staged here."""
 
 from __future__ import annotations
 
@@ -14,48 +17,28 @@ from db.models import CreditLedger, Generation, User
 from tests.broker_messages import unacked_job_ids, waiting_job_ids
 from tests.factories import ledger_kinds, submit, wait_for
 from tests.processes import TcpProxy, started_processes
-from tests.services import REDIS_PORT, redis_db, settings_from
+from tests.services import REDIS_PORT, settings_from
 
 pytestmark = pytest.mark.slow
-FAULT_BROKER = redis_db(13)  # its own queue, consumed only by this module's workers
-
-
-# This module runs on its own database and Redis DB: the session's workers and reconciler
-# must not touch the jobs whose faults are staged here.
-@pytest.fixture(scope="module")
-def fault_db(module_db):
-    return module_db
-
-
-@pytest.fixture(scope="module")
-def db_engine(module_db_engine):
-    return module_db_engine
 
 
 @pytest.fixture
-def fault_env(base_env, fault_db):
-    yield {**base_env, "POSEGEN_DATABASE_URL": fault_db, "POSEGEN_BROKER_URL": FAULT_BROKER}
-    # Each test starts with no message on the broker (the workers are stopped by now).
-    redis.Redis.from_url(FAULT_BROKER).flushdb()
-
-
-@pytest.fixture
-def fault_app(fault_env, db_engine):
+def fault_app(base_env, db_engine):
     from fastapi.testclient import TestClient
 
     from api.app import create_app
 
-    with TestClient(create_app(settings_from(fault_env))) as client:
+    with TestClient(create_app(settings_from(base_env))) as client:
         yield client
 
 
 @pytest.fixture
-def procs(fault_env, process_logs: Path):
+def procs(base_env, process_logs: Path):
     with started_processes(process_logs, "fault") as start:
-        yield lambda *args, name: start(fault_env, *args, name=name)
+        yield lambda *args, name: start(base_env, *args, name=name)
 
 
-def test_worker_sigkilled_mid_job_completes_once_charged_once(fault_app, make_account, procs, sessions, fault_env):  # fmt: skip
+def test_worker_sigkilled_mid_job_completes_once_charged_once(fault_app, make_account, procs, sessions, base_env):  # fmt: skip
     account = make_account(credits=1)
     worker = procs("worker", "--concurrency", "1", name="worker")
     procs("beat", name="beat")
@@ -75,19 +58,19 @@ def test_worker_sigkilled_mid_job_completes_once_charged_once(fault_app, make_ac
     assert done["status"] == "completed", (done, worker2.tail())
     # The kill cost one attempt; the second ran it to completion, once.
     assert done["attempts"] == 2 and len(done["outputs"]) == 1, done
-    storage = Path(settings_from(fault_env).storage_url.removeprefix("file://"))
+    storage = Path(settings_from(base_env).storage_url.removeprefix("file://"))
     assert [p.name for p in (storage / "outputs" / job["id"]).iterdir()] == ["0.png"]
     assert ledger_kinds(sessions, job["id"]) == {"charge": 1}
     assert fault_app.get("/v1/me", headers=account.headers).json()["credits"] == 0
 
 
-def test_redis_flushed_with_jobs_queued_all_complete_once(fault_app, fault_env, make_account, procs, sessions):  # fmt: skip
+def test_redis_flushed_with_jobs_queued_all_complete_once(fault_app, base_env, broker_url, make_account, procs, sessions):  # fmt: skip
     """Every message lost: the reconciler publishes each job again, and each runs once (one
     attempt, one output, one charge), however many sweeps ran while the worker started."""
     account = make_account(credits=3)
     ids = [submit(fault_app, account, seed=i).json()["id"] for i in range(3)]
-    assert waiting_job_ids(FAULT_BROKER) == sorted(ids)
-    redis.Redis.from_url(FAULT_BROKER).flushdb()  # every queued message is gone
+    assert waiting_job_ids(broker_url) == sorted(ids)
+    redis.Redis.from_url(broker_url).flushdb()  # every queued message is gone
     worker = procs("worker", "--concurrency", "1", name="worker")
     procs("beat", name="beat")
     procs("worker", "--queues", "maintenance", "--concurrency", "1", name="housekeeping")
@@ -95,10 +78,10 @@ def test_redis_flushed_with_jobs_queued_all_complete_once(fault_app, fault_env, 
         assert wait_for(fault_app, account, job_id, timeout=120)["status"] == "completed"
     # Until no generation message is left to run (a second one for a job would run now).
     deadline = time.monotonic() + 30
-    while waiting_job_ids(FAULT_BROKER) or unacked_job_ids(FAULT_BROKER):
+    while waiting_job_ids(broker_url) or unacked_job_ids(broker_url):
         assert time.monotonic() < deadline, worker.tail()
         time.sleep(0.2)
-    storage = Path(settings_from(fault_env).storage_url.removeprefix("file://"))
+    storage = Path(settings_from(base_env).storage_url.removeprefix("file://"))
     for job_id in ids:
         done = fault_app.get(f"/v1/generations/{job_id}", headers=account.headers).json()
         assert done["status"] == "completed" and done["attempts"] == 1, (done, worker.tail())
@@ -119,7 +102,7 @@ def _waiting_for_a_lock(engine, query: str) -> list[str]:
 
 
 def test_database_cut_mid_submit_is_503_stores_nothing_then_recovers(
-    fault_env, db_engine, make_account, sessions
+    base_env, db_engine, make_account, sessions
 ):
     """Postgres cut while a submit is inside its transaction (its job row and charge written,
     waiting for the user's row): 503 `unavailable`, and nothing of it stays, not the job, not
@@ -131,8 +114,8 @@ def test_database_cut_mid_submit_is_503_stores_nothing_then_recovers(
 
     proxy = TcpProxy(("127.0.0.1", 5432))
     proxy.up()
-    url = fault_env["POSEGEN_DATABASE_URL"].replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
-    settings = settings_from({**fault_env, "POSEGEN_DATABASE_URL": url})
+    url = base_env["POSEGEN_DATABASE_URL"].replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    settings = settings_from({**base_env, "POSEGEN_DATABASE_URL": url})
     inputs = Path(settings.storage_url.removeprefix("file://")) / "inputs"
     account = make_account(credits=5)
 
@@ -191,7 +174,7 @@ def test_database_cut_mid_submit_is_503_stores_nothing_then_recovers(
     proxy.down()
 
 
-def test_broker_down_at_submit_loses_nothing(fault_env, db_engine, make_account, procs, sessions):  # fmt: skip
+def test_broker_down_at_submit_loses_nothing(base_env, broker_url, db_engine, make_account, procs, sessions):  # fmt: skip
     """Redis unreachable from the API: the job is recorded and answered 202 without hanging,
     /ready says the broker is down, and the reconciler publishes the job once it is back
     (nothing else does: the queue is empty when the workers start)."""
@@ -205,8 +188,8 @@ def test_broker_down_at_submit_loses_nothing(fault_env, db_engine, make_account,
     proxy = TcpProxy(("127.0.0.1", REDIS_PORT))
     proxy.up()
     api_env = {
-        **fault_env,
-        "POSEGEN_BROKER_URL": FAULT_BROKER.replace(str(REDIS_PORT), str(proxy.port)),
+        **base_env,
+        "POSEGEN_BROKER_URL": broker_url.replace(str(REDIS_PORT), str(proxy.port)),
     }
     account = make_account(credits=1)
     with TestClient(create_app(settings_from(api_env))) as client:
@@ -223,7 +206,7 @@ def test_broker_down_at_submit_loses_nothing(fault_env, db_engine, make_account,
         assert client.get("/ready").status_code == 200  # the API reaches Redis again
         # Nothing was published, nor is later by the API; the reconciler (beat + maintenance
         # worker) finds the job.
-        assert waiting_job_ids(FAULT_BROKER) == []
+        assert waiting_job_ids(broker_url) == []
         workers_started = dt.datetime.now(dt.UTC)
         worker = procs("worker", "--concurrency", "1", name="worker")
         procs("beat", name="beat")

@@ -161,3 +161,66 @@ def test_the_packages_import_one_another_without_cycles() -> None:
         if module in reach[module]
     }
     assert sorted(cycles) == []
+
+
+# -- test isolation ------------------------------------------------------------------------
+
+# The one module that names the test Redis server's databases: it lends them, one holder at a
+# time (`RedisDatabases`, through the `broker_url` and `quiet_broker_url` fixtures). A number
+# picked anywhere else is one two modules can pick alike, and their queues then mix.
+REDIS_LENDER = ROOT / "tests" / "services.py"
+REDIS_URL_WITH_DB = re.compile(r"redis://[^\s'\"]*/\d+")
+
+
+def redis_db_numbers(tree: ast.Module) -> Iterator[tuple[int, str]]:
+    """(line, source) of each place in `tree` that picks a Redis database itself: a URL ending
+    in a number, the server's URL to build one from, `redis_db(n)`, `db=n`, `select(n)`."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if REDIS_URL_WITH_DB.fullmatch(node.value.strip()):
+                yield node.lineno, node.value
+        elif isinstance(node, ast.JoinedStr):
+            if REDIS_URL_WITH_DB.search(ast.unparse(node)):
+                yield node.lineno, ast.unparse(node)
+        elif isinstance(node, ast.Name) and node.id == "REDIS_SERVER":
+            yield node.lineno, node.id
+        elif isinstance(node, ast.ImportFrom):
+            if any(alias.name in ("REDIS_SERVER", "redis_db") for alias in node.names):
+                yield node.lineno, ast.unparse(node)
+        elif isinstance(node, ast.Call) and _picks_a_number(node):
+            yield node.lineno, ast.unparse(node)
+
+
+def _picks_a_number(call: ast.Call) -> bool:
+    func = call.func
+    name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+    numbered = any(isinstance(a, ast.Constant) and isinstance(a.value, int) for a in call.args)
+    return (
+        name == "redis_db"
+        or (name == "select" and numbered)
+        or any(k.arg == "db" for k in call.keywords)
+    )
+
+
+def test_no_test_module_picks_a_redis_database_number() -> None:
+    picked = [
+        f"{path.relative_to(ROOT)}:{line}: {source}"
+        for path in sorted((ROOT / "tests").rglob("*.py"))
+        if path != REDIS_LENDER
+        for line, source in redis_db_numbers(ast.parse(path.read_text(), filename=str(path)))
+    ]
+    assert picked == [], (
+        "take a Redis database from the `broker_url` or `quiet_broker_url` fixture:\n"
+        + "\n".join(picked)
+    )
+    # The search finds each way of picking one (it is not blind).
+    picks = """
+from tests.services import redis_db
+a = redis_db(8)
+b = "redis://127.0.0.1:6379/8"
+b2 = f"redis://127.0.0.1:{port}/8"
+c = f"{REDIS_SERVER}/8"
+d = redis.Redis(port=6379, db=8)
+e.select(8)
+"""
+    assert len(list(redis_db_numbers(ast.parse(picks)))) == 7

@@ -16,24 +16,17 @@ from typing import Any
 
 import boto3
 import pytest
-import redis
 from sqlalchemy import select
 
 from db.models import CreditLedger, Generation, WebhookDelivery
 from tests.factories import Account, ledger_kinds, submit, wait_for
 from tests.processes import Proc, TcpProxy, started_processes
-from tests.services import redis_db, settings_from
+from tests.services import settings_from
 
 pytestmark = pytest.mark.slow
 BUCKET = "posegen-outage"
-OUTAGE_BROKER = redis_db(9)  # its own queue, consumed only by this module's workers
 AWS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
 RESTARTED = "exiting so that Celery replaces this process"
-
-
-@pytest.fixture(scope="module")
-def db_engine(module_db_engine):
-    return module_db_engine
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +47,13 @@ def proxy(moto_server: str, s3: Any) -> Iterator[TcpProxy]:
 
 
 @pytest.fixture(scope="module")
-def direct_env(base_env, module_db, moto_server, s3) -> dict[str, str]:
-    """The API's view, straight to moto_server: submits and polls that the cut never reaches."""
+def direct_env(base_env, moto_server, s3) -> dict[str, str]:
+    """The API's view, straight to moto_server: submits and polls that the cut never reaches.
+    The database and the broker are the module's own (`base_env`), out of other modules'
+    reach; its workers are each test's."""
     return {
         **base_env,
         **AWS,
-        "POSEGEN_DATABASE_URL": module_db,
-        "POSEGEN_BROKER_URL": OUTAGE_BROKER,
         "POSEGEN_STORAGE_URL": f"s3://{BUCKET}/outage",
         "POSEGEN_S3_ENDPOINT_URL": moto_server,
     }
@@ -84,7 +77,6 @@ def _client(env: dict[str, str]) -> Any:
 def procs(process_logs: Path) -> Iterator[Callable[..., Proc]]:
     with started_processes(process_logs, "outage") as start:
         yield start
-    redis.Redis.from_url(OUTAGE_BROKER).flushdb()
 
 
 def _housekeeping(procs: Callable[..., Proc], env: dict[str, str]) -> None:
@@ -202,7 +194,6 @@ def impatient_worker(proxied_env, db_engine, process_logs: Path) -> Iterator[Pro
     proc = Proc(["worker", "--concurrency", "1"], env, process_logs / "outage-impatient.log")
     yield proc.start()
     proc.stop()
-    redis.Redis.from_url(OUTAGE_BROKER).flushdb()
 
 
 def _attempts_at_least(client: Any, account: Account, job_id: str, n: int) -> dict[str, Any]:

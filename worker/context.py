@@ -36,6 +36,8 @@ class WorkerContext:
     dispatcher: Dispatcher
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     restart_requested: bool = False
+    # The pipeline cache entries each model ran with (model key -> keys), for `warm_models`.
+    _held: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @cached_property
     def engine(self) -> Engine:
@@ -74,6 +76,18 @@ class WorkerContext:
         if mode == "off" or (mode == "auto" and not self.engine.leaves_cpu_time):
             return None
         return self.finisher
+
+    def held(self, model_key: str, cache_keys: tuple[str, ...]) -> None:
+        """A job of this model ran on these pipeline cache entries."""
+        self._held[model_key] = cache_keys
+
+    def warm_models(self) -> list[str]:
+        """The models whose pipelines this process holds loaded now: the scheduler prefers
+        their jobs (POSEGEN_AFFINITY_MAX_WAIT)."""
+        if "engine" not in vars(self):
+            return []
+        loaded = set(self.engine.cache.keys())
+        return [key for key, entries in self._held.items() if loaded.issuperset(entries)]
 
     def warm(self) -> None:
         """Import the inference stack and build the engine now (a worker child's start)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
@@ -22,9 +23,11 @@ from celery.exceptions import SoftTimeLimitExceeded
 from kombu.utils.functional import retry_over_time
 
 from db.models import Generation
-from posegen import lifecycle, retention
+from posegen import lifecycle, retention, scheduler
+from posegen.catalog import served_models
 from posegen.errors import JobError, StorageUnavailable
 from posegen.metrics import job_metrics
+from posegen.queue import defer, ready_message, time_limits
 from worker.context import WorkerContext
 from worker.finisher import Finisher
 
@@ -43,6 +46,8 @@ class Heartbeat:
     job_id: str
 
     def __post_init__(self) -> None:
+        self._stop_at = float("inf")
+        self._deadline = False
         self._step: tuple[int, int] | None = None
         self._written: tuple[int, int] | None = None
         self._lost = threading.Event()
@@ -61,8 +66,22 @@ class Heartbeat:
     def progress(self, step: int, total: int) -> None:
         self._step = (step, total)
 
+    def stop_at(self, when: float, *, deadline: bool) -> None:
+        """Stop the job between steps at this time (time.time()): its time limit, or its
+        deadline (`deadline`)."""
+        self._stop_at, self._deadline = when, deadline
+
     def canceled(self) -> bool:
-        return self._lost.is_set()
+        """Whether the engine is to stop before its next step: the job is no longer ours
+        (canceled), or out of time."""
+        return self._lost.is_set() or time.time() >= self._stop_at
+
+    def out_of_time(self) -> str | None:
+        """Why a job that stopped between steps did: `deadline_exceeded` or `timeout` when it
+        ran out of time (and was not canceled meanwhile), None when canceled."""
+        if self._lost.is_set() or time.time() < self._stop_at:
+            return None
+        return "deadline_exceeded" if self._deadline else "timeout"
 
     def _loop(self) -> None:
         interval = self.ctx.settings.heartbeat_seconds
@@ -89,17 +108,27 @@ class Heartbeat:
             self._lost.set()
 
 
-def run_job(ctx: WorkerContext, job_id: str, *, behind: Finisher | None = None) -> str:
-    """Claim, run and finish one job. Returns what happened, for logs and tests: with a
+def run_next(ctx: WorkerContext, *, ready_model: str | None, behind: Finisher | None = None) -> str:
+    """Claim the next job among the models this worker serves (the scheduler's order) and
+    run it. `ready_model`: the model whose message started this; when the job claimed is of
+    another model, that model's message is published again, so every queued job keeps one."""
+    claim = _claim_next(ctx, ready_model)
+    if claim is None:
+        return "nothing to run"
+    return run_job(ctx, claim, behind=behind)
+
+
+def run_job(ctx: WorkerContext, claim: lifecycle.Claim, *, behind: Finisher | None = None) -> str:
+    """Run and finish one claimed job. Returns what happened, for logs and tests: with a
     `behind` finisher, "finishing" once the model is done and the record is handed to it."""
     from worker.engine.engine import Canceled
     from worker.engine.run import steps_for
 
-    claim = _claim(ctx, job_id)
-    if claim is None:
-        return "skipped"
     job: Generation = claim.job
+    job_id = job.id
     heartbeat = Heartbeat(ctx, job_id)
+    when, is_deadline = _stop_at(ctx, job)
+    heartbeat.stop_at(when, deadline=is_deadline)
     heartbeat.start()
     result: EngineResult | None = None
     try:
@@ -107,9 +136,9 @@ def run_job(ctx: WorkerContext, job_id: str, *, behind: Finisher | None = None) 
         result = ctx.engine.generate(
             engine_job, on_step=heartbeat.progress, should_cancel=heartbeat.canceled
         )
+        ctx.held(job.model_key, ctx.engine.cache_keys(engine_job))
     except Canceled:
-        log.info("job canceled while running", extra={"job_id": job_id})
-        return "canceled"
+        return _stopped(ctx, job_id, heartbeat.out_of_time())
     except JobError as exc:
         return _fail(ctx, job_id, exc.code, exc.message)
     except StorageUnavailable as exc:  # an outage, not this process's fault: it stays
@@ -149,15 +178,45 @@ def run_job(ctx: WorkerContext, job_id: str, *, behind: Finisher | None = None) 
     return "finishing"
 
 
-def _claim(ctx: WorkerContext, job_id: str) -> lifecycle.Claim | None:
-    """The job, claimed for this worker (None: not queued any more), its wait observed."""
+def _stop_at(ctx: WorkerContext, job: Generation) -> tuple[float, bool]:
+    """When (time.time()) the job stops between steps, and whether that is its deadline: its
+    own soft time limit from now, or its deadline, whichever comes first."""
+    soft, _hard = time_limits(job, ctx.settings)
+    stop = time.time() + soft
+    if job.deadline_at is not None and job.deadline_at.timestamp() < stop:
+        return job.deadline_at.timestamp(), True
+    return stop, False
+
+
+def _stopped(ctx: WorkerContext, job_id: str, out_of_time: str | None) -> str:
+    """The engine stopped between steps: canceled by its owner, or out of time."""
+    if out_of_time is None:
+        log.info("job canceled while running", extra={"job_id": job_id})
+        return "canceled"
+    if out_of_time == "deadline_exceeded":
+        return _fail(ctx, job_id, out_of_time, lifecycle.DEADLINE_MESSAGE)
+    return _fail(ctx, job_id, "timeout", "The job ran past its time limit.")
+
+
+def _claim_next(ctx: WorkerContext, ready_model: str | None) -> lifecycle.Claim | None:
+    """The next job for this worker, claimed (None: none of its models has one queued), its
+    wait observed."""
     with ctx.session() as session:
-        claim = lifecycle.claim(
+        served = served_models(session, ctx.settings.worker_models)
+        claim = lifecycle.claim_next(
             session,
-            job_id=job_id,
             worker_id=ctx.worker_id,
+            models=list(served.values()),
+            warm=[served[key] for key in ctx.warm_models() if key in served],
             lease_seconds=ctx.settings.job_lease_seconds,
+            settings=ctx.settings,
         )
+        # The message stood for a job of `ready_model`. Claimed another model's job, or none
+        # because other claimers held the turns: that model's job still needs a message.
+        if ready_model is not None and ready_model in served:
+            taken = claim is not None and claim.job.model_key == ready_model
+            if not taken and scheduler.claimable(session, model_id=served[ready_model]):
+                defer(session, ready_message(ready_model, ctx.settings))
     if claim is None:
         return None
     job = claim.job
@@ -165,7 +224,7 @@ def _claim(ctx: WorkerContext, job_id: str) -> lifecycle.Claim | None:
     job_metrics().queue_wait.labels(job.model_key).observe(
         (job.started_at - job.created_at).total_seconds()
     )
-    log.info("job started", extra={"job_id": job_id, "attempt": claim.attempt})
+    log.info("job started", extra={"job_id": job.id, "attempt": claim.attempt})
     return claim
 
 

@@ -14,7 +14,6 @@ from posegen.metrics import job_metrics
 from posegen.queue import (
     DELIVER_WEBHOOK_TASK,
     GENERATE_TASK,
-    GENERATION_QUEUE,
     PURGE_TASK,
     RECONCILE_TASK,
     SWEEP_STORAGE_TASK,
@@ -28,7 +27,7 @@ log = logging.getLogger(__name__)
 
 def register(app: Celery) -> None:
     @app.task(name=GENERATE_TASK)
-    def generate(job_id: str) -> str:
+    def generate(job_id: str | None = None, model_key: str | None = None) -> str:
         ctx = context()
         if ctx.restart_requested:
             # An earlier job leaked GPU memory, timed out or crashed: leave before claiming,
@@ -37,9 +36,11 @@ def register(app: Celery) -> None:
             ctx.finisher.wait()
             log.warning("exiting so that Celery replaces this process (GPU memory or state)")
             os._exit(1)
-        from worker.runner import run_job
+        from worker.runner import run_next
 
-        return run_job(ctx, job_id, behind=ctx.behind)
+        # The message says a job of `model_key` is ready; the scheduler picks which runs.
+        log.debug("ready", extra={"job_id": job_id, "model_key": model_key})
+        return run_next(ctx, ready_model=model_key, behind=ctx.behind)
 
     @app.task(name=DELIVER_WEBHOOK_TASK)
     def deliver_webhook(delivery_id: str) -> str:
@@ -85,7 +86,7 @@ def register(app: Celery) -> None:
             sweep = reconciler.reconcile(
                 session,
                 settings=ctx.settings,
-                count_waiting=lambda: ctx.dispatcher.waiting(GENERATION_QUEUE),
+                count_waiting=ctx.dispatcher.waiting,
             )
         for model_key in sweep.failed_models:
             job_metrics().finished.labels("failed", model_key).inc()

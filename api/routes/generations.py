@@ -92,6 +92,15 @@ def submit_generation(
         UploadFile | None, File(description="A photo whose pose to take instead.")
     ] = None,
     webhook_url: Annotated[str | None, Form(max_length=2048, pattern=NO_NUL)] = None,
+    deadline_seconds: Annotated[
+        int | None,
+        Form(
+            ge=1,
+            le=jobs.MAX_DEADLINE_SECONDS,
+            description="Not completed this many seconds after submit: failed with "
+            "`deadline_exceeded`, refunded (not run if it has not started).",
+        ),
+    ] = None,
     idempotency_key: Annotated[
         str | None, Header(min_length=1, max_length=255, pattern=r"\S")
     ] = None,
@@ -105,6 +114,7 @@ def submit_generation(
         pose_image=_read(pose_image, settings, "pose_image"),
         params=params,
         webhook_url=webhook_url or None,
+        deadline_seconds=deadline_seconds,
     )
     submitted = jobs.submit(
         session,

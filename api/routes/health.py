@@ -57,8 +57,16 @@ def ready(request: Request) -> JSONResponse:
         "storage": _timed(state.storage.check),
     }
     ok = all(c["ok"] for c in checks.values())
+    # Informational, never a reason to be unready: per model, the jobs queued and the
+    # workers serving it (a model nobody serves keeps its jobs waiting).
+    models: dict[str, Any] | None = None
+    if checks["database"]["ok"]:
+        try:
+            models = state.fleet.models()
+        except Exception:  # noqa: BLE001 - the detail is best effort; the checks above decide
+            models = None
     return JSONResponse(
-        {"status": "ready" if ok else "unavailable", "checks": checks},
+        {"status": "ready" if ok else "unavailable", "checks": checks, "models": models},
         status_code=200 if ok else 503,
     )
 

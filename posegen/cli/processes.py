@@ -87,6 +87,68 @@ def _preload_engine() -> None:
         context().warm()
 
 
+def _serve_models(models: str) -> list[str]:
+    """The generation queues of the models this worker serves (`--models`, else every
+    enabled model), its processes told which those are (POSEGEN_WORKER_MODELS)."""
+    from sqlalchemy.orm import Session
+
+    from db.session import make_engine
+    from posegen.catalog import served_models
+    from posegen.queue import model_queue
+    from posegen.settings import get_settings
+
+    keys = [key.strip() for key in models.split(",") if key.strip()]
+    engine = make_engine(settings().database_url, pool_size=1)
+    try:
+        with Session(engine) as session:
+            served = served_models(session, keys)
+    finally:
+        engine.dispose()
+    unknown = sorted(set(keys) - set(served))
+    if unknown:
+        raise typer.BadParameter(f"unknown model {unknown[0]!r}", param_hint="--models")
+    if keys:
+        # Read by the processes Celery forks: set before their settings are.
+        os.environ["POSEGEN_WORKER_MODELS"] = ",".join(keys)  # noqa: TID251 - for the children
+        get_settings.cache_clear()
+    return [model_queue(key) for key in sorted(served)]
+
+
+def run_worker(
+    *, queues: list[str], models: str, concurrency: int | None, loglevel: str, metrics_port: int
+) -> None:
+    if metrics_port:
+        _multiprocess_metrics(metrics_port)
+    from worker.celery_app import app as celery_app
+
+    gpu_queue = GENERATION_QUEUE in queues
+    if gpu_queue:
+        queues = [q for q in queues if q != GENERATION_QUEUE] + _serve_models(models)
+        _preload_engine()
+    elif models:
+        raise typer.BadParameter("needs the generation queue", param_hint="--models")
+    s = settings()
+    if concurrency is None:
+        concurrency = max(1, gpu_count()) if gpu_queue else 4
+    name = "gpu" if gpu_queue else "housekeeping"
+    # With JSON logs, Celery's plain-text banner would be the only lines a log pipeline
+    # cannot parse: it is left out, and what it said is one JSON line once the worker is up.
+    quiet = ["--quiet"] if s.log_json else []
+    if quiet:
+        from posegen.logs import configure_logging
+
+        # Now, not when Celery sets logging up: its superuser warning comes before that.
+        configure_logging(s, process="worker")
+        _log_start(s, queues=queues, concurrency=concurrency)
+    celery_app.worker_main(
+        [
+            *quiet, "worker", "-Q", ",".join(queues), "-c", str(concurrency),
+            "-n", f"{name}-{os.getpid()}@%h", "--loglevel", loglevel,
+            "--without-gossip", "--without-mingle",
+        ]
+    )  # fmt: skip
+
+
 def register_processes(app: typer.Typer) -> None:
     @app.command("api")
     def api(
@@ -104,7 +166,12 @@ def register_processes(app: typer.Typer) -> None:
 
     @app.command("worker")
     def worker(
-        queues: Annotated[str, typer.Option(help="comma-separated queues")] = GENERATION_QUEUE,
+        queues: Annotated[
+            str, typer.Option(help="comma-separated queues; `generation`: the models' queues")
+        ] = GENERATION_QUEUE,
+        models: Annotated[
+            str, typer.Option(help="comma-separated model keys served; default: every enabled")
+        ] = "",
         concurrency: Annotated[
             int | None, typer.Option(help="processes; default: one per GPU")
         ] = None,
@@ -113,35 +180,11 @@ def register_processes(app: typer.Typer) -> None:
             int, typer.Option(help="serve Prometheus metrics of all its processes; 0: off")
         ] = 0,
     ) -> None:
-        """Run a Celery worker: the GPU worker by default; the housekeeping worker with
-        --queues webhooks,maintenance."""
-        if metrics_port:
-            _multiprocess_metrics(metrics_port)
-        from worker.celery_app import app as celery_app
-
-        s = settings()
-        queue_names = queues.split(",")
-        gpu_queue = GENERATION_QUEUE in queue_names
-        if gpu_queue:
-            _preload_engine()
-        if concurrency is None:
-            concurrency = max(1, gpu_count()) if gpu_queue else 4
-        name = "gpu" if gpu_queue else "housekeeping"
-        # With JSON logs, Celery's plain-text banner would be the only lines a log pipeline
-        # cannot parse: it is left out, and what it said is one JSON line once the worker is up.
-        quiet = ["--quiet"] if s.log_json else []
-        if quiet:
-            from posegen.logs import configure_logging
-
-            # Now, not when Celery sets logging up: its superuser warning comes before that.
-            configure_logging(s, process="worker")
-            _log_start(s, queues=queue_names, concurrency=concurrency)
-        celery_app.worker_main(
-            [
-                *quiet, "worker", "-Q", queues, "-c", str(concurrency),
-                "-n", f"{name}-{os.getpid()}@%h", "--loglevel", loglevel,
-                "--without-gossip", "--without-mingle",
-            ]
+        """Run a Celery worker: the GPU worker by default (every enabled model, or --models);
+        the housekeeping worker with --queues webhooks,maintenance."""
+        run_worker(
+            queues=queues.split(","), models=models, concurrency=concurrency,
+            loglevel=loglevel, metrics_port=metrics_port,
         )  # fmt: skip
 
     @app.command("beat")

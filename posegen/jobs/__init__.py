@@ -11,11 +11,12 @@ from posegen.jobs.queries import (
     output_key,
     recent_run_seconds,
 )
-from posegen.jobs.request import GenerationRequest
+from posegen.jobs.request import MAX_DEADLINE_SECONDS, GenerationRequest
 from posegen.jobs.service import Submitted, cancel, submit
 from posegen.render import POSITION_CAP
 
 __all__ = [
+    "MAX_DEADLINE_SECONDS",
     "POSITION_CAP",
     "QUEUE_ORDER",
     "GenerationRequest",

@@ -12,22 +12,18 @@ from typing import Any
 
 from sqlalchemy import (
     Connection,
-    Integer,
     Select,
     and_,
     bindparam,
-    case,
-    func,
     literal_column,
     or_,
     select,
-    tuple_,
 )
 from sqlalchemy.orm import Session
 
 from db.fast import DriverQuery
 from db.models import TERMINAL_STATUSES, Generation, User, status_is
-from posegen import catalog
+from posegen import catalog, scheduler
 from posegen.errors import InvalidRequest, NotFound
 from posegen.render import POSITION_CAP, render_job
 
@@ -111,109 +107,20 @@ def _decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
 
 # -- queue position ------------------------------------------------------------------------
 
-# The queue's run order as the index `ix_generations_queue` spells it (a literal 9, not a bound
-# parameter, so the planner matches the indexed expression).
+# The queue's order as the index `ix_generations_queue` spells it, priority high to low, then
+# oldest (a literal 9, not a bound parameter, so the planner matches the indexed expression):
+# how the reconciler re-publishes a backlog, head first. Within a priority the scheduler's
+# turns decide (posegen.scheduler).
 QUEUE_ORDER: tuple[Any, ...] = (literal_column("9 - generations.priority"), Generation.created_at)
-# A position is counted up to POSITION_CAP (posegen.render) and reported as the cap beyond.
-# Even the capped count reads POSITION_CAP index entries for a job deep in a long queue
-# (measurable on every poll of a long queue: `python -m bench.scale`). So each process
-# remembers, for a second, where the queue's POSITION_CAP-th job stands (the cut-off): a job
-# behind it has POSITION_CAP or more ahead and is answered without counting. Jobs before it
-# are counted exactly. A job the queue moved past the cut-off within the second still reads
-# as capped until the next refresh.
-CUTOFF_TTL = 1.0
-
-
-def count_ahead(order: Any, created_at: Any) -> Any:
-    """SQL: how many queued jobs run before one at (order, created_at), read in run order
-    through `ix_generations_queue` (the table itself, never an alias), up to POSITION_CAP in
-    each of two parts (the caller caps the sum: `capped`).
-
-    The parts are the jobs of higher priority, then the older ones of the same priority. Each
-    bounds its index scan where it must stop, so a job near the head reads as many entries as it
-    has jobs ahead. A single row comparison, `(9 - priority, created_at) < (order, created_at)`,
-    does not stop a Postgres 15 index scan at the job: it read the whole queue for a job near
-    its head (`bench.scale`). Behind the cut-off (the `cutoff_order` and `cutoff_created_at`
-    parameters, NULL when fewer than POSITION_CAP jobs are queued), POSITION_CAP without reading
-    the queue."""
-    queue_order = QUEUE_ORDER[0]
-    queued = Generation.__table__
-
-    def capped_count(*where: Any, order_by: Any) -> Any:
-        # ORDER BY the index's order, so the planner never prefers scanning the table for
-        # the first rows that match (with most rows queued, a LIMIT makes that look cheap).
-        ahead = (
-            select(literal_column("1"))
-            .select_from(queued)
-            .where(status_is(Generation.status, "queued"), *where)
-            .correlate_except(queued)
-            .order_by(*order_by)
-            .limit(POSITION_CAP)
-            .subquery()
-        )
-        return select(func.count()).select_from(ahead).scalar_subquery()
-
-    counted = capped_count(queue_order < order, order_by=QUEUE_ORDER) + capped_count(
-        queue_order == order, Generation.created_at < created_at, order_by=QUEUE_ORDER[1:]
-    )
-    cutoff = tuple_(
-        bindparam("cutoff_order", type_=Integer),
-        bindparam("cutoff_created_at", type_=Generation.__table__.c.created_at.type),
-    )
-    return case(
-        (tuple_(order, created_at) > cutoff, literal_column(str(POSITION_CAP), Integer)),
-        else_=counted,
-    )
-
-
-AHEAD = select(
-    count_ahead(
-        bindparam("order", type_=Integer),
-        bindparam("created_at", type_=Generation.__table__.c.created_at.type),
-    )
-)
-
-CUTOFF = DriverQuery(
-    select(literal_column("9 - generations.priority", Integer), Generation.created_at)
-    .select_from(Generation.__table__)
-    .where(status_is(Generation.status, "queued"))
-    .order_by(*QUEUE_ORDER)
-    .offset(POSITION_CAP - 1)
-    .limit(1)
-)
-_CUTOFF_CACHE: dict[str, Any] = {}
-NO_CUTOFF = {"cutoff_order": None, "cutoff_created_at": None}
-
-
-def cached_cutoff() -> dict[str, Any] | None:
-    """This process's cut-off parameters, or None when the caller is to read them afresh
-    (`CUTOFF`, then `remember_cutoff`). Once they are CUTOFF_TTL old, the first caller to see
-    it refreshes them and the callers meanwhile use the old ones."""
-    params: dict[str, Any] | None = _CUTOFF_CACHE.get("params")
-    if params is not None and time.monotonic() - _CUTOFF_CACHE["at"] >= CUTOFF_TTL:
-        _CUTOFF_CACHE["at"] = time.monotonic()
-        return None
-    return params
-
-
-def remember_cutoff(row: Any) -> dict[str, Any]:
-    """The cut-off parameters of `CUTOFF`'s row, kept for CUTOFF_TTL."""
-    params = NO_CUTOFF if row is None else {"cutoff_order": row[0], "cutoff_created_at": row[1]}
-    _CUTOFF_CACHE.update(at=time.monotonic(), params=params)
-    return params
-
-
-def queue_cutoff(db: Session | Connection) -> dict[str, Any]:
-    """The cut-off parameters of `count_ahead`, read again every CUTOFF_TTL seconds."""
-    return cached_cutoff() or remember_cutoff(db.execute(CUTOFF.statement).first())
+POSITION = DriverQuery(scheduler.POSITION)
 
 
 def queue_position(session: Session, job: Generation) -> int | None:
-    """How many queued jobs will start before this one (0: next), counted up to POSITION_CAP."""
+    """How many queued jobs will start before this one if nothing else arrived (0: next),
+    counted up to POSITION_CAP (`posegen.scheduler`)."""
     if job.status != "queued":
         return None
-    params = {"order": 9 - job.priority, "created_at": job.created_at}
-    return capped(session.scalar(AHEAD, params | queue_cutoff(session)))
+    return capped(session.scalar(scheduler.POSITION, scheduler.position_params(job)))
 
 
 def capped(ahead: int | None) -> int:

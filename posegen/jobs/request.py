@@ -10,6 +10,7 @@ from posegen.errors import InvalidRequest
 from posegen.params import GenerationParams
 
 MAX_PROMPT_CHARS = 1000
+MAX_DEADLINE_SECONDS = 86_400
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class GenerationRequest:
     pose_image: bytes | None = None
     params: GenerationParams = field(default_factory=GenerationParams)
     webhook_url: str | None = None
+    # Not completed this many seconds after submit: failed with `deadline_exceeded`.
+    deadline_seconds: int | None = None
 
     def validate(self) -> None:
         for name in ("model_key", "prompt", "negative_prompt", "pose_template_id", "webhook_url"):
@@ -35,6 +38,10 @@ class GenerationRequest:
             value = getattr(self, name)
             if value is not None and len(value) > MAX_PROMPT_CHARS:
                 raise InvalidRequest(f"{name} is longer than {MAX_PROMPT_CHARS} characters.")
+        if self.deadline_seconds is not None and not (
+            1 <= self.deadline_seconds <= MAX_DEADLINE_SECONDS
+        ):
+            raise InvalidRequest(f"deadline_seconds must be 1 to {MAX_DEADLINE_SECONDS}.")
         if self.pose_template_id and self.pose_image is not None:
             raise InvalidRequest("Send at most one of pose_template_id and pose_image.")
 
@@ -44,6 +51,8 @@ class GenerationRequest:
         # their own: the digests of stored idempotency keys stay valid.
         fields = {**asdict(self), **self.params.model_dump()}
         del fields["params"]
+        if fields["deadline_seconds"] is None:  # as before the field existed: keys stay valid
+            del fields["deadline_seconds"]
         for name in ("image", "pose_image"):
             raw = fields[name]
             fields[name] = hashlib.sha256(raw).hexdigest() if raw is not None else None

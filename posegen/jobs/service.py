@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 
 from db.models import AiModel, Generation, IdempotencyKey, PoseTemplate, User, new_id
 from db.types import utcnow
-from posegen import catalog, credits, lifecycle, webhooks
+from posegen import catalog, credits, lifecycle, scheduler, webhooks
 from posegen.accounts import tier_rank
 from posegen.errors import (
     AlreadyFinished,
@@ -23,7 +23,7 @@ from posegen.errors import (
     TierRequired,
 )
 from posegen.images import CheckedImage, check_upload
-from posegen.jobs.queries import get_for_user
+from posegen.jobs.queries import get_for_user, recent_run_seconds
 from posegen.jobs.request import GenerationRequest
 from posegen.queue import defer, generate_message
 from posegen.ratelimit import check_rate_limit
@@ -127,6 +127,7 @@ def _new_job(
     webhook_url: str | None,
 ) -> Generation:
     """The job row a request stands for, with the model's defaults filled in."""
+    now = utcnow()
     job = Generation(
         id=new_id(),
         user_id=user.id,
@@ -151,7 +152,13 @@ def _new_job(
         priority=model.priority,
         webhook_url=webhook_url,
         outputs=[],
-        published_at=utcnow(),
+        created_at=now,
+        published_at=now,
+        deadline_at=(
+            now + dt.timedelta(seconds=request.deadline_seconds)
+            if request.deadline_seconds is not None
+            else None
+        ),
     )
     job.input_key = f"inputs/{job.id}/image.png"
     job.pose_image_key = f"inputs/{job.id}/pose.png" if pose is not None else None
@@ -263,14 +270,27 @@ def _replay(session: Session, *, user_id: str, key: str, fingerprint: str) -> Ge
 
 
 def _charge_and_send(session: Session, job: Generation, *, user: User, settings: Settings) -> None:
-    """Charge the job and defer its message to the commit.
+    """Charge the job, queue it and defer its message to the commit.
 
-    Last in a submit: the charge locks the user's balance row until the caller commits, so
-    one user's concurrent submits take turns here (nothing slow may come after it), and the
-    rate limit is counted again under that lock with this job in the window: exact under
-    concurrency."""
+    Last in a submit, each step holding a lock until the caller commits (nothing slow may
+    come after them). The charge locks the user's balance row, so one user's concurrent
+    submits take turns here and another user's go on; under it the rate limit and the user's
+    queued jobs are counted with this job among them, exact under concurrency. The model's
+    queue depth is read under a lock of its own, taken after the user's row (the order every
+    transaction takes them in: posegen.scheduler), so a user waiting for their own row holds
+    up no one else."""
     credits.charge(session, user_id=user.id, generation_id=job.id, amount=job.credit_cost)
     check_rate_limit(session, user=user, settings=settings, own=1)
+    wait = scheduler.retry_after(recent_run_seconds(session, job.model_key))
+    scheduler.check_depth(
+        session, model_id=job.model_id, model_key=job.model_key, settings=settings,
+        retry_after=wait,
+    )  # fmt: skip
+    scheduler.joined(
+        session, user_id=user.id, model_id=job.model_id, priority=job.priority,
+        since=job.created_at,
+    )  # fmt: skip
+    scheduler.check_user_queue(session, user=user, settings=settings, retry_after=wait)
     defer(session, generate_message(job, settings))
 
 

@@ -1,29 +1,22 @@
 """The API's tests run with no worker: their jobs stay queued and their messages stay on the
-broker. A worker another module started (the session-scoped `gpu_worker`) listens on the
-shared test broker and would take them, so whether these tests passed depended on the order
-the modules ran in. Here `app` publishes to a Redis database no worker listens on."""
+broker, for the tests to read. `app` publishes to the module's quiet broker, a Redis database no
+process consumes (see `quiet_broker_url`), whatever else the module starts."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import pytest
-import redis
 
-from tests.services import redis_db, settings_from
-
-QUIET_REDIS_URL = redis_db(11)
+from tests.services import settings_from
 
 
 @pytest.fixture
-def app(base_env: dict[str, str], db_engine: object) -> Iterator[object]:
+def app(base_env: dict[str, str], quiet_broker_url: str, db_engine: object) -> Iterator[object]:
     from fastapi.testclient import TestClient
 
     from api.app import create_app
 
-    settings = settings_from({**base_env, "POSEGEN_BROKER_URL": QUIET_REDIS_URL})
-    try:
-        with TestClient(create_app(settings)) as client:
-            yield client
-    finally:
-        redis.Redis.from_url(QUIET_REDIS_URL).flushdb()
+    settings = settings_from({**base_env, "POSEGEN_BROKER_URL": quiet_broker_url})
+    with TestClient(create_app(settings)) as client:
+        yield client

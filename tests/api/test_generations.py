@@ -7,7 +7,6 @@ import uuid
 
 from db.models import Generation
 from posegen import credits
-from tests.api.conftest import QUIET_REDIS_URL
 from tests.broker_messages import waiting_job_ids
 from tests.factories import png_bytes, submit
 
@@ -20,7 +19,7 @@ JOB_KEYS = {
 }  # fmt: skip
 
 
-def test_submit_records_charges_and_enqueues(app, make_account, session):
+def test_submit_records_charges_and_enqueues(app, make_account, session, quiet_broker_url):
     account = make_account(credits=5)
     response = submit(app, account, prompt="an astronaut", seed=7, num_inference_steps=3)
     assert response.status_code == 202, response.text
@@ -39,7 +38,7 @@ def test_submit_records_charges_and_enqueues(app, make_account, session):
     # Charged in the same transaction, recorded in the ledger, message on the Redis queue.
     assert app.get("/v1/me", headers=account.headers).json()["credits"] == 4
     assert credits.ledger_sum(session, user_id=account.user_id) == 4
-    assert waiting_job_ids(QUIET_REDIS_URL) == [job["id"]]  # one message, this job's
+    assert waiting_job_ids(quiet_broker_url) == [job["id"]]  # one message, this job's
     assert session.get(Generation, job["id"]).input_key == f"inputs/{job['id']}/image.png"
 
 

@@ -5,37 +5,24 @@ history's pages. Checked against what is stored."""
 from __future__ import annotations
 
 import pytest
-import redis
 from selenium.webdriver.common.by import By
 
 from posegen.client import ApiError, Client
 from tests.browser.page import a_file, choose, connect, drop_photo, jobs_of, text, wait
 from tests.factories import astronaut_png, ledger_kinds, png_bytes
 from tests.processes import start_api
-from tests.services import redis_db
 
 pytestmark = pytest.mark.slow
 MODEL = "tiny-sd15-openpose"
-QUIET_BROKER = redis_db(12)  # no worker listens: the jobs stay queued
 
 
 @pytest.fixture(scope="module")
-def db_engine(module_db_engine):
-    return module_db_engine
-
-
-@pytest.fixture(scope="module")
-def quiet_api(base_env, module_db, db_engine, process_logs, tmp_path_factory):
-    env = {
-        **base_env,
-        "POSEGEN_DATABASE_URL": module_db,
-        "POSEGEN_BROKER_URL": QUIET_BROKER,
-        "POSEGEN_STORAGE_URL": f"file://{tmp_path_factory.mktemp('playground-storage')}",
-    }
+def quiet_api(base_env, quiet_broker_url, db_engine, process_logs):
+    """The module's API process, publishing where no worker listens."""
+    env = {**base_env, "POSEGEN_BROKER_URL": quiet_broker_url}
     proc, base = start_api(env, process_logs / "api-playground.log")
     yield base
     proc.stop()
-    redis.Redis.from_url(QUIET_BROKER).flushdb()
 
 
 def test_cancel_refunds(quiet_api, make_account, sessions, browser, screenshot):

@@ -13,7 +13,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
-import redis
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
@@ -21,22 +20,15 @@ from db.models import CreditLedger, Generation
 from posegen.client import ApiError, Client
 from tests.factories import ledger_kinds, png_bytes
 from tests.processes import TcpProxy, start_api
-from tests.services import redis_db
 
 pytestmark = pytest.mark.slow
-QUIET_BROKER = redis_db(10)  # no worker listens: the jobs stay queued
 MODEL = "tiny-sd15-openpose"
 BASIC_LIMIT = 2  # submits a minute on the basic tier (the others keep their defaults)
 
 
 @pytest.fixture(scope="module")
-def db_engine(module_db_engine):
-    return module_db_engine
-
-
-@pytest.fixture(scope="module")
-def pg_proxy(module_db):
-    url = make_url(module_db)
+def pg_proxy(database_url):
+    url = make_url(database_url)
     proxy = TcpProxy((url.host or "127.0.0.1", url.port or 5432))
     proxy.up()
     yield proxy
@@ -44,20 +36,19 @@ def pg_proxy(module_db):
 
 
 @pytest.fixture(scope="module")
-def api(base_env, module_db, db_engine, pg_proxy, process_logs, tmp_path_factory):
-    """A real API process that reaches Postgres through `pg_proxy`."""
-    database = make_url(module_db).set(port=pg_proxy.port, host="127.0.0.1")
+def api(base_env, database_url, quiet_broker_url, db_engine, pg_proxy, process_logs):
+    """A real API process that reaches Postgres through `pg_proxy`, publishing where no worker
+    listens."""
+    database = make_url(database_url).set(port=pg_proxy.port, host="127.0.0.1")
     env = {
         **base_env,
         "POSEGEN_DATABASE_URL": database.render_as_string(hide_password=False),
-        "POSEGEN_BROKER_URL": QUIET_BROKER,
-        "POSEGEN_STORAGE_URL": f"file://{tmp_path_factory.mktemp('client-storage')}",
+        "POSEGEN_BROKER_URL": quiet_broker_url,
         "POSEGEN_RATE_LIMIT_PER_MINUTE": f"basic={BASIC_LIMIT}",
     }
     proc, base = start_api(env, process_logs / "api-client-errors.log")
     yield base
     proc.stop()
-    redis.Redis.from_url(QUIET_BROKER).flushdb()
 
 
 def _jobs_and_charges(sessions, user_id: str) -> tuple[int, int]:

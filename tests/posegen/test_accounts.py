@@ -100,21 +100,27 @@ def test_rate_limit_answers_429_with_retry_after(settings, db_engine, make_accou
 
 @pytest.mark.slow
 def test_higher_priority_starts_first_with_one_worker(app, make_account, gpu_worker, sessions):
-    with sessions() as s:
-        tiny = s.scalar(select(AiModel).where(AiModel.model_key == "tiny-sd15-openpose"))
-        fields = {c.key: getattr(tiny, c.key) for c in AiModel.__table__.columns if c.key not in ("id", "model_key", "priority")}  # fmt: skip
-        s.add(AiModel(model_key="test-urgent", priority=9, **fields))
-        s.add(AiModel(model_key="test-lazy", priority=1, **fields))
-        s.commit()
-    account = make_account()
-    blocker = submit(app, account, model_key="test-lazy", num_inference_steps=60, strength=1.0).json()  # fmt: skip
-    wait_for(app, account, blocker["id"], statuses=("processing",))
-    low = submit(app, account, model_key="test-lazy").json()
-    high = submit(app, account, model_key="test-urgent").json()
-    assert app.get(f"/v1/generations/{high['id']}", headers=account.headers).json()["queue_position"] == 0  # fmt: skip
-    done = {j: wait_for(app, account, j) for j in (blocker["id"], low["id"], high["id"])}
-    assert all(d["status"] == "completed" for d in done.values()), gpu_worker.tail()
-    assert done[high["id"]]["started_at"] < done[low["id"]]["started_at"]
+    # Two models the running worker serves, given priorities far apart for this test (a
+    # worker consumes the queues of the models there were when it started).
+    def prioritise(sd15: int, sdxl: int) -> None:
+        with sessions() as s:
+            for key, priority in (("tiny-sd15-openpose", sd15), ("tiny-sdxl-openpose", sdxl)):
+                s.scalars(select(AiModel).where(AiModel.model_key == key)).one().priority = priority
+            s.commit()
+
+    prioritise(1, 9)
+    try:
+        account = make_account()
+        blocker = submit(app, account, num_inference_steps=30, strength=1.0).json()  # SD1.5, 1
+        wait_for(app, account, blocker["id"], statuses=("processing",))
+        low = submit(app, account).json()
+        high = submit(app, account, model_key="tiny-sdxl-openpose").json()  # 9
+        assert app.get(f"/v1/generations/{high['id']}", headers=account.headers).json()["queue_position"] == 0  # fmt: skip
+        done = {j: wait_for(app, account, j) for j in (blocker["id"], low["id"], high["id"])}
+        assert all(d["status"] == "completed" for d in done.values()), gpu_worker.tail()
+        assert done[high["id"]]["started_at"] < done[low["id"]]["started_at"]
+    finally:
+        prioritise(5, 5)
 
 
 @pytest.mark.slow

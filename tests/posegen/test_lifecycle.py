@@ -36,7 +36,7 @@ def statements(session: Session) -> Iterator[list[str]]:
         event.remove(engine, "before_cursor_execute", record)
 
 
-def test_claim_answers_the_job_and_its_catalog_rows_in_two_statements(
+def test_claim_answers_the_job_and_its_catalog_rows_in_five_statements(
     any_session: Session,
 ) -> None:
     s = any_session
@@ -50,7 +50,9 @@ def test_claim_answers_the_job_and_its_catalog_rows_in_two_statements(
 
     with statements(s) as sent:
         claim = lifecycle.claim(s, job_id=with_template, worker_id="w1", lease_seconds=60)
-    assert sent == ["UPDATE", "SELECT"]
+    # The job, its turn (one queued less), the user's last start and its copy on the user's
+    # turns (their turn moves to the back), and the catalog rows.
+    assert sent == ["UPDATE", "UPDATE", "INSERT", "UPDATE", "SELECT"]
     assert claim is not None
     assert (claim.job.id, claim.job.status, claim.job.worker_id) == (
         with_template,
@@ -127,7 +129,10 @@ def test_heartbeat_and_release_only_touch_a_job_this_worker_runs(any_session: Se
     released = lifecycle.release(s, job_id=job_id, worker_id="w1", settings=Settings())
     assert released is not None and released.attempts == 1  # the next claim counts one more
     # Published again once the boundary commits: the job's message is in the outbox.
-    assert [(m.task, m.args) for m in s.info.pop("outbox")] == [(GENERATE_TASK, (job_id,))]
+    outbox = [(m.task, m.args, m.queue) for m in s.info.pop("outbox")]
+    assert outbox == [
+        (GENERATE_TASK, (job_id, "tiny-sd15-openpose"), "generation.tiny-sd15-openpose")
+    ]
     s.commit()
     job = s.get_one(Generation, job_id, populate_existing=True)
     assert (job.status, job.worker_id, job.lease_expires_at) == ("queued", None, None)

@@ -112,12 +112,9 @@ def test_eta_estimate_is_cached_with_or_without_history(any_session: Session) ->
     queries._RUN_SECONDS.clear()
 
 
-def test_jobs_behind_the_cut_off_are_capped_without_counting(
-    any_session: Session, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Past POSITION_CAP jobs, a position is the cap. Each process remembers where the cap-th
-    job stands for CUTOFF_TTL: jobs behind it are answered without reading the queue, jobs
-    before it are counted exactly, and the poll and the submit's answer agree."""
+def test_a_position_past_the_cap_reads_as_the_cap(any_session: Session) -> None:
+    """Past POSITION_CAP jobs, a position is the cap; jobs before it are counted exactly,
+    the poll and the submit's answer agree, and positions follow the queue at once."""
     s = any_session
     user = accounts.create_user(s, email="deep@example.com", credits=10)
     key = accounts.create_key(s, email="deep@example.com").raw
@@ -134,32 +131,21 @@ def test_jobs_behind_the_cut_off_are_capped_without_counting(
         job = _poll(s, authorization=auth, job_id=rows[i]["id"])
         return job["queue_position"], job["queue_position_capped"]
 
-    # The cut-off is read again only when the test says so, however slow the polls are.
-    monkeypatch.setattr(queries, "CUTOFF_TTL", 3600.0)
-    queries._CUTOFF_CACHE.clear()
-    try:
-        assert polled(cap + 1) == (cap, True)  # the first poll reads the cut-off: row cap-1
-        assert queries._CUTOFF_CACHE["params"]["cutoff_order"] == 4
-        assert polled(cap - 2) == (cap - 2, False)
-        assert polled(cap - 1) == (cap - 1, False)  # the cut-off job itself is counted
-        assert polled(cap) == (cap, True)
-        for i in (0, cap - 1, cap + 1):  # the submit's answer (sync) agrees with the poll
-            job = s.get(Generation, rows[i]["id"])
-            assert job is not None
-            assert jobs.job_json(s, job)["queue_position"] == polled(i)[0]
+    assert polled(cap + 1) == (cap, True)
+    assert polled(cap - 2) == (cap - 2, False)
+    assert polled(cap - 1) == (cap - 1, False)
+    assert polled(cap) == (cap, True)
+    for i in (0, cap - 1, cap + 1):  # the submit's answer (sync) agrees with the poll
+        job = s.get(Generation, rows[i]["id"])
+        assert job is not None
+        assert jobs.job_json(s, job)["queue_position"] == polled(i)[0]
 
-        # Ten jobs leave the queue. Counted positions follow at once; behind the remembered
-        # cut-off, positions stay capped until it is read again.
-        s.execute(
-            update(Generation)
-            .where(Generation.id.in_([r["id"] for r in rows[:10]]))
-            .values(status="processing")
-        )
-        s.commit()
-        assert polled(cap - 2) == (cap - 12, False)
-        assert polled(cap + 1) == (cap, True)
-        queries._CUTOFF_CACHE["at"] = time.monotonic() - queries.CUTOFF_TTL
-        assert polled(cap + 1) == (cap - 9, False)  # fewer than cap queued: no cut-off
-        assert queries._CUTOFF_CACHE["params"] == {"cutoff_order": None, "cutoff_created_at": None}
-    finally:
-        queries._CUTOFF_CACHE.clear()  # this process's cut-off must not outlive the test's queue
+    # Ten jobs leave the queue: positions follow at once.
+    s.execute(
+        update(Generation)
+        .where(Generation.id.in_([r["id"] for r in rows[:10]]))
+        .values(status="processing")
+    )
+    s.commit()
+    assert polled(cap - 2) == (cap - 12, False)
+    assert polled(cap + 1) == (cap - 9, False)

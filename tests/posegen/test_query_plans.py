@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from api import poll
 from db.models import Generation
 from db.plans import generic_plan
-from posegen import accounts, ratelimit, reconciler, webhooks
+from posegen import accounts, ratelimit, reconciler, scheduler, webhooks
 from posegen.jobs import queries
 
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
@@ -31,9 +31,23 @@ ANY_ID = "00000000-0000-4000-8000-000000000000"
 # index at size: see `python -m bench.scale`); both need the status at planning time.
 QUEUE = ("ix_generations_queue", "ix_generations_active")
 HOT = {
-    "poll": (poll.POLL.statement, {"job_id": ANY_ID, "key_hash": "x"} | queries.NO_CUTOFF, QUEUE),
-    "queue position": (queries.AHEAD, {"order": 4, "created_at": NOW} | queries.NO_CUTOFF, QUEUE),
-    "queue cut-off": (queries.CUTOFF.statement, {}, ("ix_generations_queue",)),
+    "poll": (poll.POLL.statement, {"job_id": ANY_ID, "key_hash": "x"}, ("pk_generations",)),
+    "queue position": (
+        scheduler.POSITION,
+        {"user_id": ANY_ID, "priority": 5, "created_at": NOW},
+        ("ix_generations_turn", "ix_generations_queue"),
+    ),
+    "claim: next turn": (
+        scheduler._turn_order([ANY_ID], []),
+        {},
+        ("ix_queue_turns_next", "ix_queue_turns_model"),
+    ),
+    "claim: the turn's head": (
+        scheduler._TURN_HEAD,
+        {"turn_user": ANY_ID, "turn_model": ANY_ID, "now": NOW},
+        ("ix_generations_turn",),
+    ),
+    "past deadline": (reconciler.past_deadline(NOW, 1000), {}, ("ix_generations_deadline",)),
     "eta": (queries.recent_runs("tiny-sd15-openpose"), {}, ("ix_generations_model_finished",)),
     "list": (
         queries.list_statement(ANY_ID, status=None, limit=20, cursor=None),
@@ -55,8 +69,8 @@ HOT = {
         ratelimit.blocking_params(ANY_ID, 3000),
         ("ix_generations_user_created",),
     ),
-    "stale queued": (reconciler.stale_queued(NOW, 1000), {}, QUEUE),
-    "queued count": (reconciler.queued_count(), {}, QUEUE),
+    "stale queued": (reconciler.stale_queued(NOW, 1000, "tiny-sd15-openpose"), {}, QUEUE),
+    "queued by model": (reconciler.queued_by_model(), {}, (*QUEUE, "ix_generations_turn")),
     "expired leases": (reconciler.expired_leases(NOW, 1000), {}, ("ix_generations_active",)),
     "due webhooks": (webhooks.due_query(NOW, 500), {}, ("ix_webhook_deliveries_due",)),
 }
@@ -112,14 +126,14 @@ def _pages_read(c: Connection, statement: Any, params: dict[str, Any]) -> tuple[
 def test_counting_a_job_near_the_head_reads_only_the_head(db_engine: Engine) -> None:
     """The position count stops at the counted job: a job fourth in a queue of 20,000 reads a
     few pages, not the queue's index (a single row comparison did not stop the scan)."""
-    _bulk_jobs(db_engine, 20000, status="queued")
+    user = _bulk_jobs(db_engine, 20000, status="queued")
     with db_engine.connect() as c:
         fourth = c.execute(
             text("SELECT created_at FROM generations ORDER BY created_at OFFSET 3 LIMIT 1")
         ).scalar_one()
-        params = {"order": 4, "created_at": fourth} | queries.NO_CUTOFF
-        assert c.execute(queries.AHEAD, params).scalar_one() == 3
-        pages, plan = _pages_read(c, queries.AHEAD, params)
+        params = {"user_id": user, "priority": 5, "created_at": fourth}
+        assert c.execute(scheduler.POSITION, params).scalar_one() == 3
+        pages, plan = _pages_read(c, scheduler.POSITION, params)
     assert pages < 20, plan
 
 

@@ -31,7 +31,7 @@ def backlog(s: Session, n: int, *, waited_s: float) -> list[str]:
 
 def sweep(s: Session, settings: Settings, waiting: int | None) -> list[str]:
     """One sweep with the broker holding `waiting` messages: the jobs it published again."""
-    result = reconciler.reconcile(s, settings=settings, count_waiting=lambda: waiting)
+    result = reconciler.reconcile(s, settings=settings, count_waiting=lambda queue: waiting)
     sent = [m.args[0] for m in s.info.pop("outbox", [])]
     s.commit()
     assert result.republished == len(sent)
@@ -84,7 +84,7 @@ def test_a_broker_that_cannot_be_counted_skips_republishing_but_not_the_leases(
     strand(s, running, attempts=1, lease_expired_s=60)
     s.commit()
 
-    def unreachable() -> int:
+    def unreachable(queue: str) -> int:
         raise ConnectionError("Redis is down")
 
     result = reconciler.reconcile(s, settings=settings, count_waiting=unreachable)

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-import redis
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -21,27 +19,24 @@ from db.types import utcnow
 from posegen import credits, lifecycle, retention
 from posegen.settings import Settings
 from posegen.storage import Storage, storage_from_settings
-from tests.factories import Account, astronaut_png, png_bytes, submit, wait_for
+from tests.factories import Account, astronaut_png, eventually, png_bytes, submit, wait_for
 from tests.processes import start_api
-from tests.services import redis_db, settings_from
+from tests.services import settings_from
 
-QUIET_BROKER = redis_db(6)  # no worker listens: jobs submitted there stay queued
 WORKER = "test-worker:1"
 
 
+# The quiet broker: no worker listens there, so the jobs submitted through it stay queued (the
+# module's `gpu_worker` listens on its other broker, `base_env`'s).
 @pytest.fixture
-def quiet_app(base_env: dict[str, str], db_engine: object) -> Iterator[Any]:
+def quiet_app(base_env: dict[str, str], quiet_broker_url: str, db_engine: object) -> Iterator[Any]:
     from fastapi.testclient import TestClient
 
     from api.app import create_app
 
-    try:
-        with TestClient(
-            create_app(settings_from({**base_env, "POSEGEN_BROKER_URL": QUIET_BROKER}))
-        ) as client:
-            yield client
-    finally:
-        redis.Redis.from_url(QUIET_BROKER).flushdb()
+    settings = settings_from({**base_env, "POSEGEN_BROKER_URL": quiet_broker_url})
+    with TestClient(create_app(settings)) as client:
+        yield client
 
 
 @pytest.fixture
@@ -77,16 +72,6 @@ def balance(sessions: sessionmaker[Session], account: Account) -> tuple[int, int
     with sessions() as session:
         user = session.get_one(User, account.user_id)
         return user.credits, credits.ledger_sum(session, user_id=account.user_id)
-
-
-def eventually(check: Callable[[], bool], timeout: float = 30.0) -> bool:
-    # The worker removes a job's photos just after it records the job's end.
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def finish(
@@ -249,13 +234,11 @@ def test_delete_cancels_a_running_job_and_its_worker_lets_go(
 
 
 @pytest.fixture
-def quiet_api(base_env: dict[str, str], db_engine: object, process_logs) -> Iterator[str]:
-    proc, base = start_api(
-        {**base_env, "POSEGEN_BROKER_URL": QUIET_BROKER}, process_logs / "retention-api.log"
-    )
+def quiet_api(base_env, quiet_broker_url, db_engine, process_logs) -> Iterator[str]:
+    env = {**base_env, "POSEGEN_BROKER_URL": quiet_broker_url}
+    proc, base = start_api(env, process_logs / "retention-api.log")
     yield base
     proc.stop()
-    redis.Redis.from_url(QUIET_BROKER).flushdb()
 
 
 def test_racing_deletes_and_cancels_refund_once(quiet_api, make_account, sessions):

@@ -4,12 +4,10 @@ deleted, and a delete that storage could not finish is finished by the sweep."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
 from typing import Any
 
 import boto3
 import pytest
-import redis
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Generation
@@ -19,24 +17,19 @@ from posegen.storage import Storage, storage_from_settings
 from tests.factories import astronaut_png, submit
 from tests.posegen import test_s3_storage
 from tests.posegen.test_retention import finish, ledger, row
-from tests.services import redis_db, settings_from
+from tests.services import settings_from
 
 pytestmark = pytest.mark.slow
 BUCKET = "posegen-retention"
-QUIET_BROKER = redis_db(5)  # no worker listens: the jobs stay queued until the test runs them
 moto = test_s3_storage.moto
 aws_env = test_s3_storage.aws_env
 
 
-# A database of its own: the session's housekeeping worker sweeps the session database with
-# the local storage, and would mark these jobs purged without touching S3.
+# The module's own database (`base_env`), which no housekeeping worker sweeps (one with the
+# local storage would mark these jobs purged without touching S3), and its quiet broker: the
+# jobs stay queued until the test runs them.
 @pytest.fixture(scope="module")
-def db_engine(module_db_engine: object) -> object:
-    return module_db_engine
-
-
-@pytest.fixture(scope="module")
-def s3_settings(base_env, module_db, moto, aws_env) -> Iterator[Settings]:
+def s3_settings(base_env, quiet_broker_url, moto, aws_env) -> Settings:
     import os
 
     os.environ.update(aws_env)
@@ -46,11 +39,9 @@ def s3_settings(base_env, module_db, moto, aws_env) -> Iterator[Settings]:
         **aws_env,
         "POSEGEN_STORAGE_URL": f"s3://{BUCKET}/avatars",
         "POSEGEN_S3_ENDPOINT_URL": moto,
-        "POSEGEN_BROKER_URL": QUIET_BROKER,
-        "POSEGEN_DATABASE_URL": module_db,
+        "POSEGEN_BROKER_URL": quiet_broker_url,
     }
-    yield settings_from(env)
-    redis.Redis.from_url(QUIET_BROKER).flushdb()
+    return settings_from(env)
 
 
 def client_for(settings: Settings) -> Any:

@@ -8,7 +8,6 @@ from pathlib import Path
 import boto3
 import httpx
 import pytest
-import redis
 from botocore.exceptions import ClientError
 from PIL import Image
 
@@ -17,18 +16,10 @@ from posegen.storage.base import check_key
 from posegen.storage.s3 import S3Storage
 from tests.factories import astronaut_png, submit, wait_for
 from tests.processes import Proc
-from tests.services import free_port, redis_db, settings_from
+from tests.services import free_port, settings_from
 
 pytestmark = pytest.mark.slow
 BUCKET = "posegen-test"
-S3_BROKER = redis_db(14)  # its own queue: the file-storage worker must not take these jobs
-
-
-# Its own database too: the session's reconciler counts the queued jobs of its database against
-# its own Redis DB, and would publish this module's job there for the file-storage worker.
-@pytest.fixture(scope="module")
-def db_engine(module_db_engine):
-    return module_db_engine
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +37,8 @@ def aws_env():
 
 
 @pytest.fixture(scope="module")
-def s3_env(base_env, module_db, moto, aws_env):
+def s3_env(base_env, moto, aws_env):
+    """The module's database and broker (`base_env`), consumed by its S3 worker alone."""
     import os
 
     os.environ.update(aws_env)
@@ -56,8 +48,6 @@ def s3_env(base_env, module_db, moto, aws_env):
         **aws_env,
         "POSEGEN_STORAGE_URL": f"s3://{BUCKET}/avatars",
         "POSEGEN_S3_ENDPOINT_URL": moto,
-        "POSEGEN_BROKER_URL": S3_BROKER,
-        "POSEGEN_DATABASE_URL": module_db,
         "POSEGEN_RECORD_BEHIND": "off",  # the other way through Celery (the CPU's default)
     }
 
@@ -67,7 +57,6 @@ def s3_worker(s3_env, db_engine, process_logs: Path):
     proc = Proc(["worker", "--concurrency", "1"], s3_env, process_logs / "s3-worker.log").start()
     yield proc
     proc.stop()
-    redis.Redis.from_url(S3_BROKER).flushdb()
 
 
 def test_storage_roundtrip_and_presigned_url(s3_env, moto):

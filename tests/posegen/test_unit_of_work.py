@@ -6,7 +6,6 @@ from __future__ import annotations
 import uuid
 
 import pytest
-import redis
 import typer
 from sqlalchemy import select
 
@@ -14,41 +13,37 @@ from db.models import User
 from posegen import accounts
 from posegen.cli import common
 from posegen.errors import InvalidRequest
-from posegen.queue import GENERATE_TASK, GENERATION_QUEUE, Message, defer
+from posegen.queue import Message, defer, ready_message
 from posegen.settings import get_settings
 from tests.broker_messages import waiting_job_ids
-from tests.services import redis_db
-
-BROKER = redis_db(4)  # its own: no worker listens here
 
 
 @pytest.fixture
-def cli_env(monkeypatch, base_env, db_engine):
-    for name, value in {**base_env, "POSEGEN_BROKER_URL": BROKER}.items():
+def cli_env(monkeypatch, base_env, quiet_broker_url, db_engine):
+    """The CLI's settings, on the quiet broker: no worker takes what the command published."""
+    for name, value in {**base_env, "POSEGEN_BROKER_URL": quiet_broker_url}.items():
         monkeypatch.setenv(name, value)
     get_settings.cache_clear()
-    redis.Redis.from_url(BROKER).flushdb()
     yield
     get_settings.cache_clear()
-    redis.Redis.from_url(BROKER).flushdb()
 
 
 def _message(job_id: str) -> Message:
-    return Message(task=GENERATE_TASK, args=(job_id,), queue=GENERATION_QUEUE, priority=9)
+    return ready_message("tiny-sd15-openpose", get_settings(), job_id=job_id)
 
 
-def test_a_command_publishes_what_it_deferred_after_its_commit(cli_env, sessions):
+def test_a_command_publishes_what_it_deferred_after_its_commit(cli_env, quiet_broker_url, sessions):
     job_id = str(uuid.uuid4())
     with common.unit_of_work() as session:
         user = accounts.create_user(session, email="cli-uow@example.com")
         defer(session, _message(job_id))
-        assert waiting_job_ids(BROKER) == []  # not before the commit
+        assert waiting_job_ids(quiet_broker_url) == []  # not before the commit
     with sessions() as s:
         assert s.get(User, user.id) is not None
-    assert waiting_job_ids(BROKER) == [job_id]
+    assert waiting_job_ids(quiet_broker_url) == [job_id]
 
 
-def test_a_failed_command_writes_and_publishes_nothing(cli_env, sessions):
+def test_a_failed_command_writes_and_publishes_nothing(cli_env, quiet_broker_url, sessions):
     job_id = str(uuid.uuid4())
     with pytest.raises(typer.Exit), common.unit_of_work() as session:
         accounts.create_user(session, email="cli-uow-failed@example.com")
@@ -57,4 +52,4 @@ def test_a_failed_command_writes_and_publishes_nothing(cli_env, sessions):
     with sessions() as s:
         found = s.scalar(select(User).where(User.email == "cli-uow-failed@example.com"))
         assert found is None
-    assert waiting_job_ids(BROKER) == []
+    assert waiting_job_ids(quiet_broker_url) == []

@@ -19,7 +19,7 @@ from sqlalchemy import select
 from db.models import Generation, PoseTemplate, User
 from db.session import make_session_factory
 from db.types import utcnow
-from posegen import jobs, reconciler
+from posegen import jobs, lifecycle, reconciler
 from posegen.queue import Dispatcher, make_producer
 from posegen.settings import Settings
 from posegen.storage import Storage, storage_from_settings
@@ -95,6 +95,16 @@ def new_job(ctx: WorkerContext, user_id: str) -> str:
     return str(row["id"])
 
 
+def claimed(ctx: WorkerContext, job_id: str) -> lifecycle.Claim:
+    """The job, claimed for this worker as its task would (`runner.run_next` picks the job)."""
+    with ctx.session() as session:
+        claim = lifecycle.claim(
+            session, job_id=job_id, worker_id=ctx.worker_id, lease_seconds=LEASE_S
+        )
+    assert claim is not None
+    return claim
+
+
 def state(ctx: WorkerContext, job_id: str) -> Generation:
     with ctx.sessions() as session:
         job = session.get(Generation, job_id)
@@ -111,7 +121,7 @@ def user_id(make_account: Any) -> str:
 def test_a_finished_job_is_recorded_behind_the_next_one(ctx, gate, user_id):
     first, second = new_job(ctx, user_id), new_job(ctx, user_id)
     gate.open.clear()  # the first job's upload is held up
-    assert run_job(ctx, first, behind=ctx.finisher) == "finishing"
+    assert run_job(ctx, claimed(ctx, first), behind=ctx.finisher) == "finishing"
     held = state(ctx, first)
     assert held.status == "processing" and held.worker_id == ctx.worker_id
     time.sleep(2 * LEASE_S)  # longer than the lease: the heartbeat keeps renewing it
@@ -123,7 +133,7 @@ def test_a_finished_job_is_recorded_behind_the_next_one(ctx, gate, user_id):
     threading.Timer(0.5, gate.open.set).start()
     # The next job claims and runs beside the pending record; handing its own record over
     # waits for the first one's.
-    assert run_job(ctx, second, behind=ctx.finisher) == "finishing"
+    assert run_job(ctx, claimed(ctx, second), behind=ctx.finisher) == "finishing"
     assert state(ctx, second).started_at < state(ctx, first).finished_at
     assert ctx.finisher.wait() == "completed"
     for job_id in (first, second):
@@ -136,14 +146,14 @@ def test_a_finished_job_is_recorded_behind_the_next_one(ctx, gate, user_id):
 
 def test_without_a_finisher_the_job_is_recorded_before_run_job_returns(ctx, gate, user_id):
     job_id = new_job(ctx, user_id)
-    assert run_job(ctx, job_id) == "completed"
+    assert run_job(ctx, claimed(ctx, job_id)) == "completed"
     assert state(ctx, job_id).status == "completed"
 
 
 def test_a_job_canceled_while_its_record_is_pending_keeps_no_output(ctx, gate, user_id, sessions):
     job_id = new_job(ctx, user_id)
     gate.open.clear()
-    assert run_job(ctx, job_id, behind=ctx.finisher) == "finishing"
+    assert run_job(ctx, claimed(ctx, job_id), behind=ctx.finisher) == "finishing"
     with sessions() as session:
         jobs.cancel(session, job_id=job_id, user=session.get(User, user_id))
         session.commit()
@@ -157,7 +167,7 @@ def test_a_job_canceled_while_its_record_is_pending_keeps_no_output(ctx, gate, u
 def test_a_record_that_fails_leaves_the_job_to_its_lease(ctx, gate, user_id, sessions):
     job_id = new_job(ctx, user_id)
     gate.failing = True
-    assert run_job(ctx, job_id, behind=ctx.finisher) == "finishing"
+    assert run_job(ctx, claimed(ctx, job_id), behind=ctx.finisher) == "finishing"
     assert ctx.finisher.wait() == "failed"  # logged; the task had returned long before
     left = state(ctx, job_id)
     assert left.status == "processing" and left.worker_id == ctx.worker_id
@@ -165,8 +175,8 @@ def test_a_record_that_fails_leaves_the_job_to_its_lease(ctx, gate, user_id, ses
     with sessions() as session:
         reconciler.reconcile(session, settings=ctx.settings)
         session.commit()
-    # Queued again, by that sweep or by the housekeeping worker's if one runs: not lost, and
-    # no longer held by the process that failed to record it.
+    # Queued again by that sweep (no housekeeping worker runs on this module's database): not
+    # lost, and no longer held by the process that failed to record it.
     again = state(ctx, job_id)
     assert again.worker_id != ctx.worker_id and again.status != "failed"
 
@@ -179,11 +189,11 @@ def test_a_time_limit_while_handing_over_the_record_stops_renewing_the_lease(ctx
 
     job_id = new_job(ctx, user_id)
     with pytest.raises(SoftTimeLimitExceeded):
-        run_job(ctx, job_id, behind=Expiring())
+        run_job(ctx, claimed(ctx, job_id), behind=Expiring())
     assert state(ctx, job_id).status == "processing"
     time.sleep(LEASE_S + 3 * ctx.settings.heartbeat_seconds)
-    # No heartbeat renews it: its lease has run out, or the housekeeping worker's reconciler
-    # (when the session runs one) has given the job back already.
+    # No heartbeat renews it: its lease has run out, unless a reconciler gave the job back
+    # already (none sweeps this module's database).
     later, now = state(ctx, job_id), utcnow()
     held = later.worker_id == ctx.worker_id and later.lease_expires_at is not None
     assert not held or later.lease_expires_at < now
@@ -196,7 +206,7 @@ def test_a_leaving_worker_process_records_its_pending_job_first(ctx, gate, user_
     monkeypatch.setattr(worker_context, "_context_pid", os.getpid())
     job_id = new_job(ctx, user_id)
     gate.open.clear()
-    assert run_job(ctx, job_id, behind=ctx.finisher) == "finishing"
+    assert run_job(ctx, claimed(ctx, job_id), behind=ctx.finisher) == "finishing"
     opened_at: list[float] = []
 
     def open_gate() -> None:

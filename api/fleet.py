@@ -1,0 +1,80 @@
+"""What the operator sees of the fleet: per model, the jobs queued and the workers that serve
+it (`/ready`'s detail, `/metrics`). A model whose jobs wait with no worker serving it shows up
+here, so a fleet can scale on it (up from zero, too)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import AiModel, Generation, status_is
+from posegen.queue import MAINTENANCE_QUEUE, WEBHOOK_QUEUE, Dispatcher, model_queue
+
+# Asking the workers is a broadcast that waits for their replies: once per this many seconds.
+CONSUMERS_TTL = 10.0
+
+
+class Fleet:
+    def __init__(self, dispatcher: Dispatcher, sessions: sessionmaker[Session]) -> None:
+        self.dispatcher = dispatcher
+        self.sessions = sessions
+        self._lock = threading.Lock()
+        self._consumers: tuple[float, dict[str, list[str]] | None] | None = None
+
+    def consumers(self) -> dict[str, list[str]] | None:
+        """Queue -> workers, as the workers last said (None: the broker cannot tell)."""
+        with self._lock:
+            cached = self._consumers
+            if cached is None or time.monotonic() - cached[0] >= CONSUMERS_TTL:
+                cached = (time.monotonic(), self.dispatcher.consumers())
+                self._consumers = cached
+        return cached[1]
+
+    def _models_and_queued(self) -> tuple[list[str], dict[str, int]]:
+        with self.sessions() as session:
+            models = session.scalars(select(AiModel.model_key).where(AiModel.enabled)).all()
+            queued = session.execute(
+                select(Generation.model_key, func.count())
+                .where(status_is(Generation.status, "queued"))
+                .group_by(Generation.model_key)
+            ).all()
+        return list(models), {key: int(n) for key, n in queued}
+
+    def models(self) -> dict[str, dict[str, Any]]:
+        """Per model (enabled, or with jobs queued): `queued` jobs and the `workers` serving
+        it (null where the broker cannot tell)."""
+        models, queued = self._models_and_queued()
+        consumers = self.consumers()
+        return {
+            key: {
+                "queued": queued.get(key, 0),
+                "workers": None if consumers is None else consumers.get(model_queue(key), []),
+            }
+            for key in sorted(set(models) | set(queued))
+        }
+
+    def workers_per_model(self) -> dict[str, int] | None:
+        consumers = self.consumers()
+        if consumers is None:
+            return None
+        models, _ = self._models_and_queued()
+        return {key: len(consumers.get(model_queue(key), [])) for key in models}
+
+    def depths(self) -> dict[str, int]:
+        """Messages waiting per queue (empty where the broker cannot say): each model's
+        generation queue, `generation` their sum, and the housekeeping queues."""
+        models, _ = self._models_and_queued()
+        depths: dict[str, int] = {}
+        for queue in [*(model_queue(key) for key in models), WEBHOOK_QUEUE, MAINTENANCE_QUEUE]:
+            waiting = self.dispatcher.waiting(queue)
+            if waiting is not None:
+                depths[queue] = waiting
+        if depths:
+            depths["generation"] = sum(
+                n for queue, n in depths.items() if queue.startswith("generation.")
+            )
+        return depths
