@@ -117,10 +117,9 @@ def test_503_is_retried_after_its_retry_after(api, make_account, sessions, pg_pr
         job = _submit(client)
         elapsed = time.monotonic() - started
     assert job["status"] == "queued"
+    # Sent again after the 5 s asked for (with the database up, a submit takes milliseconds).
     assert 5 <= elapsed < 15
     assert _jobs_and_charges(sessions, account.user_id) == (1, 1)
-    metrics = httpx.get(f"{api}/metrics").text
-    assert 'posegen_submits_total{status="503"} 1.0' in metrics
 
 
 def test_a_retry_after_beyond_the_callers_limit_is_raised_at_once(api, make_account, pg_proxy):
