@@ -10,13 +10,14 @@ from contextlib import asynccontextmanager
 from anyio import to_thread
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
 from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import errors, poll
+from api import errors, openapi, poll
 from api.event_hub import EventHub
 from api.fleet import Fleet
-from api.routes import catalog, events, generations, health
+from api.routes import catalog, events, generations, health, playground
 from db.fast import AsyncReads
 from db.models import Generation, status_is
 from db.session import make_engine, make_session_factory
@@ -155,17 +156,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await app.state.async_reads.close()
         db_engine.dispose()
 
-    app = FastAPI(
+    # Swagger UI (/docs) and ReDoc (/redoc) load their scripts from this process, not from a
+    # CDN that a browser behind a firewall cannot reach (the pages were blank there).
+    app = FastAPIOffline(
+        static_url="/docs/static",
         title="posegen",
         version="0.1.0",
         description="Photo + pose -> avatar, as an asynchronous job queue.",
         lifespan=lifespan,
+        # Operation ids are the routes' names (`submit_generation`), as generated clients
+        # name their functions after them.
+        generate_unique_id_function=lambda route: route.name,
     )
     errors.install(app)
+    openapi.install(app)
     app.include_router(health.router)
     app.include_router(generations.router)
     app.include_router(events.router)
     app.include_router(catalog.router)
+    playground.install(app)
     app.router.routes.insert(0, poll.ROUTE)  # matched first: see api/poll.py
 
     # Image + pose image + the form fields.

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException
+from starlette.routing import compile_path
 
 from posegen.errors import PosegenError
 
@@ -36,6 +37,16 @@ def error_response(
     )
 
 
+def _allowed_methods(request: Request) -> str:
+    """Every method the API takes at this path (from its OpenAPI paths): Starlette names only
+    those of the first route whose path matched (the poll's GET, not the DELETE beside it)."""
+    methods: set[str] = set()
+    for template, operations in request.app.openapi()["paths"].items():
+        if compile_path(template)[0].match(request.url.path):
+            methods |= {method.upper() for method in operations}
+    return ", ".join(sorted(methods))
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(PosegenError)
     async def domain_error(_: Request, exc: PosegenError) -> JSONResponse:
@@ -49,9 +60,12 @@ def install(app: FastAPI) -> None:
         return error_response(422, "invalid_request", message)
 
     @app.exception_handler(HTTPException)
-    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         code = HTTP_CODES.get(exc.status_code, "error")
-        return error_response(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = _allowed_methods(request)
+        return error_response(exc.status_code, code, str(exc.detail), headers)
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(PoolTimeout)

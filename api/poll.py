@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from sqlalchemy import and_, bindparam, select
 
-from api.routes.generations import ERRORS
+from api.openapi import documented
 from api.schemas import Job
 from db.fast import AsyncReads, DriverQuery
 from db.models import ApiKey, Generation
@@ -109,8 +109,9 @@ ROUTE = _PlainRoute(
     get_generation,
     methods=["GET"],
     response_model=Job,
-    responses=ERRORS,
+    responses=documented(404),
     tags=["generations"],
     summary="Get Generation",
+    operation_id="get_generation",
     description="A job's status, progress, queue position and outputs.",
 )

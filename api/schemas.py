@@ -108,3 +108,14 @@ class Me(BaseModel):
     tier: str
     credits: int
     webhook_secret: str
+
+
+class Check(BaseModel):
+    ok: bool
+    ms: float
+    error: str | None = None  # why the check failed
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "unavailable"]
+    checks: dict[str, Check]

@@ -7,17 +7,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Response
 
 from api.deps import CurrentUser, KeyFirstRoute, ReadSessionDep
-from api.schemas import ErrorResponse, Me, ModelList, PoseTemplateList
+from api.openapi import documented
+from api.schemas import Me, ModelList, PoseTemplateList
 from posegen import catalog
 from posegen.seeding import MODEL_FIELDS
 from posegen.skeleton import skeleton_png
 
-router = APIRouter(
-    prefix="/v1",
-    tags=["catalog"],
-    responses={401: {"model": ErrorResponse}},
-    route_class=KeyFirstRoute,
-)
+router = APIRouter(prefix="/v1", tags=["catalog"], route_class=KeyFirstRoute)
 
 
 @router.get("/models", response_model=ModelList)
@@ -49,7 +45,13 @@ def list_pose_templates(_: CurrentUser, session: ReadSessionDep) -> dict[str, An
 @router.get(
     "/pose-templates/{template_id}/image",
     response_class=Response,
-    responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorResponse}},
+    responses={
+        200: {
+            "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+            "description": "The skeleton, drawn.",
+        },
+        **documented(401, 404, 422),
+    },
 )
 def pose_template_image(
     template_id: str,

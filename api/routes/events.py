@@ -25,8 +25,8 @@ from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.event_hub import RESYNC, Entry, EventHub, Inbox, entry_order
+from api.openapi import documented
 from api.poll import poll
-from api.routes.generations import ERRORS
 from db.fast import AsyncReads
 from posegen import catalog
 from posegen.errors import NotFound, Unavailable
@@ -41,7 +41,13 @@ ORIGIN = "0-0"
 @router.get(
     "/{job_id}/events",
     response_class=EventSourceResponse,
-    responses={200: {"content": {"text/event-stream": {}}}, **ERRORS},
+    responses={
+        200: {
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "description": "The job's events (server-sent events), until its terminal one.",
+        },
+        **documented(401, 404, 422, 503),
+    },
 )
 async def generation_events(
     request: Request,

@@ -18,7 +18,8 @@ from api.deps import (
     SettingsDep,
     StorageDep,
 )
-from api.schemas import ErrorResponse, Job, JobPage
+from api.openapi import JOB_LINKS, documented
+from api.schemas import Job, JobPage
 from posegen import jobs, retention
 from posegen.errors import NotFound, PayloadTooLarge
 from posegen.params import GenerationParams
@@ -29,8 +30,26 @@ from posegen.storage.keys import pose_key, preview_key
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/generations", tags=["generations"], route_class=KeyFirstRoute)
 WEBHOOK_EVENTS = "Comma list of started, progress, completed (every terminal event)."
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (401, 402, 403, 404, 409, 413, 415, 422, 429, 503)
+STATUSES = "queued|processing|completed|failed|canceled"
+NO_NUL = "^[^\\x00]*$"  # the database stores no NUL character
+# At most one pose (an empty field is a field left out).
+ONE_POSE = {
+    "not": {
+        "required": ["pose_template_id", "pose_image"],
+        "properties": {"pose_template_id": {"minLength": 1}, "pose_image": {"minLength": 1}},
+    }
+}
+SUBMITTED: dict[int | str, dict[str, Any]] = {
+    202: {
+        "description": "The job, queued.",
+        "headers": {"Location": {"description": "The job's URL.", "schema": {"type": "string"}}},
+        "links": JOB_LINKS,
+    },
+    200: {
+        "model": Job,
+        "description": "The job an earlier submit with this Idempotency-Key made (no charge).",
+        "links": JOB_LINKS,
+    },
 }
 
 
@@ -54,7 +73,13 @@ def _read(upload: UploadFile | None, settings: Settings, field: str) -> bytes | 
 # short.
 
 
-@router.post("", status_code=202, response_model=Job, responses=ERRORS)
+@router.post(
+    "",
+    status_code=202,
+    response_model=Job,
+    responses={**SUBMITTED, **documented(402, 403, 409, 413, 415, 422, 429)},
+    openapi_extra={"requestBody": {"content": {"multipart/form-data": {"schema": ONE_POSE}}}},
+)
 def submit_generation(
     user: CurrentUser,
     session: SessionDep,
@@ -62,13 +87,15 @@ def submit_generation(
     storage: StorageDep,
     dispatcher: DispatcherDep,
     image: Annotated[UploadFile, File(description="The subject photo (PNG, JPEG or WebP).")],
-    model_key: Annotated[str, Form(max_length=100)],
+    model_key: Annotated[str, Form(min_length=1, max_length=100, pattern=NO_NUL)],
     params: Annotated[GenerationParams, Form()],
-    prompt: Annotated[str | None, Form(max_length=1000)] = None,
-    negative_prompt: Annotated[str | None, Form(max_length=1000)] = None,
-    pose_template_id: Annotated[str | None, Form(max_length=100)] = None,
-    pose_image: Annotated[UploadFile | None, File()] = None,
-    webhook_url: Annotated[str | None, Form(max_length=2048)] = None,
+    prompt: Annotated[str | None, Form(max_length=1000, pattern=NO_NUL)] = None,
+    negative_prompt: Annotated[str | None, Form(max_length=1000, pattern=NO_NUL)] = None,
+    pose_template_id: Annotated[str | None, Form(max_length=100, pattern=NO_NUL)] = None,
+    pose_image: Annotated[
+        UploadFile | None, File(description="A photo whose pose to take instead.")
+    ] = None,
+    webhook_url: Annotated[str | None, Form(max_length=2048, pattern=NO_NUL)] = None,
     webhook_events: Annotated[str | None, Form(max_length=64, description=WEBHOOK_EVENTS)] = None,
     deadline_seconds: Annotated[
         int | None,
@@ -79,7 +106,9 @@ def submit_generation(
             "`deadline_exceeded`, refunded (not run if it has not started).",
         ),
     ] = None,
-    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+    idempotency_key: Annotated[
+        str | None, Header(min_length=1, max_length=255, pattern=r"\S")
+    ] = None,
 ) -> JSONResponse:
     request = jobs.GenerationRequest(
         model_key=model_key,
@@ -120,11 +149,26 @@ def submit_generation(
     )
 
 
-@router.get("", response_model=JobPage, responses=ERRORS)
+NEXT_PAGE = {
+    "NextPage": {
+        "operationId": "list_generations",
+        "parameters": {"cursor": "$response.body#/next_cursor"},
+    }
+}
+
+
+@router.get("", response_model=JobPage, responses={200: {"links": NEXT_PAGE}, **documented(422)})
 def list_generations(
     user: CurrentUser,
     session: ReadSessionDep,
-    status: Annotated[str | None, Query(max_length=100)] = None,
+    status: Annotated[
+        str | None,
+        Query(
+            max_length=100,
+            pattern=f"^({STATUSES})(,({STATUSES}))*$",
+            description="Only jobs in this status, or in these (a comma list).",
+        ),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> JSONResponse:
@@ -133,7 +177,7 @@ def list_generations(
     return JSONResponse({"items": items, "next_cursor": page.next_cursor})
 
 
-@router.post("/{job_id}/cancel", response_model=Job, responses=ERRORS)
+@router.post("/{job_id}/cancel", response_model=Job, responses=documented(404, 409))
 def cancel_generation(
     job_id: str,
     user: CurrentUser,
@@ -149,7 +193,7 @@ def cancel_generation(
     return JSONResponse(answer)
 
 
-@router.delete("/{job_id}", status_code=204, response_class=Response, responses=ERRORS)
+@router.delete("/{job_id}", status_code=204, response_class=Response, responses=documented(404))
 def delete_generation(
     job_id: str,
     user: CurrentUser,
@@ -174,11 +218,14 @@ def delete_generation(
     "/{job_id}/outputs/{index}",
     responses={
         200: {
-            "content": {"image/png": {}, "image/webp": {}, "image/jpeg": {}},
+            "content": {
+                media: {"schema": {"type": "string", "format": "binary"}}
+                for media in ("image/png", "image/webp", "image/jpeg")
+            },
             "description": "The image, in the job's output_format (local storage).",
         },
         307: {"description": "Redirect to a presigned URL (S3 storage)."},
-        **ERRORS,
+        **documented(404, 422),
     },
     response_class=Response,
 )
@@ -194,9 +241,12 @@ def get_output(
 @router.get(
     "/{job_id}/pose",
     responses={
-        200: {"content": {"image/png": {}}, "description": "The skeleton (local storage)."},
+        200: {
+            "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+            "description": "The skeleton (local storage).",
+        },
         307: {"description": "Redirect to a presigned URL (S3 storage)."},
-        **ERRORS,
+        **documented(401, 404, 422),
     },
     response_class=Response,
 )
@@ -216,9 +266,12 @@ def get_pose(
 @router.get(
     "/{job_id}/preview",
     responses={
-        200: {"content": {"image/png": {}}, "description": "The preview (local storage)."},
+        200: {
+            "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+            "description": "The preview (local storage).",
+        },
         307: {"description": "Redirect to a presigned URL (S3 storage)."},
-        **ERRORS,
+        **documented(401, 404, 422),
     },
     response_class=Response,
 )

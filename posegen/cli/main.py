@@ -9,6 +9,7 @@ import typer
 
 from posegen import accounts, credits, seeding
 from posegen.cli.common import downgrade_database, settings, unit_of_work, upgrade_database
+from posegen.cli.generate import generate
 from posegen.cli.processes import register_processes
 
 app = typer.Typer(
@@ -30,6 +31,7 @@ for name, sub in (
 ):
     app.add_typer(sub, name=name)
 register_processes(app)
+app.command("generate")(generate)
 
 
 @db_app.command("upgrade")
