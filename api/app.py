@@ -6,6 +6,7 @@ import gc
 import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from anyio import to_thread
 from fastapi import FastAPI
@@ -108,6 +109,29 @@ async def _send_413(scope: Scope, receive: Receive, send: Send, limit: int) -> N
     await response(scope, receive, send)
 
 
+async def _open_state(app: FastAPI, settings: Settings, db_engine: Any) -> None:
+    """What the routes reach through `app.state`, made at start-up."""
+    app.state.settings = settings
+    app.state.db_engine = db_engine
+    app.state.sessions = make_session_factory(db_engine)
+    app.state.read_sessions = make_session_factory(
+        db_engine.execution_options(isolation_level="AUTOCOMMIT")
+    )
+    # Status polls and key checks await the database on the event loop (`db/fast.py`).
+    # Each holds its connection for one round trip and waits for one without holding a
+    # thread, so a fixed number of connections serves them all.
+    app.state.async_reads = AsyncReads(settings.database_url, pool_size=settings.api_threads)
+    await app.state.async_reads.start()
+    app.state.storage = storage_from_settings(settings)
+    app.state.dispatcher = Dispatcher(make_producer(settings), events=event_log(settings))
+    app.state.event_hub = EventHub.for_settings(settings)
+    app.state.metrics = Metrics()
+    app.state.fleet = Fleet(app.state.dispatcher, app.state.sessions)
+    app.state.metrics.watch_queue(
+        lambda: _active_counts(app), app.state.fleet.depths, app.state.fleet.workers_per_model
+    )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings, process="api")
@@ -122,25 +146,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             pool_size=settings.api_threads + 2,  # + /metrics and /ready
             max_overflow=settings.api_threads,
         )
-        app.state.settings = settings
-        app.state.db_engine = db_engine
-        app.state.sessions = make_session_factory(db_engine)
-        app.state.read_sessions = make_session_factory(
-            db_engine.execution_options(isolation_level="AUTOCOMMIT")
-        )
-        # Status polls and key checks await the database on the event loop (`db/fast.py`).
-        # Each holds its connection for one round trip and waits for one without holding a
-        # thread, so a fixed number of connections serves them all.
-        app.state.async_reads = AsyncReads(settings.database_url, pool_size=settings.api_threads)
-        await app.state.async_reads.start()
-        app.state.storage = storage_from_settings(settings)
-        app.state.dispatcher = Dispatcher(make_producer(settings), events=event_log(settings))
-        app.state.event_hub = EventHub.for_settings(settings)
-        app.state.metrics = Metrics()
-        app.state.fleet = Fleet(app.state.dispatcher, app.state.sessions)
-        app.state.metrics.watch_queue(
-            lambda: _active_counts(app), app.state.fleet.depths, app.state.fleet.workers_per_model
-        )
+        await _open_state(app, settings, db_engine)
         # What start-up made lives as long as the process: out of the collector's way, so a
         # full collection under load scans only what requests allocate (the status route's
         # p99: bench.api).

@@ -63,14 +63,13 @@ def broker_url(settings: Settings) -> str:
     return settings.broker_url or "filesystem://"
 
 
-def configure_celery(app: Celery, settings: Settings) -> None:
-    """The one Celery configuration, shared by the producer (API) and the worker."""
-    transport_options: dict[str, Any]
+def _transport_options(settings: Settings) -> dict[str, Any]:
+    """The broker transport's options: folders for the embedded one, timeouts for Redis."""
     if settings.embedded_broker:
         folder = settings.broker_dir.resolve()
         for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
-        transport_options = {
+        return {
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),
             "processed_folder": str(folder / "processed"),
@@ -78,22 +77,25 @@ def configure_celery(app: Celery, settings: Settings) -> None:
             "control_folder": str(folder / "control"),
             "store_processed": False,
         }
-    else:
-        transport_options = {
-            "priority_steps": PRIORITY_STEPS,
-            "sep": PRIORITY_SEP,
-            "queue_order_strategy": "priority",
-            # An unacked message (a worker died mid-job) is redelivered after this long. It
-            # must stay well above the hard time limit, or a long job would run twice.
-            "visibility_timeout": int(settings.job_hard_time_limit * 4),
-            # A dead Redis must not hang a request or a worker.
-            "socket_timeout": 5,
-            "socket_connect_timeout": 5,
-            "retry_on_timeout": True,
-        }
+    return {
+        "priority_steps": PRIORITY_STEPS,
+        "sep": PRIORITY_SEP,
+        "queue_order_strategy": "priority",
+        # An unacked message (a worker died mid-job) is redelivered after this long. It
+        # must stay well above the hard time limit, or a long job would run twice.
+        "visibility_timeout": int(settings.job_hard_time_limit * 4),
+        # A dead Redis must not hang a request or a worker.
+        "socket_timeout": 5,
+        "socket_connect_timeout": 5,
+        "retry_on_timeout": True,
+    }
+
+
+def configure_celery(app: Celery, settings: Settings) -> None:
+    """The one Celery configuration, shared by the producer (API) and the worker."""
     app.conf.update(
         broker_url=broker_url(settings),
-        broker_transport_options=transport_options,
+        broker_transport_options=_transport_options(settings),
         broker_connection_timeout=5,
         broker_connection_retry_on_startup=True,
         # The database holds job state: no result backend, nothing stored per task.

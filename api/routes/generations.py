@@ -30,6 +30,12 @@ from posegen.storage.keys import pose_key, preview_key
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/generations", tags=["generations"], route_class=KeyFirstRoute)
 WEBHOOK_EVENTS = "Comma list of started, progress, completed (every terminal event)."
+DEADLINE_FIELD = Form(
+    ge=1,
+    le=jobs.MAX_DEADLINE_SECONDS,
+    description="Not completed this many seconds after submit: failed with "
+    "`deadline_exceeded`, refunded (not run if it has not started).",
+)
 STATUSES = "queued|processing|completed|failed|canceled"
 NO_NUL = "^[^\\x00]*$"  # the database stores no NUL character
 # At most one pose (an empty field is a field left out).
@@ -97,15 +103,7 @@ def submit_generation(
     ] = None,
     webhook_url: Annotated[str | None, Form(max_length=2048, pattern=NO_NUL)] = None,
     webhook_events: Annotated[str | None, Form(max_length=64, description=WEBHOOK_EVENTS)] = None,
-    deadline_seconds: Annotated[
-        int | None,
-        Form(
-            ge=1,
-            le=jobs.MAX_DEADLINE_SECONDS,
-            description="Not completed this many seconds after submit: failed with "
-            "`deadline_exceeded`, refunded (not run if it has not started).",
-        ),
-    ] = None,
+    deadline_seconds: Annotated[int | None, DEADLINE_FIELD] = None,
     idempotency_key: Annotated[
         str | None, Header(min_length=1, max_length=255, pattern=r"\S")
     ] = None,
@@ -134,14 +132,9 @@ def submit_generation(
     # commit it would take a transaction of its own, two more round trips (BEGIN, ROLLBACK).
     answer = submitted.answer or jobs.job_json(session, submitted.job)
     dispatcher.commit(session)
-    log.info(
-        "job submitted" if submitted.created else "job replayed (idempotency key)",
-        extra={
-            "job_id": submitted.job.id,
-            "model_key": submitted.job.model_key,
-            "user_id": user.id,
-        },
-    )
+    what = "job submitted" if submitted.created else "job replayed (idempotency key)"
+    job = submitted.job
+    log.info(what, extra={"job_id": job.id, "model_key": job.model_key, "user_id": user.id})
     return JSONResponse(
         answer,
         status_code=202 if submitted.created else 200,

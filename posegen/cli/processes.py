@@ -149,6 +149,17 @@ def run_worker(
     )  # fmt: skip
 
 
+def run_beat(loglevel: str) -> None:
+    from worker.celery_app import app as celery_app
+
+    s = settings()
+    s.var_dir.mkdir(parents=True, exist_ok=True)
+    quiet = ["--quiet"] if s.log_json else []  # no plain-text banner between JSON lines
+    celery_app.start(
+        [*quiet, "beat", "--loglevel", loglevel, "-s", str(s.var_dir / "celerybeat-schedule")]
+    )
+
+
 def register_processes(app: typer.Typer) -> None:
     @app.command("api")
     def api(
@@ -170,7 +181,7 @@ def register_processes(app: typer.Typer) -> None:
             str, typer.Option(help="comma-separated queues; `generation`: the models' queues")
         ] = GENERATION_QUEUE,
         models: Annotated[
-            str, typer.Option(help="comma-separated model keys served; default: every enabled")
+            str, typer.Option(help="comma-separated model keys served; default: every model")
         ] = "",
         concurrency: Annotated[
             int | None, typer.Option(help="processes; default: one per GPU")
@@ -180,7 +191,7 @@ def register_processes(app: typer.Typer) -> None:
             int, typer.Option(help="serve Prometheus metrics of all its processes; 0: off")
         ] = 0,
     ) -> None:
-        """Run a Celery worker: the GPU worker by default (every enabled model, or --models);
+        """Run a Celery worker: the GPU worker by default (every model, or --models);
         the housekeeping worker with --queues webhooks,maintenance."""
         run_worker(
             queues=queues.split(","), models=models, concurrency=concurrency,
@@ -190,14 +201,7 @@ def register_processes(app: typer.Typer) -> None:
     @app.command("beat")
     def beat(loglevel: str = "INFO") -> None:
         """Run Celery beat: the reconciler, the webhook sweep, the purge of expired keys."""
-        from worker.celery_app import app as celery_app
-
-        s = settings()
-        s.var_dir.mkdir(parents=True, exist_ok=True)
-        quiet = ["--quiet"] if s.log_json else []  # no plain-text banner between JSON lines
-        celery_app.start(
-            [*quiet, "beat", "--loglevel", loglevel, "-s", str(s.var_dir / "celerybeat-schedule")]
-        )
+        run_beat(loglevel)
 
     @app.command("demo")
     def demo(
