@@ -33,6 +33,7 @@ from posegen.errors import NotFound, Unavailable
 from posegen.events import TERMINAL
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
+EVENT_NAMES = ("queued", "started", "progress", "completed", "failed", "canceled")
 POLL_SECONDS = 0.5
 # The id of the job as it stands when the job has no event kept (any real id is after it).
 ORIGIN = "0-0"
@@ -43,7 +44,20 @@ ORIGIN = "0-0"
     response_class=EventSourceResponse,
     responses={
         200: {
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {
+                "text/event-stream": {
+                    # One server-sent event: its name, its id (for Last-Event-ID), and the job
+                    # object as JSON text.
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "event": {"type": "string", "enum": list(EVENT_NAMES)},
+                            "id": {"type": "string"},
+                            "data": {"type": "string"},
+                        },
+                    }
+                }
+            },
             "description": "The job's events (server-sent events), until its terminal one.",
         },
         **documented(401, 404, 422, 503),

@@ -30,6 +30,9 @@ from posegen.storage.keys import pose_key, preview_key
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/generations", tags=["generations"], route_class=KeyFirstRoute)
 WEBHOOK_EVENTS = "Comma list of started, progress, completed (every terminal event)."
+# The comma list as posegen.webhooks.parse_choices reads it (empty parts are skipped).
+_EVENT = r"(?:(?:started|progress|completed)\s*)?"
+WEBHOOK_EVENTS_PATTERN = rf"^\s*{_EVENT}(?:,\s*{_EVENT})*$"
 DEADLINE_FIELD = Form(
     ge=1,
     le=jobs.MAX_DEADLINE_SECONDS,
@@ -102,7 +105,9 @@ def submit_generation(
         UploadFile | None, File(description="A photo whose pose to take instead.")
     ] = None,
     webhook_url: Annotated[str | None, Form(max_length=2048, pattern=NO_NUL)] = None,
-    webhook_events: Annotated[str | None, Form(max_length=64, description=WEBHOOK_EVENTS)] = None,
+    webhook_events: Annotated[
+        str | None, Form(max_length=64, pattern=WEBHOOK_EVENTS_PATTERN, description=WEBHOOK_EVENTS)
+    ] = None,
     deadline_seconds: Annotated[int | None, DEADLINE_FIELD] = None,
     idempotency_key: Annotated[
         str | None, Header(min_length=1, max_length=255, pattern=r"\S")
