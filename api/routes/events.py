@@ -30,13 +30,27 @@ from api.poll import poll
 from db.fast import AsyncReads
 from posegen import catalog
 from posegen.errors import NotFound, Unavailable
-from posegen.events import TERMINAL
+from posegen.events import NAMES, TERMINAL
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
-EVENT_NAMES = ("queued", "started", "progress", "completed", "failed", "canceled")
 POLL_SECONDS = 0.5
 # The id of the job as it stands when the job has no event kept (any real id is after it).
 ORIGIN = "0-0"
+# One event of the stream (in OpenAPI 3.1 a stream's `schema` describes each of its events):
+# its name, its id and the job as JSON in `data`.
+EVENT = {
+    "type": "object",
+    "properties": {
+        "event": {"enum": list(NAMES)},
+        "id": {"type": "string"},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {"$ref": "#/components/schemas/Job"},
+        },
+    },
+    "required": ["event", "id", "data"],
+}
 
 
 @router.get(
@@ -44,20 +58,7 @@ ORIGIN = "0-0"
     response_class=EventSourceResponse,
     responses={
         200: {
-            "content": {
-                "text/event-stream": {
-                    # One server-sent event: its name, its id (for Last-Event-ID), and the job
-                    # object as JSON text.
-                    "schema": {
-                        "type": "object",
-                        "properties": {
-                            "event": {"type": "string", "enum": list(EVENT_NAMES)},
-                            "id": {"type": "string"},
-                            "data": {"type": "string"},
-                        },
-                    }
-                }
-            },
+            "content": {"text/event-stream": {"schema": EVENT}},
             "description": "The job's events (server-sent events), until its terminal one.",
         },
         **documented(401, 404, 422, 503),

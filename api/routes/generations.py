@@ -20,7 +20,7 @@ from api.deps import (
 )
 from api.openapi import JOB_LINKS, documented
 from api.schemas import Job, JobPage
-from posegen import jobs, retention
+from posegen import jobs, retention, webhooks
 from posegen.errors import NotFound, PayloadTooLarge
 from posegen.params import GenerationParams
 from posegen.settings import Settings
@@ -30,9 +30,6 @@ from posegen.storage.keys import pose_key, preview_key
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/generations", tags=["generations"], route_class=KeyFirstRoute)
 WEBHOOK_EVENTS = "Comma list of started, progress, completed (every terminal event)."
-# The comma list as posegen.webhooks.parse_choices reads it (empty parts are skipped).
-_EVENT = r"(?:(?:started|progress|completed)\s*)?"
-WEBHOOK_EVENTS_PATTERN = rf"^\s*{_EVENT}(?:,\s*{_EVENT})*$"
 DEADLINE_FIELD = Form(
     ge=1,
     le=jobs.MAX_DEADLINE_SECONDS,
@@ -46,8 +43,20 @@ ONE_POSE = {
     "not": {
         "required": ["pose_template_id", "pose_image"],
         "properties": {"pose_template_id": {"minLength": 1}, "pose_image": {"minLength": 1}},
-    }
+    },
+    # Webhook events chosen need a URL to go to.
+    "if": {"required": ["webhook_events"], "properties": {"webhook_events": {"minLength": 1}}},
+    "then": {"required": ["webhook_url"], "properties": {"webhook_url": {"minLength": 1}}},
 }
+# `webhook_events` as posegen.webhooks.parse_choices takes it: a comma list of the choices,
+# spaces and empty items allowed.
+EVENT_CHOICE = f"({'|'.join(webhooks.CHOICES)})?"
+WEBHOOK_EVENTS_PATTERN = rf"^\s*{EVENT_CHOICE}\s*(,\s*{EVENT_CHOICE}\s*)*$"
+# The schema states the pattern; the check is parse_choices', whose message names the unknown
+# event.
+WEBHOOK_EVENTS_FIELD = Form(
+    max_length=64, json_schema_extra={"pattern": WEBHOOK_EVENTS_PATTERN}, description=WEBHOOK_EVENTS
+)
 SUBMITTED: dict[int | str, dict[str, Any]] = {
     202: {
         "description": "The job, queued.",
@@ -105,9 +114,7 @@ def submit_generation(
         UploadFile | None, File(description="A photo whose pose to take instead.")
     ] = None,
     webhook_url: Annotated[str | None, Form(max_length=2048, pattern=NO_NUL)] = None,
-    webhook_events: Annotated[
-        str | None, Form(max_length=64, pattern=WEBHOOK_EVENTS_PATTERN, description=WEBHOOK_EVENTS)
-    ] = None,
+    webhook_events: Annotated[str | None, WEBHOOK_EVENTS_FIELD] = None,
     deadline_seconds: Annotated[int | None, DEADLINE_FIELD] = None,
     idempotency_key: Annotated[
         str | None, Header(min_length=1, max_length=255, pattern=r"\S")

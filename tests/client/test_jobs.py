@@ -98,15 +98,20 @@ def test_history_pages_newest_first(live_api, gpu_worker, make_account, sessions
 
 
 def test_wait_times_out_with_the_last_state(live_api, make_account):
-    # 150 steps take the tiny model longer than the timeout, whether a worker runs or not.
+    # 150 full steps of the tiny SDXL model take far longer than the timeout, whether a worker
+    # runs or not (a warm worker runs 110 steps of the SD 1.5 one in about 0.3 s).
     account = make_account(credits=5)
     with Client(live_api, account.key) as client:
         job = client.submit(
-            astronaut_png(), model_key=MODEL, pose_template_id="waving", num_inference_steps=150
+            astronaut_png(),
+            model_key="tiny-sdxl-openpose",
+            pose_template_id="waving",
+            num_inference_steps=150,
+            strength=1.0,
         )
         started = time.monotonic()
         with pytest.raises(WaitTimeout) as caught:
-            client.wait(job["id"], timeout=0.3, poll_interval=0.05)
+            client.wait(job["id"], timeout=0.05, poll_interval=0.05)
         assert time.monotonic() - started < 5
         assert caught.value.job["id"] == job["id"]
         assert caught.value.job["status"] in ("queued", "processing")
