@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from selenium.webdriver.common.by import By
 
-from tests.browser.page import choose, connect, jobs_of, set_param, text, wait
+from tests.browser.page import choose, connect, drop_photo, jobs_of, set_param, text, wait
 from tests.factories import astronaut_png, ledger_kinds
 
 pytestmark = pytest.mark.slow
@@ -55,3 +55,25 @@ def test_a_whole_job(live_api, gpu_worker, make_account, sessions, browser, scre
     # The key stays with the tab: a reload connects by itself.
     browser.refresh()
     wait(browser).until(lambda b: "4 credits" in text(b, "account"))
+
+
+def test_previews_show_while_the_job_runs(live_api, gpu_worker, make_account, browser, screenshot):
+    account = make_account(credits=5)
+    connect(browser, live_api, account.key)
+    # The form is built from the schema: the server's preview field is there as a checkbox.
+    preview = browser.find_element(By.ID, "param-preview")
+    assert preview.get_attribute("type") == "checkbox"
+    choose(browser, model="tiny-sdxl-openpose", template="t-pose")
+    drop_photo(browser, astronaut_png())
+    set_param(browser, "num_inference_steps", 30)
+    set_param(browser, "strength", 1)
+    preview.click()
+    browser.find_element(By.ID, "submit").click()
+    box = browser.find_element(By.ID, "job-preview-box")
+    wait(browser, 120).until(lambda b: box.is_displayed() or text(b, "job-status") == "completed")
+    assert box.is_displayed(), "the job ended before a preview was shown"
+    image = browser.find_element(By.ID, "job-preview")
+    wait(browser).until(lambda b: b.execute_script("return arguments[0].naturalWidth", image) > 0)
+    screenshot("playground-preview")
+    wait(browser, 120).until(lambda b: text(b, "job-status") == "completed", gpu_worker.tail())
+    assert not box.is_displayed()  # the result replaces the preview
