@@ -11,11 +11,14 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import redis
+import tenacity
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from db.session import make_session_factory
@@ -136,15 +139,26 @@ def session(sessions: object) -> Iterator[Session]:
     s.close()
 
 
+# The module's worker may still be claiming or finishing a job when a test ends: Postgres can
+# pick the TRUNCATE as a deadlock's victim, and the next try finds the worker done.
+@tenacity.retry(
+    retry=tenacity.retry_if_exception_type(OperationalError),
+    stop=tenacity.stop_after_attempt(5),
+    wait=tenacity.wait_fixed(0.5),
+    reraise=True,
+)
+def _empty_tables(engine: Any) -> None:
+    with engine.begin() as conn:
+        conn.execute(text(f"TRUNCATE {DATA_TABLES} CASCADE"))
+        conn.execute(text("DELETE FROM ai_models WHERE model_key LIKE 'test-%'"))
+
+
 @pytest.fixture(autouse=True)
 def clean(request: pytest.FixtureRequest) -> Iterator[None]:
     """After each test that touched the database or a broker: empty tables and queues."""
     yield
     if "db_engine" in request.fixturenames:
-        engine = request.getfixturevalue("db_engine")
-        with engine.begin() as conn:
-            conn.execute(text(f"TRUNCATE {DATA_TABLES} CASCADE"))
-            conn.execute(text("DELETE FROM ai_models WHERE model_key LIKE 'test-%'"))
+        _empty_tables(request.getfixturevalue("db_engine"))
     if "broker_url" in request.fixturenames:
         redis.Redis.from_url(request.getfixturevalue("broker_url")).flushdb()
     if "quiet_broker_url" in request.fixturenames:

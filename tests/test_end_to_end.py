@@ -34,7 +34,13 @@ def test_submit_to_completed_png(app, make_account, gpu_worker, session):
     assert done["status"] == "completed", (done, gpu_worker.tail())
     assert done["progress"] == {"step": 3, "total": 3}  # 4 steps at strength 0.75
     assert done["outputs"] == [
-        {"index": 0, "url": f"/v1/generations/{job['id']}/outputs/0", "width": 128, "height": 128, "content_type": "image/png"}
+        {
+            "index": 0,
+            "url": f"/v1/generations/{job['id']}/outputs/0",
+            "width": 128,
+            "height": 128,
+            "content_type": "image/png",
+        }
     ]
     assert done["started_at"] and done["finished_at"] and done["queue_position"] is None
     assert done["attempts"] == 1 and done["error"] is None

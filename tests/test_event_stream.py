@@ -34,7 +34,11 @@ def quiet_api(
     base_env: dict[str, str], quiet_broker_url: str, db_engine: object, process_logs: Path
 ) -> Iterator[str]:
     """An API on a broker no worker listens on: its jobs stay queued."""
-    env = {**base_env, "POSEGEN_BROKER_URL": quiet_broker_url, "POSEGEN_STREAM_KEEPALIVE_SECONDS": "0.4"}
+    env = {
+        **base_env,
+        "POSEGEN_BROKER_URL": quiet_broker_url,
+        "POSEGEN_STREAM_KEEPALIVE_SECONDS": "0.4",
+    }
     proc, base = start_api(env, process_logs / "stream-quiet-api.log")
     yield base
     proc.stop()
@@ -102,10 +106,15 @@ def test_a_stream_follows_a_queued_job_to_its_end(client, make_account, gpu_work
     events = read(client, account, job["id"])
 
     names = [name for _, name, _ in events]
-    assert names == ["queued", "started", *["progress"] * 6, "completed"], (names, gpu_worker.tail())
+    assert names == ["queued", "started", *["progress"] * 6, "completed"], (
+        names,
+        gpu_worker.tail(),
+    )
     first = events[0][2]
     assert first["status"] == "queued" and first["queue_position"] in (0, 1)  # blocker started?
-    assert [data["progress"]["step"] for _, name, data in events if name == "progress"] == list(range(6))
+    assert [data["progress"]["step"] for _, name, data in events if name == "progress"] == list(
+        range(6)
+    )
     assert all(data["status"] == "processing" for _, name, data in events[1:-1])
     done = events[-1][2]
     assert done["status"] == "completed" and done["outputs"][0]["url"].endswith("/outputs/0")
@@ -157,7 +166,9 @@ def test_keep_alives_then_a_cancel_ends_the_stream(quiet_api, make_account):
             for line in response.iter_lines():
                 lines.append(line)
                 if line == ": keep-alive" and lines.count(line) == 2:
-                    cancel = client.post(f"/v1/generations/{job['id']}/cancel", headers=account.headers)
+                    cancel = client.post(
+                        f"/v1/generations/{job['id']}/cancel", headers=account.headers
+                    )
                     assert cancel.status_code == 200
     assert lines[1:3] == ["event: queued", f"data: {json.dumps(job, separators=(',', ':'))}"]
     assert lines[3:6] == ["", ": keep-alive", ""]
@@ -188,7 +199,9 @@ def test_previews_while_a_job_runs(client, make_account, gpu_worker, settings):
     url = f"/v1/generations/{job['id']}/preview"
     fetched = None
     events = []
-    with connect_sse(client, "GET", f"/v1/generations/{job['id']}/events", headers=account.headers) as source:
+    with connect_sse(
+        client, "GET", f"/v1/generations/{job['id']}/events", headers=account.headers
+    ) as source:
         for sse in source.iter_sse():
             if not sse.data:
                 continue
@@ -210,7 +223,10 @@ def test_previews_while_a_job_runs(client, make_account, gpu_worker, settings):
     storage = Path(settings.storage_url.removeprefix("file://"))
     assert not (storage / "previews" / f"{job['id']}.png").exists()
     other = submit(client, account).json()
-    assert client.get(f"/v1/generations/{other['id']}/preview", headers=account.headers).status_code == 404
+    assert (
+        client.get(f"/v1/generations/{other['id']}/preview", headers=account.headers).status_code
+        == 404
+    )
 
 
 def test_without_redis_a_stream_polls_the_database(embedded_api, make_account):

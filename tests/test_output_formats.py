@@ -83,7 +83,11 @@ def test_the_pose_a_job_was_conditioned_on(app, make_account, gpu_worker, settin
     # A pose extracted from the photo: drawn from what the extractor found.
     extracted = submit(app, account, image=astronaut_png(), pose_template_id=None).json()
     wait_for(app, account, extracted["id"])
-    image = Image.open(io.BytesIO(app.get(f"/v1/generations/{extracted['id']}/pose", headers=account.headers).content))
+    image = Image.open(
+        io.BytesIO(
+            app.get(f"/v1/generations/{extracted['id']}/pose", headers=account.headers).content
+        )
+    )
     assert image.size == (128, 128) and image.convert("L").getbbox() is not None
     # Deleted with the job's outputs.
     assert app.delete(f"/v1/generations/{job['id']}", headers=account.headers).status_code == 204
@@ -91,4 +95,3 @@ def test_the_pose_a_job_was_conditioned_on(app, make_account, gpu_worker, settin
     storage = Path(settings.storage_url.removeprefix("file://"))
     assert not (storage / "outputs" / job["id"]).exists()
     assert not (storage / "poses" / f"{job['id']}.png").exists()
-
