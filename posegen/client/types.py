@@ -38,6 +38,9 @@ class Params(TypedDict):
     seed: int
     width: int
     height: int
+    output_format: NotRequired[Literal["png", "webp", "jpeg"]]
+    output_quality: NotRequired[int]
+    preview: NotRequired[bool]
 
 
 class Job(TypedDict):
@@ -52,6 +55,7 @@ class Job(TypedDict):
     credit_cost: int
     progress: Progress
     queue_position: int | None
+    queue_position_capped: NotRequired[bool]
     eta_seconds: float | None
     outputs: list[Output]
     error: ErrorBody | None
