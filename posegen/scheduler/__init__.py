@@ -23,6 +23,9 @@ claim and a cancel of the same user's jobs never wait for each other in a circle
 
 from posegen.scheduler.limits import check_depth, check_user_queue, retry_after
 from posegen.scheduler.pick import (
+    HEAD,
+    MOVED,
+    NEXT_TURN,
     TURN_HEAD,
     Turn,
     claimable,
@@ -34,9 +37,12 @@ from posegen.scheduler.pick import (
     turn_order,
 )
 from posegen.scheduler.position import POSITION, position_params
-from posegen.scheduler.turns import drifted, joined, left, repair
+from posegen.scheduler.turns import drifted, joined, left, moved_to_back, repair
 
 __all__ = [
+    "HEAD",
+    "MOVED",
+    "NEXT_TURN",
     "POSITION",
     "TURN_HEAD",
     "Turn",
@@ -47,6 +53,7 @@ __all__ = [
     "head_of",
     "joined",
     "left",
+    "moved_to_back",
     "next_turn",
     "overdue",
     "position_params",
