@@ -10,6 +10,7 @@ plan tests ask for the generic plan itself (Postgres 15 has no `EXPLAIN (GENERIC
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from psycopg import ClientCursor
@@ -47,3 +48,12 @@ def generic_plan(
         finally:
             cur.execute("DEALLOCATE posegen_plan")
             cur.execute("RESET plan_cache_mode")
+
+
+def pages_read(conn: Connection, statement: Any, params: dict[str, Any]) -> tuple[int, str]:
+    """The pages (hit or read) the generic plan of `statement` read when run, the whole
+    execution's (its top node's), and the plan; what it changed is rolled back."""
+    plan = generic_plan(conn, statement, params, buffers=True)
+    conn.rollback()
+    root = next(line for line in plan if "Buffers:" in line)
+    return sum(int(n) for n in re.findall(r"(?:hit|read)=(\d+)", root)), "\n".join(plan)

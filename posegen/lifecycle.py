@@ -72,7 +72,12 @@ _MOVED_TRIES = 3
 # round trip. A row with no job: the turn's head was not free (the caller goes on turn by turn).
 _CLAIMED = (
     update(Generation)
-    .where(Generation.id == scheduler.HEAD.c.id, Generation.status == "queued")
+    # The head's id as a scalar subquery: the job by its key (a join to the CTE gets a
+    # generic plan that hashes the whole table).
+    .where(
+        Generation.id == select(scheduler.HEAD.c.id).scalar_subquery(),
+        Generation.status == "queued",
+    )
     .values(**_CLAIM_VALUES)
     .returning(*Generation.__table__.c)
     .cte("claimed")

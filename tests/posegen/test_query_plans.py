@@ -10,7 +10,6 @@ sequential scans priced out, so a query that cannot use its index shows up as a 
 from __future__ import annotations
 
 import datetime as dt
-import re
 from typing import Any
 
 import pytest
@@ -18,8 +17,8 @@ from sqlalchemy import Connection, Engine, select, text
 from sqlalchemy.orm import Session
 
 from api import poll
-from db.models import Generation
-from db.plans import generic_plan
+from db.models import AiModel, Generation
+from db.plans import generic_plan, pages_read
 from posegen import accounts, lifecycle, ratelimit, reconciler, scheduler, webhooks
 from posegen.jobs import queries
 
@@ -102,6 +101,18 @@ def test_the_claim_in_one_statement_reads_its_indexes(conn: Connection) -> None:
     assert "Seq Scan" not in plan, plan
 
 
+def test_the_claim_reads_a_few_pages_behind_a_long_queue(db_engine: Engine) -> None:
+    """The claim's single statement, the next job of 20,000 queued, reads what it reads for
+    one: the first turn, that turn's head, the job and the turn rows, not the queue."""
+    _bulk_jobs(db_engine, 20000, status="queued")
+    with Session(db_engine) as s:
+        model_id = s.scalar(select(AiModel.id).where(AiModel.model_key == "tiny-sd15-openpose"))
+    params = {"models": [model_id], "now": NOW, "worker": "w", "lease_until": NOW}
+    with db_engine.connect() as c:
+        pages, plan = pages_read(c, lifecycle._CLAIM_NEXT, params)
+    assert pages < 40, plan
+
+
 def test_a_bound_status_loses_the_index(conn: Connection) -> None:
     """The check has teeth: the same query with its status as a parameter scans the table."""
     bound: Any = select(Generation.id).where(Generation.status == "queued").limit(10)
@@ -142,14 +153,6 @@ def _bulk_jobs(engine: Engine, n: int, *, status: str) -> str:
     return user
 
 
-def _pages_read(c: Connection, statement: Any, params: dict[str, Any]) -> tuple[int, str]:
-    """The pages a statement's generic plan read (hit or read), and the plan."""
-    plan = generic_plan(c, statement, params, buffers=True)
-    c.rollback()
-    root = next(line for line in plan if "Buffers:" in line)  # the whole execution's pages
-    return sum(int(n) for n in re.findall(r"(?:hit|read)=(\d+)", root)), "\n".join(plan)
-
-
 def test_counting_a_job_near_the_head_reads_only_the_head(db_engine: Engine) -> None:
     """The position count stops at the counted job: a job fourth in a queue of 20,000 reads a
     few pages, not the queue's index (a single row comparison did not stop the scan)."""
@@ -161,7 +164,7 @@ def test_counting_a_job_near_the_head_reads_only_the_head(db_engine: Engine) -> 
         model = c.execute(text("SELECT model_id FROM generations LIMIT 1")).scalar_one()
         params = {"user_id": user, "model_id": model, "created_at": fourth}
         assert c.execute(scheduler.POSITION, params).scalar_one() == 3
-        pages, plan = _pages_read(c, scheduler.POSITION, params)
+        pages, plan = pages_read(c, scheduler.POSITION, params)
     assert pages < 20, plan
 
 
@@ -179,7 +182,7 @@ def test_a_deep_page_of_the_list_starts_at_its_cursor(db_engine: Engine) -> None
         cursor = queries.encode_cursor(Generation(id=deep.id, created_at=deep.created_at))
         statement = queries.list_statement(user, status=None, limit=20, cursor=cursor)
         assert len(c.execute(statement).all()) == 9
-        pages, plan = _pages_read(c, statement, {})
+        pages, plan = pages_read(c, statement, {})
     assert pages < 40, plan
 
 
@@ -220,5 +223,5 @@ def test_a_position_reads_its_own_users_jobs_not_another_users_backlog(
         # Neither user started a job, and the heavy user's turn waited first: one heavy job,
         # then this one.
         assert c.execute(scheduler.POSITION, params).scalar_one() == 1
-        pages, plan = _pages_read(c, scheduler.POSITION, params)
+        pages, plan = pages_read(c, scheduler.POSITION, params)
     assert pages < 30, plan
