@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
-from db.models import Generation, PoseTemplate
+from db.models import Generation, PoseTemplate, QueueTurn, UserTurn
 from posegen import accounts, lifecycle
 from posegen.queue import GENERATE_TASK
 from posegen.settings import Settings
@@ -75,6 +75,34 @@ def test_claim_answers_the_job_and_its_catalog_rows_in_five_statements(
         assert lifecycle.claim(s, job_id=with_template, worker_id="w2", lease_seconds=60) is None
     assert sent == ["UPDATE"]
     s.commit()
+
+
+def test_claim_next_on_postgres_is_one_statement(session: Session) -> None:
+    """The next job by the scheduler's order, claimed in one round trip: the pick, the head,
+    the claim, the user's turns and the catalog rows are one statement, and what it stored
+    is what the turn-by-turn path stores."""
+    s = session
+    user = accounts.create_user(s, email="one@example.com", credits=10)
+    template = s.scalars(select(PoseTemplate).where(PoseTemplate.key == "standing")).one()
+    model = tiny_model(s)
+    first = make_job(s, user.id, age_s=2, pose_template_id=template.id)
+    second = make_job(s, user.id, age_s=1)
+    s.commit()
+    s.expunge_all()
+
+    with statements(s) as sent:
+        claim = lifecycle.claim_next(
+            s, worker_id="w1", models=[model.id], lease_seconds=60, settings=Settings()
+        )
+    assert sent == ["WITH"]
+    assert claim is not None and claim.job.id == first and claim.job.status == "processing"
+    assert claim.pose_keypoints == template.keypoints and claim.base_model == model.base_model
+    s.commit()
+    turn = s.get_one(QueueTurn, (user.id, model.id), populate_existing=True)
+    started = s.get_one(UserTurn, user.id, populate_existing=True).last_started_at
+    second_created = s.get_one(Generation, second).created_at
+    assert (turn.queued, turn.waiting_since) == (1, second_created)
+    assert started == claim.job.started_at == turn.last_started_at
 
 
 def test_complete_is_one_statement_and_only_for_the_worker_that_holds_the_job(
