@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, func, literal_column, or_, select
+from sqlalchemy import Text, bindparam, cast, func, literal_column, or_, select
 from sqlalchemy.orm import Session
 
 from db.models import Generation, QueueTurn, status_is
@@ -41,6 +41,12 @@ def turn_order(models: Sequence[str], skip: Sequence[Turn]) -> Any:
     return statement
 
 
+def _version(table: Any) -> Any:
+    """The row version a statement sees (Postgres's `xmin`, the transaction that wrote it),
+    as text: the same row read twice in one statement shows whether it changed between."""
+    return cast(literal_column(f"{table.__tablename__}.xmin"), Text)
+
+
 def _head(user_id: Any, model_id: Any) -> Any:
     """A turn's oldest queued job not past its deadline, locked. A job past its deadline is
     not taken: the reconciler fails it (a claim holding the turn row must not wait for the
@@ -63,7 +69,7 @@ TURN_HEAD = _head(bindparam("turn_user"), bindparam("turn_model"))
 # The pick as CTEs of the claim's single statement (`lifecycle.claim_next`, on Postgres):
 # the first turn in order among the models bound as `models` (a list), locked, and its head.
 NEXT_TURN = (
-    select(QueueTurn.user_id, QueueTurn.model_id, QueueTurn.last_started_at)
+    select(QueueTurn.user_id, QueueTurn.model_id, _version(QueueTurn).label("version"))
     .where(WAITING, QueueTurn.model_id.in_(bindparam("models", expanding=True)))
     .order_by(QueueTurn.priority.desc(), QueueTurn.last_started_at, QueueTurn.waiting_since)
     .limit(1)
@@ -72,13 +78,15 @@ NEXT_TURN = (
 )
 _TURN_USER = select(NEXT_TURN.c.user_id).scalar_subquery()
 _TURN_MODEL = select(NEXT_TURN.c.model_id).scalar_subquery()
-# Whether the turn moved to the back after the statement's snapshot was taken: a claim of the
-# same turn committed while this one waited to lock it. The lock then returns the row as
-# that claim left it (Postgres rechecks the WHERE on the new row, not the ORDER BY), while a
-# plain read in the same statement still sees the row as it was: the two starts differ.
+# Whether the turn changed after the statement's snapshot was taken: a claim of the same turn
+# (it moved to the back), a submit or a cancel committed while this one waited to lock it.
+# The lock returns the row as that transaction left it (Postgres rechecks the WHERE on the
+# new version, not the ORDER BY), while a plain read in the same statement still sees the
+# version of the snapshot: their row versions differ. The caller then runs the statement
+# again on a fresh snapshot, where the order and the turn's oldest job are right.
 MOVED = (
-    select(NEXT_TURN.c.last_started_at).scalar_subquery()
-    != select(QueueTurn.last_started_at)
+    select(NEXT_TURN.c.version).scalar_subquery()
+    != select(_version(QueueTurn))
     .where(QueueTurn.user_id == _TURN_USER, QueueTurn.model_id == _TURN_MODEL)
     .scalar_subquery()
 )

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from api import poll
 from db.models import AiModel, Generation
-from db.plans import generic_plan, pages_read
+from db.plans import cte_plan, generic_plan, pages_read
 from posegen import accounts, lifecycle, ratelimit, reconciler, scheduler, webhooks
 from posegen.jobs import queries
 
@@ -102,15 +102,30 @@ def test_the_claim_in_one_statement_reads_its_indexes(conn: Connection) -> None:
 
 
 def test_the_claim_reads_a_few_pages_behind_a_long_queue(db_engine: Engine) -> None:
-    """The claim's single statement, the next job of 20,000 queued, reads what it reads for
-    one: the first turn, that turn's head, the job and the turn rows, not the queue."""
-    _bulk_jobs(db_engine, 20000, status="queued")
+    """The claim's single statement, the next job of 20,000 queued behind 20,000 finished,
+    reads what it reads for one: the first turn, that turn's head (by ix_generations_turn,
+    not the user's history), the job and the turn rows, not the queue."""
+    user = _bulk_jobs(db_engine, 20000, status="queued")
+    with db_engine.begin() as c:  # the same user's history, finished
+        c.execute(
+            text(
+                "INSERT INTO generations (id, user_id, model_id, model_key, status, prompt,"
+                " negative_prompt, params, pose_source, input_key, credit_cost, priority,"
+                " progress_step, progress_total, outputs, attempts, created_at)"
+                " SELECT gen_random_uuid(), user_id, model_id, model_key, 'completed', prompt,"
+                " '', '{}', 'image', 'inputs/x.png', 1, 5, 2, 2, '[]', 1,"
+                " created_at - interval '1 day' FROM generations WHERE user_id = :user"
+            ),
+            {"user": user},
+        )
+        c.execute(text("ANALYZE generations"))
     with Session(db_engine) as s:
         model_id = s.scalar(select(AiModel.id).where(AiModel.model_key == "tiny-sd15-openpose"))
     params = {"models": [model_id], "now": NOW, "worker": "w", "lease_until": NOW}
     with db_engine.connect() as c:
         pages, plan = pages_read(c, lifecycle._CLAIM_NEXT, params)
-    assert pages < 40, plan
+    assert "ix_generations_turn" in cte_plan(plan, "head"), plan
+    assert pages < 60, plan
 
 
 def test_a_bound_status_loses_the_index(conn: Connection) -> None:

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session
 
 from db.models import AiModel, CreditLedger, Generation, QueueTurn, UserTurn
@@ -262,42 +265,70 @@ def test_a_turn_whose_head_cannot_start_does_not_stop_the_claim(any_session: Ses
     assert s.get_one(QueueTurn, (stuck, model(s).id), populate_existing=True).queued == 1
 
 
+def test_a_claim_with_an_earlier_clock_keeps_the_users_latest_start(
+    any_session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two claims of a user's jobs whose starts come in the other order (a worker whose
+    clock is behind, or the later start committed first): the user's turn follows the later
+    start, in `user_turns` and on the turn."""
+    s = any_session
+    u = user(s, "clocks")
+    m = model(s).id
+    queue(s, u, 2)
+    first = lifecycle.claim_next(s, worker_id="w", models=[m], lease_seconds=60, settings=SETTINGS)
+    assert first is not None and first.job.started_at is not None
+    s.commit()
+    latest = first.job.started_at
+    monkeypatch.setattr(lifecycle, "utcnow", lambda: latest - dt.timedelta(minutes=1))
+    second = lifecycle.claim_next(s, worker_id="w", models=[m], lease_seconds=60, settings=SETTINGS)
+    assert second is not None and second.job.started_at < latest
+    s.commit()
+    assert s.get_one(UserTurn, u, populate_existing=True).last_started_at == latest
+    assert s.get_one(QueueTurn, (u, m), populate_existing=True).last_started_at == latest
+
+
 def test_parallel_claimers_take_each_job_once_and_keep_the_turns(
     session: Session, sessions
 ) -> None:
     """Eight claimers at once, each claim its own transaction, while a ninth thread cancels
     some of the queued jobs: every job ends claimed once or canceled, never both; each turn
-    counts nothing left; each user's latest start is recorded, on every turn of theirs."""
+    counts nothing left and says the user's latest start, as `user_turns` does."""
     s = session
     users = [user(s, f"racer{i}") for i in range(12)]
     sd, xl = model(s).id, model(s, "tiny-sdxl-openpose").id
     jobs = [j for u in users for j in queue(s, u, 8)]
     jobs += queue(s, users[0], 4, key="tiny-sdxl-openpose")  # a second turn of one user
     to_cancel = jobs[5::9]
-    claimed: list[str] = []
-    lock = threading.Lock()
+    canceled = threading.Event()
 
-    def claimer(n: int) -> None:
+    def claimer(n: int) -> list[str]:
+        mine: list[str] = []
         with sessions() as own:
-            while (c := lifecycle.claim_next(
-                own, worker_id=f"w{n}", models=[sd, xl], lease_seconds=60, settings=SETTINGS
-            )) is not None:  # fmt: skip
+            # Until nothing is left once the cancels are in (a cancel holding a turn can
+            # make a claim find nothing free for a moment).
+            while True:
+                c = lifecycle.claim_next(
+                    own, worker_id=f"w{n}", models=[sd, xl], lease_seconds=60, settings=SETTINGS
+                )
                 own.commit()
-                with lock:
-                    claimed.append(c.job.id)
+                if c is not None:
+                    mine.append(c.job.id)
+                elif canceled.is_set():
+                    return mine
+                else:
+                    time.sleep(0.01)
 
     def canceler() -> None:
         with sessions() as own:
             for job_id in to_cancel:
                 lifecycle.cancel(own, job_id=job_id)
                 own.commit()
+        canceled.set()
 
-    threads = [threading.Thread(target=claimer, args=(n,)) for n in range(8)]
-    threads.append(threading.Thread(target=canceler))
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with ThreadPoolExecutor(max_workers=9) as pool:
+        runs = [pool.submit(claimer, n) for n in range(8)]
+        pool.submit(canceler).result()  # raises what the thread raised
+        claimed = [job for run in runs for job in run.result()]
     rows = dict(s.execute(select(Generation.id, Generation.status)).tuples().all())
     attempts = set(s.scalars(select(Generation.attempts).where(Generation.id.in_(claimed))))
     assert len(claimed) == len(set(claimed)) and attempts == {1}
@@ -305,12 +336,97 @@ def test_parallel_claimers_take_each_job_once_and_keep_the_turns(
     assert {j for j, st in rows.items() if st == "processing"} == set(claimed) - set(to_cancel)
     assert {j for j, st in rows.items() if st == "canceled"} == set(to_cancel)
     assert set(claimed) | set(to_cancel) == set(jobs)
-    turns = s.execute(select(QueueTurn.queued)).scalars().all()
-    assert turns and set(turns) == {0}
-    starts = s.execute(select(UserTurn.user_id, UserTurn.last_started_at)).tuples().all()
-    assert len(starts) == len(users)
-    latest = {u: at for u, at in starts}
+    turns = s.execute(select(QueueTurn.user_id, QueueTurn.queued, QueueTurn.last_started_at))
+    turns = turns.tuples().all()
+    assert turns and {queued for _, queued, _ in turns} == {0}
+    assert scheduler.drifted(s) == []
+    latest = dict(s.execute(select(UserTurn.user_id, UserTurn.last_started_at)).tuples().all())
     started = s.execute(
         select(Generation.user_id, func.max(Generation.started_at)).group_by(Generation.user_id)
     ).tuples()
-    assert {u: at for u, at in started} == latest
+    assert dict(started.all()) == latest and len(latest) == len(users)
+    # The turn a user's latest job started from carries that start (another turn of theirs
+    # that a concurrent claim held may keep an older copy: it has nothing queued).
+    copies: dict[str, dt.datetime] = {}
+    for user_id, _, at in turns:
+        copies[user_id] = max(at, copies.get(user_id, at))
+    assert copies == latest
+
+
+def _claim_blocked_once(engine: Any) -> Any:
+    """Make the next claim statement of the thread named "X" wait, after its snapshot was
+    taken and before it reads the turns, on advisory lock 42 (an InitPlan in the turn's WHERE):
+    whatever commits meanwhile is newer than what that statement sees."""
+    done: list[bool] = []
+
+    def hold(_conn: Any, _cursor: Any, statement: str, params: Any, *_: Any) -> Any:
+        needle = "WHERE queue_turns.queued > 0 AND queue_turns.model_id IN"
+        if threading.current_thread().name == "X" and not done and needle in statement:
+            done.append(True)
+            wait = "WHERE (SELECT pg_advisory_xact_lock_shared(42)::text) IS NOT NULL AND "
+            statement = statement.replace(needle, wait + needle[len("WHERE ") :], 1)
+        return statement, params
+
+    event.listen(engine, "before_cursor_execute", hold, retval=True)
+    return hold
+
+
+@pytest.mark.parametrize("meanwhile", ["claimed", "submitted", "canceled"])
+def test_a_turn_that_changed_under_the_claim_is_read_again(
+    db_engine: Any, sessions, session: Session, meanwhile: str
+) -> None:
+    """A's turn is first when the claim's statement takes its snapshot; before it locks the
+    turn, another transaction commits a change to it: a claim of A's job (A's turn moves to
+    the back), a submit or a cancel of A's. The statement sees the turn changed and runs
+    again on a fresh snapshot: B's job starts next after a claim of A's, and after a submit
+    or a cancel the turn's count and oldest job are A's as they are now."""
+    s = session
+    a, b = user(s, "first"), user(s, "second")
+    m = model(s).id
+    a_jobs = queue(s, a, 1 if meanwhile == "submitted" else 3, age_s=10)
+    b_jobs = queue(s, b, 2, age_s=5)
+    hold = _claim_blocked_once(db_engine)
+    holder = db_engine.connect()
+    holder.exec_driver_sql("SELECT pg_advisory_lock(42)")
+    result: dict[str, Any] = {}
+
+    def x() -> None:
+        with sessions() as own:
+            c = lifecycle.claim_next(
+                own, worker_id="X", models=[m], lease_seconds=60, settings=SETTINGS
+            )
+            own.commit()
+            result["job"] = c and c.job.id
+
+    thread = threading.Thread(target=x, name="X")
+    thread.start()
+    try:
+        time.sleep(0.5)  # X's statement has its snapshot and waits for the lock
+        with sessions() as other:
+            if meanwhile == "claimed":
+                y = lifecycle.claim_next(
+                    other, worker_id="Y", models=[m], lease_seconds=60, settings=SETTINGS
+                )
+                assert y is not None and y.job.id == a_jobs[0]
+            elif meanwhile == "canceled":
+                assert lifecycle.cancel(other, job_id=a_jobs[1]) is not None
+            other.commit()
+        if meanwhile == "submitted":
+            a_jobs += queue(s, a, 1)
+    finally:
+        holder.exec_driver_sql("SELECT pg_advisory_unlock(42)")
+        holder.close()
+        thread.join(timeout=30)
+        event.remove(db_engine, "before_cursor_execute", hold)
+    turn = s.get_one(QueueTurn, (a, m), populate_existing=True)
+    queued_of_a = s.scalars(
+        select(Generation.created_at)
+        .where(Generation.user_id == a, Generation.status == "queued")
+        .order_by(Generation.created_at)
+    ).all()
+    if meanwhile == "claimed":
+        assert result["job"] == b_jobs[0]  # not A's second job: A just had one start
+    else:
+        assert result["job"] == a_jobs[0]
+    assert turn.queued == len(queued_of_a) and turn.waiting_since == queued_of_a[0]
+    assert scheduler.drifted(s) == []
