@@ -11,8 +11,14 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import AiModel, Generation, status_is
-from posegen.queue import MAINTENANCE_QUEUE, WEBHOOK_QUEUE, Dispatcher, model_queue
+from db.models import LOCAL, AiModel, Generation, status_is
+from posegen.queue import (
+    MAINTENANCE_QUEUE,
+    REMOTE_QUEUE,
+    WEBHOOK_QUEUE,
+    Dispatcher,
+    model_queue,
+)
 
 # Asking the workers is a broadcast that waits for their replies: once per this many seconds.
 CONSUMERS_TTL = 10.0
@@ -34,15 +40,28 @@ class Fleet:
                 self._consumers = cached
         return cached[1]
 
-    def _models_and_queued(self) -> tuple[list[str], dict[str, int]]:
+    def unserved(self, model_key: str) -> bool:
+        """Whether no worker serves this local model's queue now, as far as the workers say
+        (a broker that cannot tell: False). Asked of a submit whose model has a fallback."""
+        consumers = self.consumers()
+        return consumers is not None and not consumers.get(model_queue(model_key))
+
+    def _models_and_queued(self) -> tuple[dict[str, str], dict[str, int]]:
+        """Enabled models (key -> the broker queue that serves it) and queued jobs per
+        model."""
         with self.sessions() as session:
-            models = session.scalars(select(AiModel.model_key).where(AiModel.enabled)).all()
+            rows = session.execute(
+                select(AiModel.model_key, AiModel.provider).where(AiModel.enabled)
+            ).all()
             queued = session.execute(
                 select(Generation.model_key, func.count())
                 .where(status_is(Generation.status, "queued"))
                 .group_by(Generation.model_key)
             ).all()
-        return list(models), {key: int(n) for key, n in queued}
+        models = {
+            key: model_queue(key) if provider == LOCAL else REMOTE_QUEUE for key, provider in rows
+        }
+        return models, {key: int(n) for key, n in queued}
 
     def models(self) -> dict[str, dict[str, Any]]:
         """Per model (enabled, or with jobs queued): `queued` jobs and the `workers` serving
@@ -52,7 +71,11 @@ class Fleet:
         return {
             key: {
                 "queued": queued.get(key, 0),
-                "workers": None if consumers is None else consumers.get(model_queue(key), []),
+                "workers": (
+                    None
+                    if consumers is None
+                    else consumers.get(models.get(key, model_queue(key)), [])
+                ),
             }
             for key in sorted(set(models) | set(queued))
         }
@@ -62,14 +85,15 @@ class Fleet:
         if consumers is None:
             return None
         models, _ = self._models_and_queued()
-        return {key: len(consumers.get(model_queue(key), [])) for key in models}
+        return {key: len(consumers.get(queue, [])) for key, queue in models.items()}
 
     def depths(self) -> dict[str, int]:
         """Messages waiting per queue (empty where the broker cannot say): each model's
         generation queue, `generation` their sum, and the housekeeping queues."""
         models, _ = self._models_and_queued()
         depths: dict[str, int] = {}
-        for queue in [*(model_queue(key) for key in models), WEBHOOK_QUEUE, MAINTENANCE_QUEUE]:
+        queues = dict.fromkeys([*models.values(), WEBHOOK_QUEUE, MAINTENANCE_QUEUE])
+        for queue in queues:
             waiting = self.dispatcher.waiting(queue)
             if waiting is not None:
                 depths[queue] = waiting

@@ -307,3 +307,58 @@ def _queued_again(
         defer(session, generate_message(job, settings))
         announce(session, job, "queued")
     return job
+
+
+def provider_phase(
+    session: Session,
+    *,
+    job_id: str,
+    worker_id: str,
+    phase: str | None,
+    until: dt.datetime | None = None,
+    lease_seconds: float,
+) -> bool:
+    """A running job waits on its provider (`phase`, until about `until`: the job's ETA) or
+    no longer (None); the lease renewed. False: the job is no longer ours (canceled)."""
+    values = {
+        "progress_phase": phase,
+        "phase_until": until if phase else None,
+        "lease_expires_at": utcnow() + dt.timedelta(seconds=lease_seconds),
+    }
+    result = session.execute(
+        update(Generation).where(*_OURS).values(**values),
+        {"job_id": job_id, "worker": worker_id},
+        execution_options={"synchronize_session": False},
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def route(
+    session: Session, *, job_id: str, from_model_id: str, to: AiModel, settings: Settings
+) -> Generation | None:
+    """A queued job of the local model `from_model_id` moves to the hosted model `to` (its
+    fallback): it leaves that model's turn and joins the fallback's, and its message goes to
+    the remote queue once the caller commits; its price and `model_key` stay, `routed_to`
+    says where it went. None when the job is no longer queued on that model (claimed,
+    canceled, routed already): a claim that holds the row makes this wait, then find it
+    taken, so a job is run by one side only."""
+    job = session.scalars(
+        update(Generation)
+        .where(
+            Generation.id == job_id,
+            Generation.status == "queued",
+            Generation.model_id == from_model_id,
+        )
+        .values(model_id=to.id, provider=to.provider, routed_to=to.model_key)
+        .returning(Generation),
+        execution_options=_RETURNING,
+    ).one_or_none()
+    if job is None:
+        return None
+    scheduler.left(session, user_id=job.user_id, model_id=from_model_id)
+    scheduler.joined(
+        session, user_id=job.user_id, model_id=to.id, priority=job.priority,
+        since=job.created_at,
+    )  # fmt: skip
+    defer(session, generate_message(job, settings))
+    return job
