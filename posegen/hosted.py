@@ -74,6 +74,11 @@ class Stopped(Exception):
     """The job was canceled, or its stop time came, while it waited on the provider."""
 
 
+class OutOfTime(Stopped):
+    """The provider would answer after the job's stop time: its answer did not come in time,
+    or it asked us to come back later than that."""
+
+
 def provider_error(message: str) -> JobError:
     return JobError("provider_error", message)
 
@@ -98,9 +103,9 @@ class HuggingFace:
         should_stop: Callable[[], bool],
     ) -> bytes:
         """The image's bytes. Asks again while the provider is busy (`on_busy` told first),
-        until `stop_at` (time.time()); raises Stopped when `should_stop` says so or the next
-        try would come after `stop_at`, JobError `timeout` for an answer that came too late,
-        JobError `provider_error` for any other answer than an image."""
+        until `stop_at` (time.time()); raises Stopped when `should_stop` says so, when an
+        answer or the next try would come after `stop_at`; JobError `provider_error` for any
+        other answer than an image."""
 
         def stop(state: RetryCallState) -> bool:
             return should_stop() or time.time() + (state.upcoming_sleep or 0) >= stop_at
@@ -110,13 +115,24 @@ class HuggingFace:
             if isinstance(busy, Busy):
                 on_busy(busy)
 
+        def gave_up(state: RetryCallState) -> bytes:
+            if should_stop():
+                raise Stopped("canceled while the provider was busy")
+            busy = state.outcome.exception() if state.outcome else None
+            later = (
+                f" (it asked to come back in {busy.seconds:.0f} s)"
+                if isinstance(busy, Busy)
+                else ""
+            )
+            raise OutOfTime(f"The provider could not be done in time{later}.")
+
         retrying = Retrying(
             retry=retry_if_exception_type(Busy),
             wait=_busy_seconds,
             stop=stop,
             sleep=lambda seconds: _sleep(seconds, should_stop),
             before_sleep=before_sleep,
-            retry_error_callback=_gave_up,
+            retry_error_callback=gave_up,
         )
         data: bytes = retrying(self._once, request, stop_at=stop_at)
         return data
@@ -124,7 +140,7 @@ class HuggingFace:
     def _once(self, request: HostedRequest, *, stop_at: float) -> bytes:
         left = stop_at - time.time()
         if left <= 0:
-            raise Stopped("out of time")
+            raise OutOfTime("The job's time ran out before the provider was asked.")
         headers = {"Accept": "image/png"}
         if self._token is not None:
             headers["Authorization"] = f"Bearer {self._token.get_secret_value()}"
@@ -134,12 +150,11 @@ class HuggingFace:
                 url,
                 json=request.body(),
                 headers=headers,
-                timeout=httpx.Timeout(left, connect=min(CONNECT_SECONDS, left)),
+                # A little past the stop time, so that the job is out of time when it fires.
+                timeout=httpx.Timeout(left + 0.05, connect=min(CONNECT_SECONDS, left + 0.05)),
             )
-        except httpx.TimeoutException as exc:
-            raise JobError(
-                "timeout", "The provider did not answer within the job's time limit."
-            ) from exc
+        except httpx.TimeoutException as exc:  # its stop time came first
+            raise OutOfTime("The provider did not answer within the job's time.") from exc
         except httpx.TransportError as exc:  # after the transport's own retries
             raise provider_error(
                 f"The provider could not be reached: {type(exc).__name__}."
@@ -169,11 +184,6 @@ class HuggingFace:
 def _busy_seconds(state: RetryCallState) -> float:
     busy = state.outcome.exception() if state.outcome else None
     return busy.seconds if isinstance(busy, Busy) else DEFAULT_BACKOFF
-
-
-def _gave_up(state: RetryCallState) -> bytes:
-    """The retries stopped (canceled, or the next try would be past the stop time)."""
-    raise Stopped("stopped while the provider was busy")
 
 
 def _sleep(seconds: float, should_stop: Callable[[], bool]) -> None:

@@ -37,6 +37,7 @@ from posegen.hosted import (
     Busy,
     HostedRequest,
     HuggingFace,
+    OutOfTime,
     Stopped,
     make_client,
     provider_error,
@@ -154,6 +155,10 @@ def run_hosted(rw: Remote, claim: lifecycle.Claim) -> str:
             should_stop=heartbeat.canceled,
         )
         image = _decoded(data)
+    except OutOfTime as exc:
+        if is_deadline:
+            return _fail(ctx, job.id, "deadline_exceeded", lifecycle.DEADLINE_MESSAGE)
+        return _fail(ctx, job.id, "timeout", f"{exc} The job ran past its time limit.")
     except Stopped:
         return _stopped(ctx, job.id, heartbeat.out_of_time())
     except JobError as exc:

@@ -48,7 +48,7 @@ def test_seeding_is_idempotent(session):
     # The session database was seeded at start-up: a second run changes nothing.
     models = seeding.seed_models(session)
     poses = seeding.seed_poses(session)
-    assert models.created == [] and models.updated == [] and len(models.unchanged) == 6
+    assert models.created == [] and models.updated == [] and len(models.unchanged) == 9
     assert poses.created == [] and len(poses.unchanged) >= 4
 
 
@@ -61,8 +61,8 @@ def test_seed_cli_reports_and_keys_cli_prints_the_key_last(tmp_path):
         return result.stdout
 
     cli("db", "upgrade")
-    assert "created 6, updated 0, unchanged 0" in cli("seed", "models")
-    assert "created 0, updated 0, unchanged 6" in cli("seed", "models")
+    assert "created 9, updated 0, unchanged 0" in cli("seed", "models")
+    assert "created 0, updated 0, unchanged 9" in cli("seed", "models")
     assert "created 5" in cli("seed", "poses")
     assert "unchanged 5" in cli("seed", "poses")
     cli("users", "create", "a@example.com", "--tier", "pro", "--credits", "7")
