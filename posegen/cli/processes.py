@@ -213,11 +213,22 @@ def register_processes(app: typer.Typer) -> None:
     @app.command("demo")
     def demo(
         port: Annotated[int, typer.Option(help="API port; 0 picks a free one")] = 0,
-        model_key: str = "tiny-sd15-openpose",
+        model_key: Annotated[
+            str | None,
+            typer.Option(help="default: tiny-sd15-openpose, or sd15-openpose-hf with --hosted"),
+        ] = None,
         pose: str = "waving",
+        hosted: Annotated[
+            bool,
+            typer.Option(
+                "--hosted",
+                help="a hosted model on the remote worker against a loopback Inference API "
+                "(no GPU, no weights)",
+            ),
+        ] = False,
     ) -> None:
         """Everything in one, embedded: migrate, seed, build tiny models, run API + worker,
         submit the astronaut photo with a pose template, follow it, print the output path."""
         from posegen.cli.demo import run_demo
 
-        raise typer.Exit(run_demo(port=port, model_key=model_key, pose=pose))
+        raise typer.Exit(run_demo(port=port, model_key=model_key, pose=pose, hosted=hosted))
