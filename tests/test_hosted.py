@@ -24,7 +24,7 @@ from posegen.events import stream_key
 from posegen.loopback import Answer, LoopbackProvider
 from tests.factories import astronaut_png, eventually, ledger_kinds, submit, wait_for
 from tests.processes import Proc
-from tests.services import ROOT
+from tests.services import ROOT, free_port
 
 TOKEN = "hf_loopback_secret_1234567890"
 MODEL = "sd15-openpose-hf"  # 512x512, 3 credits, free tier
@@ -53,7 +53,10 @@ def remote_worker(
         "POSEGEN_JOB_HARD_TIME_LIMIT": "12",
         "POSEGEN_LOG_LEVEL": "DEBUG",
     }
-    proc = Proc(["worker", "--queues", "remote"], env, process_logs / "remote.log").start()
+    port = free_port()
+    args = ["worker", "--queues", "remote", "--metrics-port", str(port)]
+    proc = Proc(args, env, process_logs / "remote.log").start()
+    proc.metrics_url = f"http://127.0.0.1:{port}/metrics"
     yield proc
     proc.stop()
     assert TOKEN not in proc.tail(100000), "the token is in the remote worker's log"
