@@ -141,6 +141,26 @@ def test_a_cold_model_is_waited_for_honestly_then_its_image_is_the_output(
     )
 
 
+def test_a_job_canceled_while_its_model_loads_stops_waiting_refunded(
+    app, make_account, sessions, remote_worker, provider
+):
+    provider.script.append(Answer(503, {"error": "loading", "estimated_time": 4.5}))
+    account = make_account(credits=10)
+    job = _submit(app, account)
+    url = f"/v1/generations/{job['id']}"
+
+    def loading() -> bool:
+        got = app.get(url, headers=account.headers).json()
+        return got["progress"].get("phase") == "provider_loading"
+
+    assert eventually(loading, timeout=30)
+    assert app.post(f"{url}/cancel", headers=account.headers).json()["status"] == "canceled"
+    assert eventually(lambda: "hosted job canceled while waiting" in remote_worker.tail(), 5)
+    assert len(provider.received) == 1  # not asked again
+    assert _balance(sessions, account.user_id) == 10
+    assert ledger_kinds(sessions, job["id"]) == {"charge": 1, "refund": 1}
+
+
 def test_the_pose_of_the_photo_is_extracted_on_the_cpu_and_sent(
     app, make_account, remote_worker, provider
 ):

@@ -147,6 +147,8 @@ def run_hosted(rw: Remote, claim: lifecycle.Claim) -> str:
     heartbeat.start()
     started = time.monotonic()
     try:
+        if job.progress_phase:  # a wait of an attempt before, whose worker was lost
+            _set_phase(ctx, job, None)
         request = _request(rw, claim)
         data = rw.provider.generate(
             request,
@@ -251,18 +253,23 @@ def _waiting(ctx: WorkerContext, job: Generation, busy: Busy, hb: Heartbeat) -> 
     )
     if not busy.loading:
         return
-    until = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=busy.seconds)
-    with ctx.session() as session:
-        ours = lifecycle.provider_phase(
-            session, job_id=job.id, worker_id=ctx.worker_id, phase=PROVIDER_LOADING,
-            until=until, lease_seconds=ctx.settings.job_lease_seconds,
-        )  # fmt: skip
+    ours = _set_phase(ctx, job, dt.datetime.now(dt.UTC) + dt.timedelta(seconds=busy.seconds))
     sink = ctx.dispatcher.events
     if ours and sink is not None:
         data = render_job(job)
         data["progress"] = {**data["progress"], "phase": PROVIDER_LOADING}
         data["eta_seconds"] = round(busy.seconds, 3)
         sink.publish([events.Event(job_id=job.id, name="progress", data=data)])
+
+
+def _set_phase(ctx: WorkerContext, job: Generation, until: dt.datetime | None) -> bool:
+    """The job waits for its model to load until about `until`, or (None) no longer."""
+    with ctx.session() as session:
+        return lifecycle.provider_phase(
+            session, job_id=job.id, worker_id=ctx.worker_id,
+            phase=PROVIDER_LOADING if until else None, until=until,
+            lease_seconds=ctx.settings.job_lease_seconds,
+        )  # fmt: skip
 
 
 def _record(ctx: WorkerContext, job: Generation, image: Image.Image, *, seconds: float) -> str:
