@@ -17,6 +17,8 @@ Only httpx and tenacity here: the remote worker that calls this imports no torch
 from __future__ import annotations
 
 import base64
+import datetime as dt
+import email.utils
 import logging
 import time
 from collections.abc import Callable
@@ -196,11 +198,17 @@ def _sleep(seconds: float, should_stop: Callable[[], bool]) -> None:
 
 
 def _retry_after(response: httpx.Response) -> float:
-    value = response.headers.get("retry-after", "")
+    """Retry-After in seconds, or as an HTTP date; DEFAULT_BACKOFF when absent or unreadable."""
+    value = response.headers.get("retry-after", "").strip()
     try:
         return max(float(value), 0.5)
     except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
         return DEFAULT_BACKOFF
+    return max((when - dt.datetime.now(dt.UTC)).total_seconds(), 0.5)
 
 
 def _json(response: httpx.Response) -> dict[str, object]:

@@ -23,8 +23,8 @@ from PIL import Image, ImageOps
 
 @dataclass(frozen=True)
 class Answer:
-    """One scripted answer: `status` with a JSON `body` (and `retry_after`), or an image
-    after `delay` seconds (status 200)."""
+    """One scripted answer, after `delay` seconds: `status` with a JSON `body` (and
+    `retry_after`), or (200 without a body) the image."""
 
     status: int = 200
     body: dict[str, Any] | None = None
@@ -117,7 +117,7 @@ class LoopbackProvider:
         answer = answer or Answer()
         if answer.delay:
             time.sleep(answer.delay)
-        if answer.status != 200:
+        if answer.status != 200 or answer.body is not None:  # a JSON answer, even a 200
             return _send(request, answer.status, json.dumps(answer.body or {}).encode(),
                          "application/json", answer.retry_after)  # fmt: skip
         try:
