@@ -4,6 +4,7 @@ here, so a fleet can scale on it (up from zero, too)."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
@@ -20,6 +21,8 @@ from posegen.queue import (
     model_queue,
 )
 
+log = logging.getLogger(__name__)
+
 # Asking the workers is a broadcast that waits for their replies: once per this many seconds.
 CONSUMERS_TTL = 10.0
 
@@ -30,6 +33,7 @@ class Fleet:
         self.sessions = sessions
         self._lock = threading.Lock()
         self._consumers: tuple[float, dict[str, list[str]] | None] | None = None
+        self._unreachable_at = -CONSUMERS_TTL
 
     def consumers(self) -> dict[str, list[str]] | None:
         """Queue -> workers, as the workers last said (None: the broker cannot tell)."""
@@ -42,8 +46,17 @@ class Fleet:
 
     def unserved(self, model_key: str) -> bool:
         """Whether no worker serves this local model's queue now, as far as the workers say
-        (a broker that cannot tell: False). Asked of a submit whose model has a fallback."""
-        consumers = self.consumers()
+        (a broker that cannot tell, or cannot be reached: False). Asked of a submit whose
+        model has a fallback: a broker outage must not fail the submit, nor slow each one
+        (an unreachable broker is not asked again for CONSUMERS_TTL)."""
+        if time.monotonic() - self._unreachable_at < CONSUMERS_TTL:
+            return False
+        try:
+            consumers = self.consumers()
+        except Exception:  # any broker failure means "cannot tell"
+            log.warning("could not ask the workers which queues they serve", exc_info=True)
+            self._unreachable_at = time.monotonic()
+            return False
         return consumers is not None and not consumers.get(model_queue(model_key))
 
     def _models_and_queued(self) -> tuple[dict[str, str], dict[str, int]]:

@@ -149,3 +149,19 @@ def test_a_job_submitted_while_no_worker_serves_its_model_goes_to_the_fallback(
     assert routed["status"] == "queued"
     broker = redis.Redis.from_url(broker_url)
     assert broker.llen(REMOTE_QUEUE) == 1 and broker.llen(model_queue(LOCAL_KEY)) == 1
+
+
+def test_a_broker_that_cannot_be_asked_routes_nothing_and_fails_no_submit(
+    settings, db_engine, make_account, session, restore
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    _with_fallback(session)
+    account = make_account(credits=10)
+    down = settings.model_copy(update={"broker_url": "redis://127.0.0.1:9/0"})
+    with TestClient(create_app(down)) as client:
+        answers = [submit(client, account, model_key=LOCAL_KEY) for _ in range(2)]
+    assert [a.status_code for a in answers] == [202, 202]
+    assert [a.json()["routed_to"] for a in answers] == [None, None]  # it cannot tell: no route
