@@ -267,3 +267,14 @@ def test_the_remote_worker_imports_no_torch():
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_ready_shows_the_remote_worker_serving_the_hosted_models(app, remote_worker):
+    def served() -> bool:
+        models = app.get("/ready").json()["models"]
+        return bool(models[MODEL]["workers"]) and models["sdxl-openpose-hf"]["workers"]
+
+    assert eventually(served, timeout=30)
+    models = app.get("/ready").json()["models"]
+    assert models[MODEL]["workers"][0].startswith("remote-")
+    assert models["tiny-sd15-openpose"]["workers"] == []  # no GPU worker in this module
