@@ -20,6 +20,7 @@ from posegen.queue import REMOTE_QUEUE, model_queue
 from posegen.settings import Settings
 from tests.factories import submit
 from tests.posegen.test_scheduler import claim_all, model, queue, user
+from tests.services import free_port
 
 LOCAL_KEY, HOSTED_KEY = "tiny-sd15-openpose", "test-tiny-hf"
 AFTER = Settings(fallback_after_seconds=5)
@@ -160,7 +161,8 @@ def test_a_broker_that_cannot_be_asked_routes_nothing_and_fails_no_submit(
 
     _with_fallback(session)
     account = make_account(credits=10)
-    down = settings.model_copy(update={"broker_url": "redis://127.0.0.1:9/0"})
+    # A port nothing listens on: the broker is down for this API.
+    down = settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{free_port()}"})
     with TestClient(create_app(down)) as client:
         answers = [submit(client, account, model_key=LOCAL_KEY) for _ in range(2)]
     assert [a.status_code for a in answers] == [202, 202]
