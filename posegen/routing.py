@@ -5,7 +5,8 @@ A job is routed when it is submitted while no worker serves its model (the API a
 workers, `api.fleet`), or, swept by the reconciler, once it has waited longer than
 POSEGEN_FALLBACK_AFTER_SECONDS. Either way it keeps its `model_key` and the price it was
 charged, says where it went (`routed_to`), leaves its model's turn and joins the fallback's
-(`lifecycle.route`), so the remote worker claims it and no local worker can. Off unless
+(`route`), so the remote worker claims it and no local worker can. Not a change of status
+(posegen.lifecycle holds those): the job stays queued, on another model. Off unless
 configured: no `fallback_model_key`, no routing; POSEGEN_FALLBACK_AFTER_SECONDS unset, none
 by waiting.
 """
@@ -16,11 +17,12 @@ import datetime as dt
 import logging
 from collections.abc import Callable
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from db.models import LOCAL, AiModel, Generation, status_is
-from posegen import lifecycle
+from posegen import scheduler
+from posegen.queue import defer, generate_message
 from posegen.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,37 @@ def at_submit(
         "job routed to its fallback: no worker serves its model",
         extra={"job_id": job.id, "model_key": model.model_key, "routed_to": fallback.model_key},
     )
+
+
+def route(
+    session: Session, *, job_id: str, from_model_id: str, to: AiModel, settings: Settings
+) -> Generation | None:
+    """A queued job of the local model `from_model_id` moves to the hosted model `to` (its
+    fallback): it leaves that model's turn and joins the fallback's, and its message goes to
+    the remote queue once the caller commits; its price and `model_key` stay, `routed_to`
+    says where it went. None when the job is no longer queued on that model (claimed,
+    canceled, routed already): a claim that holds the row makes this wait, then find it
+    taken, so a job is run by one side only."""
+    job = session.scalars(
+        update(Generation)
+        .where(
+            Generation.id == job_id,
+            Generation.status == "queued",
+            Generation.model_id == from_model_id,
+        )
+        .values(model_id=to.id, provider=to.provider, routed_to=to.model_key)
+        .returning(Generation),
+        execution_options={"synchronize_session": False, "populate_existing": True},
+    ).one_or_none()
+    if job is None:
+        return None
+    scheduler.left(session, user_id=job.user_id, model_id=from_model_id)
+    scheduler.joined(
+        session, user_id=job.user_id, model_id=to.id, priority=job.priority,
+        since=job.created_at,
+    )  # fmt: skip
+    defer(session, generate_message(job, settings))
+    return job
 
 
 def route_waiting(session: Session, *, settings: Settings, now: dt.datetime, batch: int) -> int:
@@ -84,7 +117,7 @@ def route_waiting(session: Session, *, settings: Settings, now: dt.datetime, bat
     ).all()
     routed = 0
     for job_id, model_id in waiting:
-        job = lifecycle.route(
+        job = route(
             session, job_id=str(job_id), from_model_id=str(model_id),
             to=fallbacks[str(model_id)], settings=settings,
         )  # fmt: skip

@@ -28,7 +28,7 @@ from sqlalchemy import select
 
 from db.models import AiModel, Generation
 from db.session import make_engine, make_session_factory
-from posegen import events, lifecycle, retention, scheduler
+from posegen import events, lifecycle, phases, retention, scheduler
 from posegen.catalog import hosted_models
 from posegen.errors import JobError, StorageUnavailable
 from posegen.events import event_log
@@ -265,7 +265,7 @@ def _waiting(ctx: WorkerContext, job: Generation, busy: Busy, hb: Heartbeat) -> 
 def _set_phase(ctx: WorkerContext, job: Generation, until: dt.datetime | None) -> bool:
     """The job waits for its model to load until about `until`, or (None) no longer."""
     with ctx.session() as session:
-        return lifecycle.provider_phase(
+        return phases.provider_phase(
             session, job_id=job.id, worker_id=ctx.worker_id,
             phase=PROVIDER_LOADING if until else None, until=until,
             lease_seconds=ctx.settings.job_lease_seconds,
