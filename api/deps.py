@@ -9,6 +9,7 @@ from fastapi import Depends, Header, Request, Response
 from fastapi.routing import APIRoute
 from sqlalchemy.orm import Session
 
+from api.fleet import Fleet
 from db.models import User
 from posegen.accounts import authenticate
 from posegen.queue import Dispatcher, discard
@@ -55,6 +56,11 @@ async def get_dispatcher(request: Request) -> Dispatcher:
     return dispatcher
 
 
+async def get_fleet(request: Request) -> Fleet:
+    fleet: Fleet = request.app.state.fleet
+    return fleet
+
+
 # A pooled connection is never held by a request that waits for a thread: with every thread
 # waiting for a connection and every connection held by a request waiting for a thread, the
 # API would stall until the pool's timeout (40 clients did that to 8 threads). So the sessions
@@ -66,6 +72,7 @@ ReadSessionDep = Annotated[Session, Depends(get_read_session, scope="function")]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
+FleetDep = Annotated[Fleet, Depends(get_fleet)]
 
 
 class KeyFirstRoute(APIRoute):

@@ -21,6 +21,9 @@ class ErrorResponse(BaseModel):
 class Progress(BaseModel):
     step: int
     total: int
+    # What a running job waits for besides its steps: `provider_loading` while its hosted
+    # model loads (the job's `eta_seconds` is the provider's estimate).
+    phase: Literal["provider_loading"] | None = None
     # With `preview=true`, while the job runs: GET it for the latest preview.
     preview_url: str | None = None
 
@@ -49,6 +52,8 @@ class Job(BaseModel):
     eta_seconds: float | None
     outputs: list[Output]
     error: ErrorBody | None
+    # The hosted model that ran the job, when a fallback moved it from `model_key`'s.
+    routed_to: str | None
     webhook_url: str | None
     webhook_events: list[Literal["started", "progress", "completed"]]
     attempts: int
@@ -68,7 +73,10 @@ class JobPage(BaseModel):
 class Model(BaseModel):
     model_key: str
     name: str
-    provider: str
+    # Where the model runs: `local` (the GPU workers) or a hosted inference API.
+    provider: Literal["local", "huggingface"]
+    # Who made the weights.
+    author: str
     family: str
     base_model: str
     controlnet_model: str
@@ -84,6 +92,10 @@ class Model(BaseModel):
     processing_time: str
     enabled: bool
     coming_soon: bool
+    # A hosted model's id at its provider.
+    remote_model: str | None
+    # The hosted model a local one's queued jobs may be routed to.
+    fallback_model_key: str | None
 
 
 class ModelList(BaseModel):

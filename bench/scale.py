@@ -208,7 +208,7 @@ def sweeps(engine: Any, broker: str, repeats: int = 5, lost: int = 500) -> dict[
     settings = Settings()  # the default requeue age
     dispatcher, publish_s = publish_queued(engine, broker)
     with engine.connect() as conn:
-        queued = sum(n for _, n in conn.execute(reconciler.queued_by_model()))
+        queued = sum(row[-1] for row in conn.execute(reconciler.queued_by_model()))
     queue = model_queue("tiny-sd15-openpose")  # the bulk-loaded jobs' model
 
     def waiting(name: str = queue) -> int | None:

@@ -38,6 +38,9 @@ NAMING_CONVENTION = {
 }
 
 TIERS = ("free", "basic", "pro", "enterprise")
+# Where a model runs: the GPU workers, or a hosted inference API (posegen.hosted).
+LOCAL = "local"
+PROVIDERS = (LOCAL, "huggingface")
 JOB_STATUSES = ("queued", "processing", "completed", "failed", "canceled")
 TERMINAL_STATUSES = ("completed", "failed", "canceled")
 DELIVERY_STATUSES = ("pending", "delivered", "failed", "skipped")
@@ -111,7 +114,14 @@ class AiModel(Base):
     id: Mapped[str] = _uuid_pk()
     model_key: Mapped[str] = mapped_column(String(100), unique=True)
     name: Mapped[str] = mapped_column(String(200))
-    provider: Mapped[str] = mapped_column(String(100))
+    # Where the model runs: `local` (the GPU workers) or a hosted provider (PROVIDERS).
+    provider: Mapped[str] = mapped_column(String(100), default=LOCAL)
+    # Who made the weights.
+    author: Mapped[str] = mapped_column(String(100), default="")
+    # A hosted model's id in its provider's API path.
+    remote_model: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    # A local model's hosted twin, which its jobs may be routed to (posegen.routing).
+    fallback_model_key: Mapped[str | None] = mapped_column(String(100), nullable=True)
     family: Mapped[str] = mapped_column(String(16))
     base_model: Mapped[str] = mapped_column(String(300))
     controlnet_model: Mapped[str] = mapped_column(String(300))
@@ -201,9 +211,7 @@ class Generation(Base):
         Index(
             "ix_generations_deadline",
             "deadline_at",
-            postgresql_where=text(
-                "status IN ('queued', 'processing') AND deadline_at IS NOT NULL"
-            ),
+            postgresql_where=text("status IN ('queued', 'processing') AND deadline_at IS NOT NULL"),
             sqlite_where=text("status IN ('queued', 'processing') AND deadline_at IS NOT NULL"),
         ),
         # Outputs still kept, oldest first: what POSEGEN_OUTPUT_RETENTION_DAYS expires.
@@ -260,6 +268,16 @@ class Generation(Base):
     # Submit time plus the caller's `deadline_seconds`: not completed by then, the job fails
     # with `deadline_exceeded` (queued: it never runs; running: it stops between steps).
     deadline_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Where the job runs (its model's `provider`, or its fallback's once routed): which broker
+    # queue its messages go to (posegen.queue.generate_message).
+    provider: Mapped[str] = mapped_column(String(32), default=LOCAL, server_default=LOCAL)
+    # The hosted model a fallback moved the job to (posegen.routing); `model_key` stays the
+    # one asked for, `model_id` becomes the fallback's (the turn it waits in).
+    routed_to: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    # What a running job waits for besides its steps (`provider_loading`), and until when
+    # its provider said it would (the job's `eta_seconds` while it waits).
+    progress_phase: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    phase_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 NEVER_STARTED = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)

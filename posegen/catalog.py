@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from sqlalchemy import bindparam, or_, select
 from sqlalchemy.orm import Session
 
-from db.models import AiModel, PoseTemplate
+from db.models import LOCAL, AiModel, PoseTemplate
 from posegen.errors import InvalidRequest, NotFound
 
 COCO18_NAMES = (
@@ -29,11 +29,18 @@ def listed_models(session: Session) -> Sequence[AiModel]:
 
 
 def served_models(session: Session, keys: Sequence[str] = ()) -> dict[str, str]:
-    """The models a worker serves, key -> id: those named (`posegen worker --models`), else
-    every model in the catalog (a model disabled while jobs of it wait still runs them)."""
-    stmt = select(AiModel.model_key, AiModel.id)
+    """The local models a GPU worker serves, key -> id: those named (`posegen worker
+    --models`), else every local model in the catalog (a model disabled while jobs of it wait
+    still runs them). Hosted models are the remote worker's (`hosted_models`)."""
+    stmt = select(AiModel.model_key, AiModel.id).where(AiModel.provider == LOCAL)
     if keys:
         stmt = stmt.where(AiModel.model_key.in_(list(keys)))
+    return {key: str(model_id) for key, model_id in session.execute(stmt)}
+
+
+def hosted_models(session: Session) -> dict[str, str]:
+    """The models hosted providers run, key -> id: what the remote worker claims."""
+    stmt = select(AiModel.model_key, AiModel.id).where(AiModel.provider != LOCAL)
     return {key: str(model_id) for key, model_id in session.execute(stmt)}
 
 

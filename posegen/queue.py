@@ -34,10 +34,15 @@ log = logging.getLogger(__name__)
 # serves (posegen.scheduler). `generation` names them all where queues are listed
 # (`posegen worker --queues generation`).
 GENERATION_QUEUE = "generation"
+# Hosted jobs (a model whose provider is not `local`, or a job routed to its fallback): one
+# queue, served by `posegen worker --queues remote` (no GPU, no torch), whose claim takes the
+# best queued job of every hosted model.
+REMOTE_QUEUE = "remote"
 WEBHOOK_QUEUE = "webhooks"
 MAINTENANCE_QUEUE = "maintenance"
 
 GENERATE_TASK = "posegen.generate"
+GENERATE_REMOTE_TASK = "posegen.generate_remote"
 DELIVER_WEBHOOK_TASK = "posegen.deliver_webhook"
 RECONCILE_TASK = "posegen.reconcile"
 SWEEP_WEBHOOKS_TASK = "posegen.sweep_webhooks"
@@ -106,11 +111,13 @@ def configure_celery(app: Celery, settings: Settings) -> None:
         task_default_queue=GENERATION_QUEUE,
         task_queues=[
             Queue(GENERATION_QUEUE),
+            Queue(REMOTE_QUEUE),
             Queue(WEBHOOK_QUEUE),
             Queue(MAINTENANCE_QUEUE),
         ],
         task_routes={
             GENERATE_TASK: {"queue": GENERATION_QUEUE},
+            GENERATE_REMOTE_TASK: {"queue": REMOTE_QUEUE},
             DELIVER_WEBHOOK_TASK: {"queue": WEBHOOK_QUEUE},
             SWEEP_WEBHOOKS_TASK: {"queue": MAINTENANCE_QUEUE},
             RECONCILE_TASK: {"queue": MAINTENANCE_QUEUE},
@@ -188,8 +195,35 @@ def ready_message(model_key: str, settings: Settings, *, job_id: str | None = No
     )
 
 
+def remote_message(settings: Settings, *, job_id: str | None = None) -> Message:
+    """ "A hosted job is ready": on the remote queue, whose worker claims the best queued job
+    of every hosted model. It waits on the network, not a GPU: the runner bounds each job by
+    its own time limit (the remote worker's thread pool enforces none of Celery's)."""
+    return Message(
+        task=GENERATE_REMOTE_TASK,
+        args=(job_id, None),
+        queue=REMOTE_QUEUE,
+        soft_time_limit=settings.job_soft_time_limit,
+        time_limit=settings.job_hard_time_limit,
+    )
+
+
+def is_hosted(job: Generation) -> bool:
+    """Whether the job runs on a hosted provider (a new job's provider is unset until its
+    insert, which makes it `local`)."""
+    return job.provider is not None and job.provider != "local"
+
+
+def job_queue(job: Generation) -> str:
+    """The broker queue a queued job's messages go to: its model's, or the remote one."""
+    return REMOTE_QUEUE if is_hosted(job) else model_queue(job.model_key)
+
+
 def generate_message(job: Generation, settings: Settings) -> Message:
-    """The message a queued job is sent with (`ready_message`)."""
+    """The message a queued job is sent with (`ready_message`, or `remote_message` for a job
+    that runs on a hosted provider)."""
+    if is_hosted(job):
+        return remote_message(settings, job_id=job.id)
     return ready_message(job.model_key, settings, job_id=job.id)
 
 

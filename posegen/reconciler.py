@@ -8,6 +8,8 @@ Swept by beat every POSEGEN_RECONCILE_INTERVAL seconds:
 - jobs interrupted more times than the attempt limit fail, refunded;
 - jobs past their deadline that no worker stopped (queued, or their worker gone) fail with
   `deadline_exceeded`, refunded;
+- queued jobs of a model with a hosted fallback that waited longer than
+  POSEGEN_FALLBACK_AFTER_SECONDS are routed to it (posegen.routing);
 - scheduler turns whose count drifted from the jobs are counted again.
 A duplicate message is harmless: a worker's claim only takes a job that is queued.
 """
@@ -22,11 +24,11 @@ from dataclasses import dataclass
 from sqlalchemy import Select, and_, delete, func, select
 from sqlalchemy.orm import Session
 
-from db.models import Generation, IdempotencyKey, status_is
+from db.models import LOCAL, Generation, IdempotencyKey, status_is
 from db.types import utcnow
-from posegen import lifecycle, scheduler
+from posegen import lifecycle, routing, scheduler
 from posegen.jobs import QUEUE_ORDER
-from posegen.queue import defer, generate_message, model_queue
+from posegen.queue import GENERATION_QUEUE, REMOTE_QUEUE, defer, generate_message, model_queue
 from posegen.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,7 @@ class Sweep:
     # The model of each job failed, for the job metrics (counted once the sweep commits).
     failed_models: tuple[str, ...] = ()
     repaired: int = 0
+    routed: int = 0
 
     @property
     def failed(self) -> int:
@@ -50,27 +53,40 @@ class Sweep:
             "requeued": self.requeued,
             "failed": self.failed,
             "repaired": self.repaired,
+            "routed": self.routed,
         }
 
 
 def stale_queued(
-    stale: dt.datetime, batch: int, model_key: str | None = None
+    stale: dt.datetime, batch: int, model_key: str | None = None, *, hosted: bool = False
 ) -> Select[Generation]:
-    """Queued jobs (of one model) last published before `stale`, in run order
-    (ix_generations_queue)."""
+    """Queued jobs (of one local model, or `hosted`: of every hosted provider) last published
+    before `stale`, in run order (ix_generations_queue)."""
     where = [status_is(Generation.status, "queued"), Generation.published_at < stale]
-    if model_key is not None:
-        where.append(Generation.model_key == model_key)
+    if hosted:
+        where.append(Generation.provider != LOCAL)
+    elif model_key is not None:
+        where += [Generation.model_key == model_key, Generation.provider == LOCAL]
     return select(Generation).where(*where).order_by(*QUEUE_ORDER).limit(batch)
 
 
-def queued_by_model() -> Select[str, int]:
-    """How many jobs of each model are queued (ix_generations_queue)."""
+def queued_by_model() -> Select[str, str, int]:
+    """How many jobs of each model and provider are queued (ix_generations_queue)."""
     return (
-        select(Generation.model_key, func.count())
+        select(Generation.model_key, Generation.provider, func.count())
         .where(status_is(Generation.status, "queued"))
-        .group_by(Generation.model_key)
+        .group_by(Generation.model_key, Generation.provider)
     )
+
+
+def queued_by_queue(session: Session) -> dict[str, int]:
+    """How many queued jobs each broker queue stands for: a local model's own, and the
+    remote queue for every hosted job."""
+    counts: dict[str, int] = {}
+    for model_key, provider, queued in session.execute(queued_by_model()).all():
+        queue = REMOTE_QUEUE if provider != LOCAL else model_queue(model_key)
+        counts[queue] = counts.get(queue, 0) + int(queued)
+    return counts
 
 
 def past_deadline(now: dt.datetime, batch: int) -> Select[Generation]:
@@ -132,6 +148,8 @@ def reconcile(
         back = lifecycle.requeue_expired(session, job_id=job.id, now=now, settings=settings)
         if back is not None:
             requeued += 1
+    # After the refunds above (user rows) and before the repairs: routing locks turn rows.
+    routed = routing.route_waiting(session, settings=settings, now=now, batch=batch)
     repaired = 0
     for user_id, model_id in scheduler.drifted(session):
         scheduler.repair(session, user_id=user_id, model_id=model_id)
@@ -139,7 +157,7 @@ def reconcile(
     session.flush()
     return Sweep(
         republished=republished, requeued=requeued, failed_models=tuple(failed_models),
-        repaired=repaired,
+        repaired=repaired, routed=routed,
     )  # fmt: skip
 
 
@@ -166,11 +184,11 @@ def _republish(
     """Publish again the queued jobs whose message may be lost, model by model."""
     stale = now - dt.timedelta(seconds=settings.requeue_after_seconds)
     republished = 0
-    for model_key, queued_jobs in session.execute(queued_by_model()).all():
+    for queue, queued_jobs in queued_by_queue(session).items():
         lost = batch
         if count_waiting is not None:
             try:
-                waiting = count_waiting(model_queue(model_key))
+                waiting = count_waiting(queue)
             except Exception:  # the broker is unreachable: nothing could be published anyway
                 log.warning("could not count the broker's messages", exc_info=True)
                 return republished  # and the expired leases are still swept
@@ -183,7 +201,9 @@ def _republish(
                 lost = min(batch, queued_jobs - waiting)
         if lost <= 0:
             continue
-        for job in session.scalars(stale_queued(stale, lost, model_key)).all():
+        model_key = queue.removeprefix(f"{GENERATION_QUEUE}.")
+        hosted = queue == REMOTE_QUEUE
+        for job in session.scalars(stale_queued(stale, lost, model_key, hosted=hosted)).all():
             job.published_at = now
             defer(session, generate_message(job, settings))
             republished += 1

@@ -23,7 +23,7 @@ RENDERED_COLUMNS = (
     "id", "status", "model_key", "prompt", "negative_prompt", "params", "pose_source",
     "pose_template_id", "credit_cost", "progress_step", "progress_total", "outputs",
     "error_code", "error_message", "webhook_url", "webhook_events", "attempts", "created_at",
-    "started_at", "finished_at", "deleted_at",
+    "started_at", "finished_at", "deleted_at", "routed_to", "progress_phase", "phase_until",
 )  # fmt: skip
 
 # What a job is rendered from: the ORM object, or the poll's plain row of the same columns.
@@ -47,7 +47,7 @@ def render_job(
         "queue_position": queue_position,
         # True when the job has POSITION_CAP or more jobs ahead (the position is a lower bound).
         "queue_position_capped": queue_position is not None and queue_position >= POSITION_CAP,
-        "eta_seconds": eta_seconds,
+        "eta_seconds": eta_seconds if eta_seconds is not None else _phase_eta(job),
         "outputs": [
             {
                 "index": out["index"],
@@ -62,6 +62,7 @@ def render_job(
         "error": (
             {"code": job.error_code, "message": job.error_message} if job.error_code else None
         ),
+        "routed_to": job.routed_to,
         "webhook_url": job.webhook_url,
         # posegen.webhooks.choices, spelled here: the webhooks import this module.
         "webhook_events": (job.webhook_events or "completed").split(","),
@@ -82,7 +83,18 @@ def _progress(job: JobLike) -> dict[str, Any]:
     # Previews are written from the first step on, and removed when the job ends.
     if job.status == "processing" and job.progress_step and job.params.get("preview"):
         progress["preview_url"] = preview_url(job.id)
+    if job.status == "processing" and job.progress_phase:
+        progress["phase"] = job.progress_phase
     return progress
+
+
+def _phase_eta(job: JobLike) -> float | None:
+    """A running job that waits on its provider: the seconds it said it needs, counted down
+    (the provider is asked again once they have passed)."""
+    if job.status != "processing" or not job.progress_phase or job.phase_until is None:
+        return None
+    left = (job.phase_until - dt.datetime.now(dt.UTC)).total_seconds()
+    return round(max(left, 0.0), 3)
 
 
 def _iso(value: dt.datetime | None) -> str | None:

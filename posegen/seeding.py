@@ -11,16 +11,19 @@ import yaml
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import TIERS, AiModel, PoseTemplate
+from db.models import LOCAL, PROVIDERS, TIERS, AiModel, PoseTemplate
 from db.types import utcnow
 from posegen.catalog import validate_keypoints
 
 SEEDS_DIR = Path(__file__).resolve().parent.parent / "seeds"
 MODEL_FIELDS = (
-    "name", "provider", "family", "base_model", "controlnet_model", "tier", "credit_cost",
+    "name", "provider", "author", "family", "base_model", "controlnet_model", "tier", "credit_cost",
     "resolution", "quality", "priority", "default_steps", "guidance_scale", "default_prompt",
     "negative_prompt", "processing_time", "enabled", "coming_soon",
 )  # fmt: skip
+# Fields an entry may leave out (null): a hosted model's id at its provider, and the hosted
+# model a local one falls back to.
+OPTIONAL_MODEL_FIELDS = ("remote_model", "fallback_model_key")
 
 
 @dataclass
@@ -47,14 +50,49 @@ def _check_model_entry(entry: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"model {entry['model_key']!r}: resolution must be WxH, multiples of 8")
     if not 0 <= int(entry["priority"]) <= 9:
         raise ValueError(f"model {entry['model_key']!r}: priority must be 0..9")
-    return {f: entry[f] for f in ("model_key", *MODEL_FIELDS)}
+    _check_provider(entry)
+    return {
+        **{f: entry[f] for f in ("model_key", *MODEL_FIELDS)},
+        **{f: entry.get(f) for f in OPTIONAL_MODEL_FIELDS},
+    }
+
+
+def _check_provider(entry: dict[str, Any]) -> None:
+    key, provider = entry["model_key"], entry["provider"]
+    if provider not in PROVIDERS:
+        raise ValueError(f"model {key!r}: provider must be one of {', '.join(PROVIDERS)}")
+    if provider != LOCAL and not entry.get("remote_model"):
+        raise ValueError(f"model {key!r}: a hosted model needs remote_model")
+    if provider != LOCAL and entry.get("fallback_model_key"):
+        raise ValueError(f"model {key!r}: only a local model falls back to a hosted one")
+
+
+def _check_fallbacks(entries: list[dict[str, Any]]) -> None:
+    """Each fallback names a hosted model of the same file, of the same size (a job's
+    parameters were resolved for its model's size) and tier."""
+    by_key = {entry["model_key"]: entry for entry in entries}
+    for entry in entries:
+        target = by_key.get(entry.get("fallback_model_key") or "")
+        if not entry.get("fallback_model_key"):
+            continue
+        if target is None or target["provider"] == LOCAL:
+            raise ValueError(
+                f"model {entry['model_key']!r}: fallback_model_key must name a hosted model"
+            )
+        if (target["resolution"], target["tier"]) != (entry["resolution"], entry["tier"]):
+            raise ValueError(
+                f"model {entry['model_key']!r}: its fallback must have its resolution and tier"
+            )
 
 
 def seed_models(session: Session, path: Path | None = None) -> SeedReport:
-    entries = yaml.safe_load((path or SEEDS_DIR / "ai_models.yaml").read_text())
+    entries = [
+        _check_model_entry(raw)
+        for raw in yaml.safe_load((path or SEEDS_DIR / "ai_models.yaml").read_text())
+    ]
+    _check_fallbacks(entries)
     report = SeedReport()
-    for raw in entries:
-        entry = _check_model_entry(raw)
+    for entry in entries:
         key = entry.pop("model_key")
         _upsert(session, AiModel, "model_key", key, entry, report)
     session.flush()

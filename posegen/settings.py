@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Tier = Literal["free", "basic", "pro", "enterprise"]
@@ -78,6 +78,18 @@ class Settings(BaseSettings):
     # The models a GPU worker serves (`posegen worker --models`); empty: every enabled model.
     worker_models: Annotated[list[str], NoDecode] = Field(default=[])
 
+    # -- hosted providers (posegen.hosted, posegen.routing) -----------------------------------
+    # The Hugging Face Inference API: `POST {hf_api_url}/models/{remote_model}`.
+    hf_api_url: str = "https://api-inference.huggingface.co"
+    # Its bearer token: a secret, never logged nor shown (SecretStr prints as stars).
+    hf_api_token: SecretStr | None = None
+    # Hosted jobs one remote worker process has in flight at once (`posegen worker --queues
+    # remote`: Celery's thread pool, as they wait on the network, not on a GPU).
+    remote_concurrency: int = Field(default=16, ge=1, le=512)
+    # A queued job of a local model with a `fallback_model_key` that has waited longer than
+    # this is routed to its hosted fallback by the reconciler; unset: never by waiting.
+    fallback_after_seconds: float | None = Field(default=None, ge=0)
+
     # -- webhooks -----------------------------------------------------------------------------
     webhook_allow_private: bool = False
     webhook_retry_schedule: Annotated[list[float], NoDecode] = Field(
@@ -130,7 +142,9 @@ class Settings(BaseSettings):
             return [part.strip().rstrip("/") for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("output_retention_days", mode="before")
+    @field_validator(
+        "output_retention_days", "fallback_after_seconds", "hf_api_token", mode="before"
+    )
     @classmethod
     def _unset_when_empty(cls, value: object) -> object:
         # `POSEGEN_OUTPUT_RETENTION_DAYS=` (set, but empty: as an env file may leave it)

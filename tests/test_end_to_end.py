@@ -171,6 +171,30 @@ def test_demo_runs_end_to_end(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["var"]
 
 
+def test_demo_hosted_runs_with_no_gpu_against_a_loopback_provider(tmp_path):
+    """`posegen demo --hosted`: the remote worker, a cold loopback provider, no weights."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POSEGEN_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "posegen.cli.main", "demo", "--hosted"],
+        cwd=tmp_path,
+        env={
+            **env,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+        },
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "to sd15-openpose-hf" in result.stdout and "provider_loading" in result.stderr
+    match = re.search(r"^output: (.+\.png)$", result.stdout, re.M)
+    assert match, result.stdout
+    assert Image.open(match.group(1)).size == (512, 512)
+    assert not (tmp_path / "var" / "models").exists()  # no tiny models built: no weights at all
+    logs = "".join(p.read_text() for p in (tmp_path / "var" / "logs").iterdir())
+    assert "hosted job completed" in logs and "hf_demo_" not in logs
+
+
 def test_demo_says_why_the_api_exited(tmp_path):
     """An API process that dies at start: the demo's error carries the end of its log."""
     from posegen.cli.demo import _wait_healthy

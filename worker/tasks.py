@@ -11,6 +11,7 @@ from posegen import reconciler, retention, webhooks
 from posegen.metrics import job_metrics
 from posegen.queue import (
     DELIVER_WEBHOOK_TASK,
+    GENERATE_REMOTE_TASK,
     GENERATE_TASK,
     PURGE_TASK,
     RECONCILE_TASK,
@@ -37,6 +38,14 @@ def generate(job_id: str | None = None, model_key: str | None = None) -> str:
     # The message says a job of `model_key` is ready; the scheduler picks which runs.
     log.debug("ready", extra={"job_id": job_id, "model_key": model_key})
     return run_next(ctx, ready_model=model_key, behind=ctx.behind)
+
+
+def generate_remote(job_id: str | None = None, model_key: str | None = None) -> str:
+    # The message says a hosted job is ready; the claim picks which (worker.remote: no torch).
+    from worker.remote import remote, run_next_remote
+
+    log.debug("hosted job ready", extra={"job_id": job_id})
+    return run_next_remote(remote())
 
 
 def deliver_webhook(delivery_id: str) -> str:
@@ -94,6 +103,7 @@ def sweep_storage() -> dict[str, int]:
 def register(app: Celery) -> None:
     """The tasks, by the names the domain enqueues them with (posegen.queue)."""
     app.task(name=GENERATE_TASK)(generate)
+    app.task(name=GENERATE_REMOTE_TASK)(generate_remote)
     app.task(name=DELIVER_WEBHOOK_TASK)(deliver_webhook)
     app.task(name=SWEEP_WEBHOOKS_TASK)(sweep_webhooks)
     app.task(name=RECONCILE_TASK)(reconcile)

@@ -10,7 +10,7 @@ from api.deps import CurrentUser, KeyFirstRoute, ReadSessionDep
 from api.openapi import documented
 from api.schemas import Me, ModelList, PoseTemplateList
 from posegen import catalog
-from posegen.seeding import MODEL_FIELDS
+from posegen.seeding import MODEL_FIELDS, OPTIONAL_MODEL_FIELDS
 from posegen.skeleton import skeleton_png
 
 router = APIRouter(prefix="/v1", tags=["catalog"], route_class=KeyFirstRoute)
@@ -20,7 +20,10 @@ router = APIRouter(prefix="/v1", tags=["catalog"], route_class=KeyFirstRoute)
 def list_models(_: CurrentUser, session: ReadSessionDep) -> dict[str, Any]:
     return {
         "items": [
-            {"model_key": m.model_key, **{f: getattr(m, f) for f in MODEL_FIELDS}}
+            {
+                "model_key": m.model_key,
+                **{f: getattr(m, f) for f in (*MODEL_FIELDS, *OPTIONAL_MODEL_FIELDS)},
+            }
             for m in catalog.listed_models(session)
         ]
     }

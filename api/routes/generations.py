@@ -12,6 +12,7 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from api.deps import (
     CurrentUser,
     DispatcherDep,
+    FleetDep,
     KeyFirstRoute,
     ReadSessionDep,
     SessionDep,
@@ -104,6 +105,7 @@ def submit_generation(
     settings: SettingsDep,
     storage: StorageDep,
     dispatcher: DispatcherDep,
+    fleet: FleetDep,
     image: Annotated[UploadFile, File(description="The subject photo (PNG, JPEG or WebP).")],
     model_key: Annotated[str, Form(min_length=1, max_length=100, pattern=NO_NUL)],
     params: Annotated[GenerationParams, Form()],
@@ -139,6 +141,7 @@ def submit_generation(
         storage=storage,
         settings=settings,
         idempotency_key=idempotency_key,
+        unserved=fleet.unserved,
     )
     # The answer (queue position included) is read inside the job's transaction: after the
     # commit it would take a transaction of its own, two more round trips (BEGIN, ROLLBACK).

@@ -1,8 +1,14 @@
-"""The embedded end-to-end demo: SQLite, the filesystem broker, tiny models, local disk."""
+"""The embedded end-to-end demo: SQLite, the filesystem broker, tiny models, local disk.
+
+With `--hosted`, no GPU and no model weights at all: a hosted model (`sd15-openpose-hf`) run by
+the remote worker against a loopback Inference API that this process serves
+(posegen.loopback), cold for a few seconds so the wait shows."""
 
 from __future__ import annotations
 
 import io
+import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -17,9 +23,13 @@ from tqdm import tqdm
 from posegen import accounts, credits, seeding
 from posegen.cli.common import settings, unit_of_work, upgrade_database
 from posegen.errors import NotFound
+from posegen.loopback import LoopbackProvider
 from posegen.storage.local import LocalStorage
 
 DEMO_EMAIL = "demo@posegen.local"
+LOCAL_MODEL, HOSTED_MODEL = "tiny-sd15-openpose", "sd15-openpose-hf"
+# How long the loopback provider's model "loads" (503 with estimated_time) in the hosted demo.
+COLD_SECONDS = 3.0
 
 
 def _free_port() -> int:
@@ -41,7 +51,7 @@ def _step(message: str) -> None:
     typer.secho(f"==> {message}", fg=typer.colors.CYAN)
 
 
-def _prepare() -> str:
+def _prepare(*, tiny: bool) -> str:
     s = settings()
     s.var_dir.mkdir(parents=True, exist_ok=True)
     _step(f"database: {s.database_url}")
@@ -49,11 +59,12 @@ def _prepare() -> str:
     with unit_of_work() as session:
         typer.echo(f"    models: {seeding.seed_models(session).summary()}")
         typer.echo(f"    pose templates: {seeding.seed_poses(session).summary()}")
-    _step(f"tiny models in {s.model_dir}")
-    from worker.engine.tiny import build_tiny
+    if tiny:
+        _step(f"tiny models in {s.model_dir}")
+        from worker.engine.tiny import build_tiny
 
-    built = build_tiny(s.model_dir)
-    typer.echo(f"    {'built ' + ', '.join(p.name for p in built) if built else 'present'}")
+        built = build_tiny(s.model_dir)
+        typer.echo(f"    {'built ' + ', '.join(p.name for p in built) if built else 'present'}")
     with unit_of_work() as session:
         try:
             user = accounts.user_by_email(session, DEMO_EMAIL)
@@ -66,12 +77,25 @@ def _prepare() -> str:
     return raw_key
 
 
-def _start(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+def _start(
+    args: list[str], log_path: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = log_path.open("ab")
     return subprocess.Popen(
-        [sys.executable, "-m", "posegen.cli.main", *args], stdout=log, stderr=subprocess.STDOUT
-    )
+        [sys.executable, "-m", "posegen.cli.main", *args], stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, **env} if env else None,  # noqa: TID251 - a child process's
+    )  # fmt: skip
+
+
+def _start_worker(logs: Path, provider: LoopbackProvider | None) -> subprocess.Popen[bytes]:
+    """The GPU worker, or for a hosted model the remote worker, told where the loopback
+    provider is and its token (through the environment: never on a command line)."""
+    if provider is None:
+        return _start(["worker", "--concurrency", "1"], logs / "worker.log")
+    _step(f"a loopback Inference API on {provider.url} (its model cold for {COLD_SECONDS:.0f} s)")
+    env = {"POSEGEN_HF_API_URL": provider.url, "POSEGEN_HF_API_TOKEN": provider.token}
+    return _start(["worker", "--queues", "remote"], logs / "remote-worker.log", env)
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -100,39 +124,27 @@ def _wait_healthy(
     raise RuntimeError("the API did not become healthy in time")
 
 
-def run_demo(*, port: int, model_key: str, pose: str) -> int:
+def run_demo(*, port: int, model_key: str | None, pose: str, hosted: bool = False) -> int:
     s = settings()
-    raw_key = _prepare()
+    model_key = model_key or (HOSTED_MODEL if hosted else LOCAL_MODEL)
+    raw_key = _prepare(tiny=not hosted)
     port = port or _free_port()
     base = f"http://127.0.0.1:{port}"
     logs = s.var_dir / "logs"
+    provider = None
+    if hosted:
+        token = f"hf_demo_{secrets.token_urlsafe(16)}"
+        provider = LoopbackProvider(token=token, cold_seconds=COLD_SECONDS).start()
     _step(f"starting the API on {base} and a worker (logs in {logs})")
     api = _start(["api", "--port", str(port)], logs / "api.log")
-    worker = _start(["worker", "--concurrency", "1"], logs / "worker.log")
+    worker = _start_worker(logs, provider)
     try:
         _wait_healthy(base, api, logs / "api.log")
         headers = {"Authorization": f"Bearer {raw_key}"}
         _step(f"submitting the astronaut photo with the {pose!r} pose to {model_key}")
-        response = httpx.post(
-            f"{base}/v1/generations",
-            headers=headers,
-            files={"image": ("astronaut.png", _astronaut_png(), "image/png")},
-            data={
-                "model_key": model_key,
-                "pose_template_id": pose,
-                "num_inference_steps": "4",
-                "seed": "42",
-            },
-            timeout=30,
-        )
-        if response.status_code != 202:
-            typer.secho(
-                f"submit failed: {response.status_code} {response.text}",
-                fg=typer.colors.RED,
-                err=True,
-            )
+        job = _submit(base, headers, model_key=model_key, pose=pose)
+        if job is None:
             return 1
-        job = response.json()
         job = _follow(base, headers, job)
         if job["status"] != "completed":
             typer.secho(
@@ -146,13 +158,39 @@ def run_demo(*, port: int, model_key: str, pose: str) -> int:
         typer.echo(f"output: {path}")
         return 0
     finally:
-        for proc in (api, worker):
-            proc.terminate()
-        for proc in (api, worker):
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        _stop([api, worker])
+        if provider is not None:
+            provider.stop()
+
+
+def _submit(
+    base: str, headers: dict[str, str], *, model_key: str, pose: str
+) -> dict[str, Any] | None:
+    response = httpx.post(
+        f"{base}/v1/generations",
+        headers=headers,
+        files={"image": ("astronaut.png", _astronaut_png(), "image/png")},
+        data={"model_key": model_key, "pose_template_id": pose, "num_inference_steps": "4",
+              "seed": "42"},
+        timeout=30,
+    )  # fmt: skip
+    if response.status_code != 202:
+        typer.secho(
+            f"submit failed: {response.status_code} {response.text}", fg=typer.colors.RED, err=True
+        )
+        return None
+    job: dict[str, Any] = response.json()
+    return job
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def _follow(
@@ -167,7 +205,8 @@ def _follow(
             ).json()
             progress = job["progress"]
             assert isinstance(progress, dict)
-            state = (job["status"], progress["step"], progress["total"])
+            phase = progress.get("phase")
+            state = (job["status"], progress["step"], progress["total"], phase)
             if state == shown:
                 time.sleep(0.1)
                 continue
@@ -175,7 +214,8 @@ def _follow(
             if progress["total"]:
                 bar.total = progress["total"]
                 bar.n = progress["step"]
-            bar.set_description(str(job["status"]))
+            waiting = f" ({phase}, about {job['eta_seconds']:.0f} s)" if phase else ""
+            bar.set_description(f"{job['status']}{waiting}")
             bar.refresh()
             if job["status"] in ("completed", "failed", "canceled"):
                 if job["status"] == "completed":

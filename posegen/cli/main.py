@@ -156,14 +156,19 @@ def models_list() -> None:
     model_dir = settings().model_dir
     with unit_of_work() as session:
         for m in listed_models(session):
-            present = is_present(m.base_model, model_dir=model_dir) and is_present(
-                m.controlnet_model, model_dir=model_dir
-            )
             state = "coming soon" if m.coming_soon else ("enabled" if m.enabled else "disabled")
-            weights = "present" if present else "missing"
+            if m.provider != "local":  # no weights here: the provider runs it
+                where = f"runs on {m.provider}: {m.remote_model}"
+            else:
+                present = is_present(m.base_model, model_dir=model_dir) and is_present(
+                    m.controlnet_model, model_dir=model_dir
+                )
+                where = f"weights: {'present' if present else 'missing'}"
+                if m.fallback_model_key:
+                    where += f", falls back to {m.fallback_model_key}"
             typer.echo(
                 f"{m.model_key:<22} {m.family:<5} {m.tier:<10} {m.credit_cost:>3} cr  "
-                f"{state:<11} weights: {weights}"
+                f"{state:<11} {where}"
             )
 
 
@@ -177,6 +182,9 @@ def models_pull(model_key: str) -> None:
     with unit_of_work() as session:
         model = model_by_key(session, model_key)
         refs = [model.base_model, model.controlnet_model]
+        if model.provider != "local":
+            typer.echo(f"{model_key} runs on {model.provider}: no weights to pull")
+            raise typer.Exit(0)
     for ref in refs:
         if (settings().model_dir / ref).exists():
             typer.echo(f"{ref}: present in the model dir")

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from posegen.cli.common import settings
-from posegen.queue import GENERATION_QUEUE
+from posegen.queue import GENERATION_QUEUE, REMOTE_QUEUE
 from posegen.settings import Settings
 
 
@@ -128,9 +128,15 @@ def run_worker(
     elif models:
         raise typer.BadParameter("needs the generation queue", param_hint="--models")
     s = settings()
+    remote = REMOTE_QUEUE in queues
+    if remote and gpu_queue:
+        raise typer.BadParameter("runs apart from the generation queues", param_hint="remote")
     if concurrency is None:
         concurrency = max(1, gpu_count()) if gpu_queue else 4
-    name = "gpu" if gpu_queue else "housekeeping"
+        concurrency = s.remote_concurrency if remote else concurrency
+    name = "gpu" if gpu_queue else ("remote" if remote else "housekeeping")
+    # Hosted jobs wait on the network: threads, many at once in one process (worker.remote).
+    pool = ["--pool", "threads"] if remote else []
     # With JSON logs, Celery's plain-text banner would be the only lines a log pipeline
     # cannot parse: it is left out, and what it said is one JSON line once the worker is up.
     quiet = ["--quiet"] if s.log_json else []
@@ -142,7 +148,7 @@ def run_worker(
         _log_start(s, queues=queues, concurrency=concurrency)
     celery_app.worker_main(
         [
-            *quiet, "worker", "-Q", ",".join(queues), "-c", str(concurrency),
+            *quiet, "worker", "-Q", ",".join(queues), "-c", str(concurrency), *pool,
             "-n", f"{name}-{os.getpid()}@%h", "--loglevel", loglevel,
             "--without-gossip", "--without-mingle",
         ]
@@ -192,7 +198,8 @@ def register_processes(app: typer.Typer) -> None:
         ] = 0,
     ) -> None:
         """Run a Celery worker: the GPU worker by default (every model, or --models);
-        the housekeeping worker with --queues webhooks,maintenance."""
+        the housekeeping worker with --queues webhooks,maintenance; the remote worker for
+        hosted models with --queues remote (no GPU; POSEGEN_REMOTE_CONCURRENCY threads)."""
         run_worker(
             queues=queues.split(","), models=models, concurrency=concurrency,
             loglevel=loglevel, metrics_port=metrics_port,
@@ -206,11 +213,22 @@ def register_processes(app: typer.Typer) -> None:
     @app.command("demo")
     def demo(
         port: Annotated[int, typer.Option(help="API port; 0 picks a free one")] = 0,
-        model_key: str = "tiny-sd15-openpose",
+        model_key: Annotated[
+            str | None,
+            typer.Option(help="default: tiny-sd15-openpose, or sd15-openpose-hf with --hosted"),
+        ] = None,
         pose: str = "waving",
+        hosted: Annotated[
+            bool,
+            typer.Option(
+                "--hosted",
+                help="a hosted model on the remote worker against a loopback Inference API "
+                "(no GPU, no weights)",
+            ),
+        ] = False,
     ) -> None:
         """Everything in one, embedded: migrate, seed, build tiny models, run API + worker,
         submit the astronaut photo with a pose template, follow it, print the output path."""
         from posegen.cli.demo import run_demo
 
-        raise typer.Exit(run_demo(port=port, model_key=model_key, pose=pose))
+        raise typer.Exit(run_demo(port=port, model_key=model_key, pose=pose, hosted=hosted))

@@ -59,6 +59,7 @@ class Job(TypedDict):
     eta_seconds: float | None
     outputs: list[Output]
     error: ErrorBody | None
+    routed_to: NotRequired[str | None]
     created_at: str
     started_at: str | None
     finished_at: str | None
@@ -73,6 +74,10 @@ class JobPage(TypedDict):
 class Model(TypedDict):
     model_key: str
     name: str
+    provider: NotRequired[str]
+    author: NotRequired[str]
+    remote_model: NotRequired[str | None]
+    fallback_model_key: NotRequired[str | None]
     tier: str
     credit_cost: int
     resolution: str

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +14,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 
 from db.models import AiModel, Generation, IdempotencyKey, PoseTemplate, User, new_id
 from db.types import utcnow
-from posegen import catalog, credits, events, lifecycle, scheduler, webhooks
+from posegen import catalog, credits, events, lifecycle, routing, scheduler, webhooks
 from posegen.accounts import tier_rank
 from posegen.errors import (
     AlreadyFinished,
@@ -62,6 +63,7 @@ def submit(
     storage: Storage,
     settings: Settings,
     idempotency_key: str | None = None,
+    unserved: Callable[[str], bool] | None = None,
 ) -> Submitted:
     """Validate, charge and record a job, and defer its message until the commit.
 
@@ -69,7 +71,9 @@ def submit(
     limit as read, the webhook URL's form) come before the expensive work (the webhook host's
     DNS lookup, decoding and fitting the images), so a refused caller costs little. Everything
     this writes, the job row, its stored inputs, the charge and the message, commits together
-    or not at all: a replay or a refusal leaves no row, no file and no charge behind."""
+    or not at all: a replay or a refusal leaves no row, no file and no charge behind.
+    `unserved(model_key)`: whether no worker serves a local model now (its job then goes to
+    the model's hosted fallback, if it names one: posegen.routing)."""
     request.validate()
     fingerprint = request.fingerprint()
     if idempotency_key is not None:
@@ -82,6 +86,8 @@ def submit(
     job = _new_job(
         request, user=user, model=model, template=template, pose=pose, webhook_url=webhook_url
     )
+    if unserved is not None:
+        routing.at_submit(session, job, model=model, unserved=unserved)
     winner = _record(session, job, key=idempotency_key, fingerprint=fingerprint, settings=settings)
     if winner is not None:
         return Submitted(job=winner, created=False)
@@ -157,6 +163,7 @@ def _new_job(
         pose_template_id=template.id if template else None,
         credit_cost=model.credit_cost,
         priority=model.priority,
+        provider=model.provider,
         webhook_url=webhook_url,
         webhook_events=webhooks.parse_choices(request.webhook_events),
         outputs=[],

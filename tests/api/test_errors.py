@@ -62,7 +62,8 @@ def test_disabled_model_is_409(app, make_account, session):
         AiModel(
             model_key="test-disabled",
             name="x",
-            provider="x",
+            provider="local",
+            author="x",
             family="sd15",
             base_model="tiny-sd15",
             controlnet_model="tiny-sd15-controlnet",

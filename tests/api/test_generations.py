@@ -15,7 +15,7 @@ JOB_KEYS = {
     "pose_template_id", "credit_cost", "progress", "queue_position", "queue_position_capped",
     "eta_seconds", "outputs",
     "error", "webhook_url", "webhook_events", "attempts", "created_at", "started_at",
-    "finished_at", "deleted_at",
+    "finished_at", "deleted_at", "routed_to",
 }  # fmt: skip
 
 
@@ -128,8 +128,23 @@ def test_catalog_templates_and_me(app, make_account):
         "sd35-canny",
         "tiny-sd15-openpose",
         "tiny-sdxl-openpose",
+        "sd15-openpose-hf",
+        "sdxl-openpose-hf",
+        "sdxl-openpose-ultra-hf",
     }
     assert models["sd35-canny"]["coming_soon"] and not models["sd35-canny"]["enabled"]
+    # Where each runs, and who made it: the hosted twins cost what their local twins do.
+    local, hosted = models["sdxl-openpose"], models["sdxl-openpose-hf"]
+    assert (local["provider"], local["author"], local["remote_model"]) == ("local", "thibaud", None)
+    assert (hosted["provider"], hosted["author"]) == ("huggingface", "thibaud")
+    assert hosted["remote_model"] == "thibaud/controlnet-openpose-sdxl-1.0"
+    for key in ("sd15-openpose", "sdxl-openpose", "sdxl-openpose-ultra"):
+        twin = models[f"{key}-hf"]
+        assert (twin["tier"], twin["credit_cost"]) == (
+            models[key]["tier"],
+            models[key]["credit_cost"],
+        )
+        assert models[key]["fallback_model_key"] is None  # off unless configured
     assert (
         models["sdxl-openpose"]["credit_cost"] == 5
         and models["sdxl-openpose"]["resolution"] == "1024x1024"
