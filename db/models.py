@@ -201,9 +201,7 @@ class Generation(Base):
         Index(
             "ix_generations_deadline",
             "deadline_at",
-            postgresql_where=text(
-                "status IN ('queued', 'processing') AND deadline_at IS NOT NULL"
-            ),
+            postgresql_where=text("status IN ('queued', 'processing') AND deadline_at IS NOT NULL"),
             sqlite_where=text("status IN ('queued', 'processing') AND deadline_at IS NOT NULL"),
         ),
         # Outputs still kept, oldest first: what POSEGEN_OUTPUT_RETENTION_DAYS expires.
