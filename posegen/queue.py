@@ -163,13 +163,17 @@ class Message:
     time_limit: float | None = None
 
 
-def time_limits(job: Generation, settings: Settings) -> tuple[float, float]:
+def time_limits(
+    job: Generation, settings: Settings, *, images: int | None = None
+) -> tuple[float, float]:
     """(soft, hard) seconds for this job: a generous allowance from its steps and pixels
     (2 s per step at 512x512, some twenty times a slow GPU's pace, plus a minute for a cold
-    model load), never above the configured limits. Past the soft limit the runner stops the
+    model load), never above the configured limits. `images`: the images of the pipeline call
+    it runs in (a batch's; default its own outputs). Past the soft limit the runner stops the
     job between steps and fails it with `timeout`; Celery's limits (the configured ones) stop
     a job stuck inside a step."""
-    pixels = job.params["width"] * job.params["height"] / (512 * 512)
+    count = images if images is not None else job.params.get("num_outputs", 1)
+    pixels = count * job.params["width"] * job.params["height"] / (512 * 512)
     soft = min(settings.job_soft_time_limit, 60 + 2.0 * job.params["num_inference_steps"] * pixels)
     hard = min(settings.job_hard_time_limit, soft + 60)
     return soft, max(hard, soft + 1)

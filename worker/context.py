@@ -20,7 +20,7 @@ from db.session import make_engine, make_session_factory
 from posegen.events import event_log
 from posegen.metrics import job_metrics
 from posegen.queue import Dispatcher, make_producer, unit_of_work
-from posegen.settings import Settings, get_settings
+from posegen.settings import CUDA_MAX_BATCH, Settings, get_settings
 from posegen.storage import Storage, storage_from_settings
 from posegen.webhook_sender import Sender
 from posegen.webhooks import Attempt
@@ -92,6 +92,15 @@ class WorkerContext:
         if mode == "off" or (mode == "auto" and not self.engine.leaves_cpu_time):
             return None
         return self.finisher
+
+    @property
+    def max_batch(self) -> int:
+        """Images one pipeline call runs across jobs (POSEGEN_MAX_BATCH; "auto": 1 on the
+        CPU, `CUDA_MAX_BATCH` on CUDA)."""
+        setting = self.settings.max_batch
+        if setting != "auto":
+            return setting
+        return CUDA_MAX_BATCH if self.engine.device.startswith("cuda") else 1
 
     def held(self, model_key: str, cache_keys: tuple[str, ...]) -> None:
         """A job of this model ran on these pipeline cache entries."""
