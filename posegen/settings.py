@@ -47,10 +47,6 @@ class Settings(BaseSettings):
     compile_mode: Literal[
         "default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"
     ] = "default"
-    # With POSEGEN_COMPILE, compile (and capture) at the worker's start, before it takes a
-    # job: every served model at its size, for each batch size up to POSEGEN_MAX_BATCH. Off:
-    # the first job of each size and batch size pays it, its time limit extended.
-    compile_warmup: bool = True
     cpu_offload: bool = False
     # Images a worker runs in one pipeline call, across queued jobs that one call can take
     # (posegen.scheduler.batches). "auto": 1 on the CPU, where a batch only shares the cores
