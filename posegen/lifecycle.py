@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import bindparam, select, true, update
+from sqlalchemy.orm import Session, aliased
 
 from db.models import AiModel, Generation, PoseTemplate
 from db.types import utcnow
@@ -50,18 +50,50 @@ _OURS = (
     Generation.status == "processing",
     Generation.worker_id == bindparam("worker"),
 )
+_CLAIM_VALUES: dict[str, Any] = {
+    "status": "processing",
+    "worker_id": bindparam("worker"),
+    "lease_expires_at": bindparam("lease_until"),
+    "attempts": Generation.attempts + 1,
+    "started_at": bindparam("now"),
+    "progress_step": 0,
+}
 _CLAIM = (
     update(Generation)
     .where(Generation.id == bindparam("job_id"), Generation.status == "queued")
-    .values(
-        status="processing",
-        worker_id=bindparam("worker"),
-        lease_expires_at=bindparam("lease_until"),
-        attempts=Generation.attempts + 1,
-        started_at=bindparam("now"),
-        progress_step=0,
-    )
+    .values(**_CLAIM_VALUES)
     .returning(Generation)
+)
+# A claim whose turn moved under it (scheduler.MOVED) runs again, this many times in all,
+# before it goes on turn by turn.
+_MOVED_TRIES = 3
+# The claim in one statement (Postgres): the next turn, its head, the job claimed as _CLAIM
+# does, the user's turns moved to the back (scheduler.left) and the catalog's row, all in one
+# round trip. A row with no job: the turn's head was not free (the caller goes on turn by turn).
+_CLAIMED = (
+    update(Generation)
+    .where(Generation.id == scheduler.HEAD.c.id, Generation.status == "queued")
+    .values(**_CLAIM_VALUES)
+    .returning(*Generation.__table__.c)
+    .cte("claimed")
+)
+_CLAIMED_JOB = aliased(Generation, _CLAIMED)
+_CLAIM_NEXT = (
+    select(
+        scheduler.NEXT_TURN.c.user_id,
+        scheduler.NEXT_TURN.c.model_id,
+        scheduler.MOVED,
+        _CLAIMED_JOB,
+        AiModel.family,
+        AiModel.base_model,
+        AiModel.controlnet_model,
+        PoseTemplate.keypoints,
+    )
+    .select_from(scheduler.NEXT_TURN)
+    .outerjoin(_CLAIMED, true())
+    .outerjoin(AiModel, AiModel.id == _CLAIMED.c.model_id)
+    .outerjoin(PoseTemplate, PoseTemplate.id == _CLAIMED.c.pose_template_id)
+    .add_cte(*scheduler.moved_to_back(_CLAIMED))
 )
 # The model and the template in one statement: an outer join on the template's id, which
 # matches nothing when the job has none.
@@ -120,8 +152,19 @@ def claim_next(
     A job past its deadline is not taken (the reconciler fails it). None: nothing of these
     models is queued (or free to take)."""
     late = utcnow() - dt.timedelta(seconds=settings.affinity_max_wait)
+    single = session.bind.dialect.name == "postgresql"  # type: ignore[union-attr]
     for choice in scheduler.preferred(session, served=models, warm=warm, overdue_before=late):
         skipped: list[scheduler.Turn] = []
+        if single:
+            for _ in range(_MOVED_TRIES):  # again, on a fresh snapshot, if the turn moved
+                claimed, first, moved = _claim_first(session, choice, worker_id, lease_seconds)
+                if not moved:
+                    break
+            if claimed is not None:
+                return claimed
+            if first is None:  # no turn of these models free to take
+                continue
+            skipped.append(first)  # its head is not free: on to the next turns, one by one
         while (turn := scheduler.next_turn(session, models=choice, skip=skipped)) is not None:
             job_id = scheduler.head_of(session, turn)
             if job_id is None:  # the count drifted, or a cancel holds the job: the next turn
@@ -135,6 +178,31 @@ def claim_next(
                 continue
             return claimed
     return None
+
+
+def _claim_first(
+    session: Session, models: Sequence[str], worker_id: str, lease_seconds: float
+) -> tuple[Claim | None, scheduler.Turn | None, bool]:
+    """The claim as one statement (pick, head, claim, turns, catalog): the claim, or None
+    and the turn picked whose head was not free to take (None: no turn was free), and
+    whether that turn had moved to the back (scheduler.MOVED: a concurrent claim took it)."""
+    now = utcnow()
+    params = {
+        "models": list(models), "now": now, "worker": worker_id,
+        "lease_until": now + dt.timedelta(seconds=lease_seconds),
+    }  # fmt: skip
+    row = session.execute(_CLAIM_NEXT, params, execution_options=_RETURNING).first()
+    if row is None:
+        return None, None, False
+    user_id, model_id, moved, job, family, base_model, controlnet_model, keypoints = row
+    if job is None:
+        return None, scheduler.Turn(user_id=str(user_id), model_id=str(model_id)), bool(moved)
+    announce(session, job, "started")
+    claimed = Claim(
+        job=job, attempt=job.attempts, family=family, base_model=base_model,
+        controlnet_model=controlnet_model, pose_keypoints=keypoints,
+    )  # fmt: skip
+    return claimed, None, False
 
 
 def claim(session: Session, *, job_id: str, worker_id: str, lease_seconds: float) -> Claim | None:

@@ -24,6 +24,9 @@ claim and a cancel of the same user's jobs never wait for each other in a circle
 from posegen.scheduler.batches import batch_key, images, next_member
 from posegen.scheduler.limits import check_depth, check_user_queue, retry_after
 from posegen.scheduler.pick import (
+    HEAD,
+    MOVED,
+    NEXT_TURN,
     TURN_HEAD,
     Turn,
     claimable,
@@ -35,9 +38,12 @@ from posegen.scheduler.pick import (
     turn_order,
 )
 from posegen.scheduler.position import POSITION, position_params
-from posegen.scheduler.turns import drifted, joined, left, repair
+from posegen.scheduler.turns import drifted, joined, left, moved_to_back, repair
 
 __all__ = [
+    "HEAD",
+    "MOVED",
+    "NEXT_TURN",
     "POSITION",
     "TURN_HEAD",
     "Turn",
@@ -50,6 +56,7 @@ __all__ = [
     "images",
     "joined",
     "left",
+    "moved_to_back",
     "next_member",
     "next_turn",
     "overdue",

@@ -41,20 +41,51 @@ def turn_order(models: Sequence[str], skip: Sequence[Turn]) -> Any:
     return statement
 
 
-# A job past its deadline is not taken: the reconciler fails it (a claim holding the turn row
-# must not wait for the user's row, which the refund locks).
-TURN_HEAD = (
-    select(Generation.id)
-    .where(
-        status_is(Generation.status, "queued"),
-        Generation.user_id == bindparam("turn_user"),
-        Generation.model_id == bindparam("turn_model"),
-        or_(Generation.deadline_at.is_(None), Generation.deadline_at > bindparam("now")),
+def _head(user_id: Any, model_id: Any) -> Any:
+    """A turn's oldest queued job not past its deadline, locked. A job past its deadline is
+    not taken: the reconciler fails it (a claim holding the turn row must not wait for the
+    user's row, which the refund locks)."""
+    return (
+        select(Generation.id)
+        .where(
+            status_is(Generation.status, "queued"),
+            Generation.user_id == user_id,
+            Generation.model_id == model_id,
+            or_(Generation.deadline_at.is_(None), Generation.deadline_at > bindparam("now")),
+        )
+        .order_by(Generation.created_at)
+        .limit(1)
+        .with_for_update(of=Generation, skip_locked=True)
     )
-    .order_by(Generation.created_at)
+
+
+TURN_HEAD = _head(bindparam("turn_user"), bindparam("turn_model"))
+# The pick as CTEs of the claim's single statement (`lifecycle.claim_next`, on Postgres):
+# the first turn in order among the models bound as `models` (a list), locked, and its head.
+NEXT_TURN = (
+    select(QueueTurn.user_id, QueueTurn.model_id, QueueTurn.last_started_at)
+    .where(WAITING, QueueTurn.model_id.in_(bindparam("models", expanding=True)))
+    .order_by(QueueTurn.priority.desc(), QueueTurn.last_started_at, QueueTurn.waiting_since)
     .limit(1)
-    .with_for_update(skip_locked=True)
+    .with_for_update(of=QueueTurn, skip_locked=True)
+    .cte("turn")
 )
+_TURN_USER = select(NEXT_TURN.c.user_id).scalar_subquery()
+_TURN_MODEL = select(NEXT_TURN.c.model_id).scalar_subquery()
+# Whether the turn moved to the back after the statement's snapshot was taken: a claim of the
+# same turn committed while this one waited to lock it. The lock then returns the row as
+# that claim left it (Postgres rechecks the WHERE on the new row, not the ORDER BY), while a
+# plain read in the same statement still sees the row as it was: the two starts differ.
+MOVED = (
+    select(NEXT_TURN.c.last_started_at).scalar_subquery()
+    != select(QueueTurn.last_started_at)
+    .where(QueueTurn.user_id == _TURN_USER, QueueTurn.model_id == _TURN_MODEL)
+    .scalar_subquery()
+)
+# The turn's columns as scalar subqueries, which the plan evaluates once and looks up in
+# ix_generations_turn: a join to the CTE gets a generic plan that scans the whole queue. No
+# head for a turn that moved: its user's job just started, the turn is no longer first.
+HEAD = _head(_TURN_USER, _TURN_MODEL).where(~MOVED).cte("head")
 
 
 def next_turn(session: Session, *, models: Sequence[str], skip: Sequence[Turn] = ()) -> Turn | None:

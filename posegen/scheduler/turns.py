@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import and_, bindparam, case, func, select, update
+from sqlalchemy import and_, bindparam, case, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -17,8 +17,17 @@ from posegen.scheduler.tables import WAITING
 
 def insert_for(session: Session, table: Any) -> Any:
     """INSERT with ON CONFLICT, in the session's dialect (Postgres, or SQLite embedded)."""
-    dialect = session.bind.dialect.name  # type: ignore[union-attr]
+    return insert_for_dialect(session.bind.dialect.name, table)  # type: ignore[union-attr]
+
+
+def insert_for_dialect(dialect: str, table: Any) -> Any:
     return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+
+
+def later(table: Any, start: Any) -> Any:
+    """The later of a row's latest start and this one: two claims of one user commit in
+    either order, and the user's turn follows the start that came last."""
+    return case((table.last_started_at > start, table.last_started_at), else_=start)
 
 
 def joined(
@@ -99,7 +108,7 @@ def left(
         session.execute(
             insert.values(user_id=user_id, last_started_at=started).on_conflict_do_update(
                 index_elements=[UserTurn.user_id],
-                set_={"last_started_at": insert.excluded.last_started_at},
+                set_={"last_started_at": later(UserTurn, insert.excluded.last_started_at)},
             )
         )
         # The copy on each of the user's turns, for the claim's index. A turn another
@@ -115,7 +124,7 @@ def left(
         session.execute(
             update(QueueTurn)
             .where(QueueTurn.user_id == user_id, QueueTurn.model_id.in_(others))
-            .values(last_started_at=started),
+            .values(last_started_at=later(QueueTurn, started)),
             execution_options={"synchronize_session": False},
         )
 
@@ -196,3 +205,58 @@ def drifted(session: Session, *, limit: int = 100) -> list[tuple[str, str]]:
     )
     rows = session.execute(missing.union(stale).limit(limit)).all()
     return [(str(u), str(m)) for u, m in rows]
+
+
+def moved_to_back(claimed: Any) -> tuple[Any, Any]:
+    """`left(..., started=now)` as two CTEs of the claim's single statement, for the job the
+    CTE `claimed` (columns id, user_id, model_id) took: the user's latest start, and the
+    user's turns (the claimed one counts one less; the others, unless another transaction
+    holds them, get the copy of the start). Bind `now`."""
+    now = bindparam("now", type_=UserTurn.last_started_at.type)
+    started = insert_for_dialect("postgresql", UserTurn).from_select(
+        ["user_id", "last_started_at"], select(claimed.c.user_id, now)
+    )
+    started = started.on_conflict_do_update(
+        index_elements=[UserTurn.user_id],
+        set_={"last_started_at": later(UserTurn, started.excluded.last_started_at)},
+    ).cte("user_turn")
+    # The claimed job's columns as scalar subqueries, looked up in the turns' primary key (a
+    # join to the CTE gets a generic plan that scans every turn).
+    user_id = select(claimed.c.user_id).scalar_subquery()
+    free = (
+        select(QueueTurn.model_id)
+        .where(QueueTurn.user_id == user_id)
+        .with_for_update(of=QueueTurn, skip_locked=True)
+        .cte("free_turns")
+    )
+    this_turn = QueueTurn.model_id == select(claimed.c.model_id).scalar_subquery()
+    # The turn's oldest queued job after the claimed one (the statement's snapshot still
+    # sees the claimed job queued).
+    oldest_after = (
+        select(func.min(Generation.created_at))
+        .where(
+            status_is(Generation.status, "queued"),
+            Generation.user_id == user_id,
+            Generation.model_id == select(claimed.c.model_id).scalar_subquery(),
+            Generation.id != select(claimed.c.id).scalar_subquery(),
+        )
+        .scalar_subquery()
+    )
+    turns = (
+        update(QueueTurn)
+        .where(
+            QueueTurn.user_id == user_id,
+            or_(this_turn, QueueTurn.model_id.in_(select(free.c.model_id))),
+        )
+        .values(
+            queued=case((and_(this_turn, WAITING), QueueTurn.queued - 1), (this_turn, 0),
+                        else_=QueueTurn.queued),
+            waiting_since=case(
+                (this_turn, func.coalesce(oldest_after, QueueTurn.waiting_since)),
+                else_=QueueTurn.waiting_since,
+            ),
+            last_started_at=later(QueueTurn, now),
+        )
+        .cte("turns")
+    )  # fmt: skip
+    return started, turns

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from api import poll
 from db.models import Generation
 from db.plans import generic_plan
-from posegen import accounts, ratelimit, reconciler, scheduler, webhooks
+from posegen import accounts, lifecycle, ratelimit, reconciler, scheduler, webhooks
 from posegen.jobs import queries
 
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
@@ -85,6 +85,20 @@ def test_generic_plan_uses_the_partial_index(conn: Connection, name: str) -> Non
     statement, params, indexes = HOT[name]
     plan = "\n".join(generic_plan(conn, statement, params))
     assert any(index in plan for index in indexes), plan
+    assert "Seq Scan" not in plan, plan
+
+
+def test_the_claim_in_one_statement_reads_its_indexes(conn: Connection) -> None:
+    """The claim's single statement: the first turn from the turns' order index, that turn's
+    head from ix_generations_turn (not a join that scans the queue), the job by its key, the
+    user's turns by theirs."""
+    params = {"models": [ANY_ID], "now": NOW, "worker": "w", "lease_until": NOW}
+    plan = "\n".join(generic_plan(conn, lifecycle._CLAIM_NEXT, params))
+    # Either of the turns' partial indexes, as for "claim: next turn" (on an empty table the
+    # model's; the order's at size: bench.scheduler).
+    assert "ix_queue_turns_next" in plan or "ix_queue_turns_model" in plan, plan
+    for index in ("ix_generations_turn", "pk_generations", "pk_queue_turns"):
+        assert index in plan, plan
     assert "Seq Scan" not in plan, plan
 
 

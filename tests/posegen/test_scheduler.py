@@ -5,13 +5,14 @@ position that says how many jobs start first."""
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from collections.abc import Sequence
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from db.models import AiModel, CreditLedger, Generation, QueueTurn
+from db.models import AiModel, CreditLedger, Generation, QueueTurn, UserTurn
 from db.types import utcnow
 from posegen import accounts, credits, lifecycle, reconciler, scheduler
 from posegen.jobs import queries
@@ -242,3 +243,74 @@ def test_a_warm_model_does_not_jump_a_higher_priority(any_session: Session) -> N
     low = queue(s, u, 1, age_s=5, priority=1)
     high = queue(s, v, 1, key="tiny-sdxl-openpose", age_s=1, priority=9)
     assert claim_all(s, [sd, xl], warm=[sd]) == [*high, *low]
+
+
+def test_a_turn_whose_head_cannot_start_does_not_stop_the_claim(any_session: Session) -> None:
+    """The first turn in order has only a job past its deadline: the claim goes on to the next
+    turn's job (on Postgres, past the single statement's pick to the turns one by one)."""
+    s = any_session
+    stuck, other = user(s, "stuck"), user(s, "other")
+    (expired,) = queue(s, stuck, age_s=10, deadline_in_s=-1)
+    (waiting,) = queue(s, other, age_s=1)
+    claim = lifecycle.claim_next(
+        s, worker_id="w", models=[model(s).id], lease_seconds=60, settings=SETTINGS
+    )
+    assert claim is not None and claim.job.id == waiting
+    s.commit()
+    assert s.get_one(Generation, expired, populate_existing=True).status == "queued"
+    assert s.get_one(QueueTurn, (other, model(s).id), populate_existing=True).queued == 0
+    assert s.get_one(QueueTurn, (stuck, model(s).id), populate_existing=True).queued == 1
+
+
+def test_parallel_claimers_take_each_job_once_and_keep_the_turns(
+    session: Session, sessions
+) -> None:
+    """Eight claimers at once, each claim its own transaction, while a ninth thread cancels
+    some of the queued jobs: every job ends claimed once or canceled, never both; each turn
+    counts nothing left; each user's latest start is recorded, on every turn of theirs."""
+    s = session
+    users = [user(s, f"racer{i}") for i in range(12)]
+    sd, xl = model(s).id, model(s, "tiny-sdxl-openpose").id
+    jobs = [j for u in users for j in queue(s, u, 8)]
+    jobs += queue(s, users[0], 4, key="tiny-sdxl-openpose")  # a second turn of one user
+    to_cancel = jobs[5::9]
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def claimer(n: int) -> None:
+        with sessions() as own:
+            while (c := lifecycle.claim_next(
+                own, worker_id=f"w{n}", models=[sd, xl], lease_seconds=60, settings=SETTINGS
+            )) is not None:  # fmt: skip
+                own.commit()
+                with lock:
+                    claimed.append(c.job.id)
+
+    def canceler() -> None:
+        with sessions() as own:
+            for job_id in to_cancel:
+                lifecycle.cancel(own, job_id=job_id)
+                own.commit()
+
+    threads = [threading.Thread(target=claimer, args=(n,)) for n in range(8)]
+    threads.append(threading.Thread(target=canceler))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rows = dict(s.execute(select(Generation.id, Generation.status)).tuples().all())
+    attempts = set(s.scalars(select(Generation.attempts).where(Generation.id.in_(claimed))))
+    assert len(claimed) == len(set(claimed)) and attempts == {1}
+    # A cancel also stops a job already claimed: canceled ones are among those asked for.
+    assert {j for j, st in rows.items() if st == "processing"} == set(claimed) - set(to_cancel)
+    assert {j for j, st in rows.items() if st == "canceled"} == set(to_cancel)
+    assert set(claimed) | set(to_cancel) == set(jobs)
+    turns = s.execute(select(QueueTurn.queued)).scalars().all()
+    assert turns and set(turns) == {0}
+    starts = s.execute(select(UserTurn.user_id, UserTurn.last_started_at)).tuples().all()
+    assert len(starts) == len(users)
+    latest = {u: at for u, at in starts}
+    started = s.execute(
+        select(Generation.user_id, func.max(Generation.started_at)).group_by(Generation.user_id)
+    ).tuples()
+    assert {u: at for u, at in started} == latest
