@@ -48,6 +48,10 @@ SWEEP_STORAGE_TASK = "posegen.sweep_storage"
 # first. Our model priorities are "higher runs first", so the Celery priority is 9 - priority.
 PRIORITY_STEPS = list(range(10))
 PRIORITY_SEP = ":"
+# How long a GPU worker's child may take to start with POSEGEN_COMPILE: its models compiled at
+# every batch size it uses before it takes a job (an hour covers a handful of models in
+# torch.compile's slowest mode).
+COMPILE_START_SECONDS = 3600
 
 
 def priority_keys(queue: str) -> list[str]:
@@ -137,9 +141,10 @@ def configure_celery(app: Celery, settings: Settings) -> None:
         # Soft limit raises inside the task (it records `timeout`); the hard limit kills.
         task_soft_time_limit=settings.job_soft_time_limit,
         task_time_limit=settings.job_hard_time_limit,
-        # A GPU worker's child imports torch and diffusers when it starts (see `posegen worker`):
-        # give it time before Celery decides the child is stuck (default 4 s).
-        worker_proc_alive_timeout=120,
+        # A GPU worker's child imports torch and diffusers when it starts (see `posegen worker`),
+        # and with POSEGEN_COMPILE compiles its models (worker.engine.warmup: minutes per
+        # model): give it time before Celery decides the child is stuck (default 4 s).
+        worker_proc_alive_timeout=COMPILE_START_SECONDS if settings.compile else 120,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         task_send_sent_event=False,

@@ -57,6 +57,11 @@ class Heartbeat:
         deadline (`deadline`)."""
         self._stop_at, self._deadline = when, deadline
 
+    @property
+    def stops_at(self) -> float:
+        """When (time.time()) the job stops between steps: its time limit or deadline."""
+        return self._stop_at
+
     def canceled(self) -> bool:
         """Whether the engine is to stop before its next step: the job is no longer ours
         (canceled), or out of time."""

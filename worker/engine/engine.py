@@ -87,6 +87,9 @@ class Engine:
         self.dtype = _pick_dtype(config.dtype, self.device)
         self.cache = PipelineCache(budget_bytes=config.cache_bytes)
         self._extractor: PoseExtractor | None = None
+        # With POSEGEN_COMPILE, the calls this process has run compiled: (model, images,
+        # guidance on) -> the cache entries they ran on (a reloaded model compiles anew).
+        self._compiled: dict[tuple[str, int, bool], tuple[str, str]] = {}
         self._torch = torch
         self.memory_baseline = self._gpu_allocated()
         log.info(
@@ -257,6 +260,9 @@ class Engine:
         items = [item for prepared in batch for item in prepared.items]
         on_latents = preview_hook(batch, previews, preview_interval)
         images = self._run_with_oom_retry(pipe, first, items, on_step, should_cancel, on_latents)
+        if self.config.compile:
+            shape = (first.model_key, len(items), first.params.guidance_scale > 1)
+            self._compiled[shape] = self.cache_keys(first)
         seconds = time.perf_counter() - started
         results, at = [], 0
         for prepared in batch:
@@ -264,6 +270,15 @@ class Engine:
             results.append(EngineResult(images=images[at : at + count], seconds=seconds))
             at += count
         return results
+
+    def compiled_for(self, model_key: str, *, images: int, guidance_scale: float) -> bool:
+        """Whether a call of this model with `images` images runs on kernels this process
+        has compiled (`worker.engine.warmup`); always without POSEGEN_COMPILE. Guidance above
+        1 doubles the UNet's batch (classifier-free guidance): another shape."""
+        if not self.config.compile:
+            return True
+        entries = self._compiled.get((model_key, images, guidance_scale > 1))
+        return entries is not None and set(entries) <= set(self.cache.keys())
 
     def _run_with_oom_retry(
         self,
