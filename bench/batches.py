@@ -147,15 +147,26 @@ class GpuBusy:
         return round(statistics.mean(inside), 3) if inside else None
 
 
-def _stack_env(var: Path, model_dir: Path, max_batch: int) -> dict[str, str]:
+def _stack_env(args: argparse.Namespace, var: Path, model_dir: Path) -> dict[str, str]:
+    """The embedded stack's settings; with --compile the worker compiles the bench model at
+    batch 1 to --max-batch as it starts (worker.engine.warmup), before its first claim."""
     return {
         **os.environ, "PYTHONPATH": str(ROOT), "POSEGEN_DATABASE_URL": f"sqlite:///{var}/pg.db",
         "POSEGEN_BROKER_URL": "", "POSEGEN_VAR_DIR": str(var),
         "POSEGEN_STORAGE_URL": f"file://{var}/storage", "POSEGEN_MODEL_DIR": str(model_dir),
-        "POSEGEN_POSE_BACKEND": "mediapipe", "POSEGEN_MAX_BATCH": str(max_batch),
+        "POSEGEN_POSE_BACKEND": "mediapipe", "POSEGEN_MAX_BATCH": str(args.max_batch),
         "POSEGEN_MAX_QUEUED_PER_USER": "0", "POSEGEN_RATE_LIMIT_PER_MINUTE": "0",
-        "POSEGEN_LOG_JSON": "true",
+        "POSEGEN_LOG_JSON": "true", "POSEGEN_DTYPE": args.dtype,
+        "POSEGEN_COMPILE": str(args.compile).lower(), "POSEGEN_COMPILE_MODE": args.compile_mode,
     }  # fmt: skip
+
+
+def _warm_up_s(log: Path) -> float | None:
+    """The seconds the worker's compile warm-up took ("model compiled"), None without one."""
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("{") and '"model compiled"' in line:
+            return round(float(json.loads(line)["seconds"]), 1)
+    return None
 
 
 def _queue_backlog(args: argparse.Namespace, base: str, controlnet: str) -> list[str]:
@@ -209,12 +220,13 @@ def stack(args: argparse.Namespace) -> dict[str, Any]:
     var = Path(tempfile.mkdtemp(prefix="posegen-stack-"))
     model_dir = args.model_dir or var / "models"
     base, controlnet = _models(args, model_dir)
-    env = _stack_env(var, model_dir, args.max_batch)
+    env = _stack_env(args, var, model_dir)
     os.environ.update(env)  # this process submits to the same database and broker
     ids = _queue_backlog(args, base, controlnet)
     log = (var / "worker.log").open("wb")
     worker = subprocess.Popen(
-        [sys.executable, "-m", "posegen.cli.main", "worker", "--concurrency", "1"],
+        [sys.executable, "-m", "posegen.cli.main", "worker", "--concurrency", "1",
+         "--models", "bench"],
         env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     try:
@@ -222,11 +234,19 @@ def stack(args: argparse.Namespace) -> dict[str, Any]:
             first, last = _wait_done(ids, timeout=args.timeout)
     finally:
         os.killpg(worker.pid, 15)
-        worker.wait(timeout=60)
+        try:
+            worker.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # its warm shutdown hung on a message just received
+            os.killpg(worker.pid, 9)
+            worker.wait()
     stack_rate = len(ids) / (last - first)
     engine = _engine(args, model_dir)
     jobs = [_job(args, base, controlnet, seed) for seed in range(len(ids))]
-    engine.run([engine.prepare(jobs[0])])  # the load and warm-up the worker paid before
+    # The load and warm-up the worker paid before its first claim: each batch size once.
+    for size in sorted(
+        {len(jobs[at : at + args.max_batch]) for at in range(0, len(jobs), args.max_batch)}
+    ):
+        engine.run([engine.prepare(job) for job in jobs[:size]])
     started = time.perf_counter()
     for at in range(0, len(jobs), args.max_batch):
         engine.run([engine.prepare(job) for job in jobs[at : at + args.max_batch]])
@@ -237,6 +257,8 @@ def stack(args: argparse.Namespace) -> dict[str, Any]:
         "stack_images_per_s": round(stack_rate, 3), "bare_images_per_s": round(bare_rate, 3),
         "ratio_stack_over_bare": round(stack_rate / bare_rate, 3),
         "gpu_busy_fraction": busy.between(first, last), "worker_log": str(var / "worker.log"),
+        "compile": args.compile and args.compile_mode,
+        "compile_warm_up_s": _warm_up_s(var / "worker.log"),
     }  # fmt: skip
 
 

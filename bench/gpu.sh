@@ -12,6 +12,9 @@
 #        fraction. Full-size random-weight models (bench/full_models.py: the real models'
 #        compute, no weights needed); where they cannot be built it falls back to the tiny
 #        models and says so.
+# stackc (#24 item 3): the embedded stack with POSEGEN_COMPILE (mode: $COMPILE_MODE, default
+#        reduce-overhead): the worker compiles SD1.5 512 px at batch 1 to $MAX_BATCH as it
+#        starts (compile_warm_up_s), then runs the backlog on the compiled path.
 # Each writes its JSON and log under OUT_DIR.
 set -uo pipefail
 out=${1:?usage: bench/gpu.sh OUT_DIR [STAGE]...}
@@ -68,6 +71,14 @@ PY
         LIMIT=200 run batches-sd15-graphs sweep $full --family sd15 --size 512 --steps 20 --dtype fp16 --batches 1,4 --compile --compile-mode reduce-overhead
         run batches-sdxl-fp16 sweep $full --family sdxl --size 1024 --steps 30 --dtype fp16 --batches 1,2,4,8 --repeats 3
         LIMIT=150 run batches-stack-sd15 stack $full --family sd15 --size 512 --steps 20 --jobs 32 --max-batch "${MAX_BATCH:-4}"
+        ;;
+    stackc)
+        full="--full"
+        python3 -c 'import bench.full_models' 2>/dev/null || { full=""; echo "NOTE: full-size models unavailable: tiny models, figures not comparable"; }
+        timeout "${LIMIT:-420}" python3 -m bench.batches stack $full --family sd15 --size 512 --steps 20 --jobs 32 \
+            --max-batch "${MAX_BATCH:-4}" --compile --compile-mode "${COMPILE_MODE:-reduce-overhead}" \
+            --model-dir "$models" >"$out/batches-stack-sd15-compiled.json" 2>"$out/batches-stack-sd15-compiled.log"
+        echo "batches-stack-sd15-compiled: exit $?"; tail -n 14 "$out/batches-stack-sd15-compiled.json"
         ;;
     *) echo "unknown stage $stage" >&2 ;;
     esac
