@@ -72,15 +72,24 @@ def test_a_batch_takes_only_jobs_one_call_can_run(engine):
 
 
 def test_each_job_of_a_batch_gets_previews_of_its_own_image(engine):
-    seen: dict[str, list[int]] = {"a": [], "b": []}
+    """Job b's previews are of its image (its offset in the batch is 2, after job a's two
+    outputs): the previews the same job gets when it runs alone."""
     first = engine.prepare(job(params=params(seed=1, num_outputs=2)))
     second = engine.prepare(job(params=params(seed=2), image=astronaut_png()))
-    engine.run(
-        [first, second],
-        previews=[lambda s, _i: seen["a"].append(s), lambda s, _i: seen["b"].append(s)],
-        preview_interval=0,
-    )
-    assert seen == {"a": [1, 2], "b": [1, 2]}
+
+    def previews(batch: list) -> list[dict[int, Image.Image]]:
+        seen: list[dict[int, Image.Image]] = [{} for _ in batch]
+        hooks = [lambda s, i, at=at: seen[at].__setitem__(s, i) for at in range(len(batch))]
+        engine.run(batch, previews=hooks, preview_interval=0)
+        return seen
+
+    batched = previews([first, second])
+    assert [sorted(p) for p in batched] == [[1, 2], [1, 2]]
+    alone = [previews([first])[0], previews([second])[0]]
+    for job_at in (0, 1):
+        for step in (1, 2):
+            assert close(batched[job_at][step], alone[job_at][step]), (job_at, step)
+    assert not close(batched[0][2], batched[1][2])  # two jobs, two images
 
 
 def test_compile_options_mark_steps_only_in_the_cuda_graph_modes():
