@@ -10,6 +10,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -18,9 +19,11 @@ from sqlalchemy import select
 from db.models import WebhookDelivery
 from tests.factories import astronaut_png, eventually, ledger_kinds, submit, wait_for
 from tests.processes import Proc
+from tests.services import free_port
 
 pytestmark = pytest.mark.slow
-HOOK = "http://127.0.0.1:9/hook"  # deliveries are recorded whether or not anyone listens
+HOOK = "http://127.0.0.1:9/hook"
+TINY = "tiny-sd15-openpose"  # deliveries are recorded whether or not anyone listens
 
 
 @pytest.fixture
@@ -30,7 +33,9 @@ def batch_worker(
     """A worker that batches up to 4 images, started by the test once its jobs are queued."""
     env = {**base_env, "POSEGEN_MAX_BATCH": "4"}
     log = process_logs / f"{request.node.name}.log"
-    proc = Proc(["worker", "--concurrency", "1"], env, log)
+    port = free_port()
+    proc = Proc(["worker", "--concurrency", "1", "--metrics-port", str(port)], env, log)
+    proc.metrics_url = f"http://127.0.0.1:{port}/metrics"
     yield proc
     proc.stop()
 
@@ -134,6 +139,10 @@ def test_jobs_of_one_call_end_each_on_their_own(
     )
     with sessions() as s:
         hooks = s.execute(select(WebhookDelivery.generation_id, WebhookDelivery.event_type)).all()
+    # The calls' sizes, for the operator: one of four images and one of one.
+    metrics = httpx.get(batch_worker.metrics_url).text
+    assert f'posegen_batch_images_count{{model="{TINY}"}} 2.0' in metrics
+    assert f'posegen_batch_images_sum{{model="{TINY}"}} 5.0' in metrics
     assert sorted((ends_by_id(ends)[g], e) for g, e in hooks) == [
         ("a", "generation.completed"), ("b", "generation.completed"),
         ("doomed", "generation.canceled"), ("no_pose", "generation.failed"),
