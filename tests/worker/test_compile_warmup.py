@@ -156,3 +156,18 @@ def scheduler_claims(ctx: WorkerContext, session: Any) -> list[Any]:
         session, worker_id=ctx.worker_id, models=list(served.values()), lease_seconds=60,
         settings=ctx.settings, max_images=ctx.max_batch,
     )  # fmt: skip
+
+
+def test_celery_waits_for_a_compiling_process_to_start(settings):
+    """Celery kills a pool process that has not started within worker_proc_alive_timeout; one
+    that compiles its models first takes minutes."""
+    from celery import Celery
+
+    from posegen.queue import configure_celery
+
+    waits = {}
+    for compile_ in (False, True):
+        app = Celery("posegen")
+        configure_celery(app, settings.model_copy(update={"compile": compile_}))
+        waits[compile_] = app.conf.worker_proc_alive_timeout
+    assert waits == {False: 120, True: 3600}
