@@ -67,7 +67,9 @@ async def follow(
 ) -> None:  # fmt: skip
     """Read one stream to its end: (event, id, arrival time.time()) of each event."""
     headers = {"Authorization": f"Bearer {key}"}
-    async with aconnect_sse(client, "GET", f"/v1/generations/{job_id}/events", headers=headers) as source:
+    async with aconnect_sse(
+        client, "GET", f"/v1/generations/{job_id}/events", headers=headers
+    ) as source:
         async for sse in source.aiter_sse():
             if sse.data:
                 seen.append((sse.event, sse.id, time.time()))
@@ -151,7 +153,9 @@ def main() -> None:
         idle = asyncio.run(idle_part(base, key, idle_jobs, proc))
         with httpx.Client(base_url=base, timeout=60) as api:
             for job in idle_jobs:  # out of the way of the running part
-                api.post(f"/v1/generations/{job}/cancel", headers={"Authorization": f"Bearer {key}"})
+                api.post(
+                    f"/v1/generations/{job}/cancel", headers={"Authorization": f"Bearer {key}"}
+                )
             running_jobs = [
                 submit(api, key, num_inference_steps=args.steps, strength=1.0)
                 for _ in range(args.running_jobs)

@@ -39,7 +39,7 @@ def check_balance(user: User, amount: int) -> None:
 
 
 def _short(amount: int) -> str:
-    return f"This model costs {amount} credits and your balance is lower."
+    return f"This job costs {amount} credits and your balance is lower."
 
 
 # A charge runs on every submit: its two statements are built once, with bound parameters,

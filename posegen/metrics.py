@@ -85,6 +85,13 @@ class JobMetrics:
             buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900),
             **kwargs,
         )
+        self.batch_images = Histogram(
+            "posegen_batch_images",
+            "Images a worker ran in one pipeline call (POSEGEN_MAX_BATCH; a job's num_outputs).",
+            ["model"],
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64),
+            **kwargs,
+        )
         self.webhook_attempts = Counter(
             "posegen_webhook_attempts",
             "Webhook delivery attempts by outcome.",

@@ -9,11 +9,12 @@ stored with the job, its shape in the job's answer, and what the engine runs (th
 from __future__ import annotations
 
 import secrets
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_SEED = 2**32 - 1
+MAX_OUTPUTS = 4
 OutputFormat = Literal["png", "webp", "jpeg"]
 
 
@@ -50,6 +51,13 @@ class GenerationParams(BaseModel):
     preview: bool = Field(
         False, description="Store a preview of the image while it runs (progress.preview_url)."
     )
+    num_outputs: int = Field(
+        1,
+        ge=1,
+        le=MAX_OUTPUTS,
+        description="Images to make, with seeds seed, seed+1, ...; each is charged the "
+        "model's credit_cost.",
+    )
 
     def resolve(self, *, steps: int, guidance_scale: float, width: int, height: int) -> Params:
         """Every parameter set: the caller's, else the model's (`steps`, `guidance_scale`), a
@@ -81,3 +89,19 @@ class Params(BaseModel):
     output_format: OutputFormat = "png"
     output_quality: int = 90
     preview: bool = False
+    num_outputs: int = 1
+
+    def batch_key(self, negative_prompt: str | None) -> tuple[Any, ...]:
+        """What the jobs whose images run in one pipeline call must share: each value the
+        call takes once for the whole batch. Whether there is a negative prompt too: SDXL runs
+        a missing one as zeros (`force_zeros_for_empty_prompt`), which one call cannot mix
+        with a text. Jobs of one model with the same key run together (POSEGEN_MAX_BATCH)."""
+        return (
+            self.width, self.height, self.num_inference_steps, self.guidance_scale,
+            self.strength, self.controlnet_conditioning_scale, bool(negative_prompt),
+        )  # fmt: skip
+
+    def seeds(self) -> list[int]:
+        """The seed of each output: output i is the image the same job would make alone with
+        seed + i."""
+        return [self.seed + i for i in range(self.num_outputs)]

@@ -53,6 +53,10 @@ SWEEP_STORAGE_TASK = "posegen.sweep_storage"
 # first. Our model priorities are "higher runs first", so the Celery priority is 9 - priority.
 PRIORITY_STEPS = list(range(10))
 PRIORITY_SEP = ":"
+# How long a GPU worker's child may take to start with POSEGEN_COMPILE: its models compiled at
+# every batch size it uses before it takes a job (an hour covers a handful of models in
+# torch.compile's slowest mode).
+COMPILE_START_SECONDS = 3600
 
 
 def priority_keys(queue: str) -> list[str]:
@@ -144,9 +148,10 @@ def configure_celery(app: Celery, settings: Settings) -> None:
         # Soft limit raises inside the task (it records `timeout`); the hard limit kills.
         task_soft_time_limit=settings.job_soft_time_limit,
         task_time_limit=settings.job_hard_time_limit,
-        # A GPU worker's child imports torch and diffusers when it starts (see `posegen worker`):
-        # give it time before Celery decides the child is stuck (default 4 s).
-        worker_proc_alive_timeout=120,
+        # A GPU worker's child imports torch and diffusers when it starts (see `posegen worker`),
+        # and with POSEGEN_COMPILE compiles its models (worker.engine.warmup: minutes per
+        # model): give it time before Celery decides the child is stuck (default 4 s).
+        worker_proc_alive_timeout=COMPILE_START_SECONDS if settings.compile else 120,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         task_send_sent_event=False,
@@ -170,13 +175,17 @@ class Message:
     time_limit: float | None = None
 
 
-def time_limits(job: Generation, settings: Settings) -> tuple[float, float]:
+def time_limits(
+    job: Generation, settings: Settings, *, images: int | None = None
+) -> tuple[float, float]:
     """(soft, hard) seconds for this job: a generous allowance from its steps and pixels
     (2 s per step at 512x512, some twenty times a slow GPU's pace, plus a minute for a cold
-    model load), never above the configured limits. Past the soft limit the runner stops the
+    model load), never above the configured limits. `images`: the images of the pipeline call
+    it runs in (a batch's; default its own outputs). Past the soft limit the runner stops the
     job between steps and fails it with `timeout`; Celery's limits (the configured ones) stop
     a job stuck inside a step."""
-    pixels = job.params["width"] * job.params["height"] / (512 * 512)
+    count = images if images is not None else job.params.get("num_outputs", 1)
+    pixels = count * job.params["width"] * job.params["height"] / (512 * 512)
     soft = min(settings.job_soft_time_limit, 60 + 2.0 * job.params["num_inference_steps"] * pixels)
     hard = min(settings.job_hard_time_limit, soft + 60)
     return soft, max(hard, soft + 1)

@@ -13,6 +13,10 @@ Tier = Literal["free", "basic", "pro", "enterprise"]
 
 
 DEFAULT_RATE_LIMITS = {"free": 30, "basic": 120, "pro": 600, "enterprise": 3000}
+# POSEGEN_MAX_BATCH=auto on CUDA. Not measured yet (docs/performance.md, #24): 4 images of
+# SD1.5 at 512 px is where the H100's step time was still far from its compute floor at
+# batch 1, and 4 SDXL images at 1024 px fit a 40 GB card's activations with room left.
+CUDA_MAX_BATCH = 4
 DEFAULT_QUEUED_LIMITS = {"free": 10, "basic": 50, "pro": 200, "enterprise": 1000}
 
 
@@ -36,11 +40,18 @@ class Settings(BaseSettings):
     model_cache_bytes: int = Field(default=24 * 1024**3, ge=0)
     compile: bool = False
     # torch.compile's mode: "default" compiles in a minute or two per model and shape;
-    # "max-autotune-no-cudagraphs" also times kernel variants (several minutes). The modes that
-    # capture CUDA graphs are left out: with "reduce-overhead" a graph replay overwrote a
-    # ControlNet output still in use (H100, torch 2.11), and "max-autotune" captures them too.
-    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
+    # "max-autotune-no-cudagraphs" also times kernel variants (several minutes);
+    # "reduce-overhead" (and "max-autotune") also capture CUDA graphs, which replay a step
+    # without launching its kernels one by one (worker.engine.device: how a replay is kept
+    # from overwriting the ControlNet's residuals still in use).
+    compile_mode: Literal[
+        "default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"
+    ] = "default"
     cpu_offload: bool = False
+    # Images a worker runs in one pipeline call, across queued jobs that one call can take
+    # (posegen.scheduler.batches). "auto": 1 on the CPU, where a batch only shares the cores
+    # out; on CUDA `CUDA_MAX_BATCH` (docs/performance.md: how it was chosen).
+    max_batch: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
     # Threads for torch's CPU operators per worker process; 0 is torch's default (one per
     # core). On a machine that also runs the API and the database, leave them a core: two
     # threads on two busy cores wait for each other at every operator.

@@ -15,7 +15,7 @@ import redis
 from httpx_sse import connect_sse
 
 from posegen.events import stream_key
-from tests.factories import Account, submit, wait_for
+from tests.factories import Account, eventually, submit, wait_for
 from tests.processes import start_api
 
 pytestmark = pytest.mark.slow
@@ -221,7 +221,9 @@ def test_previews_while_a_job_runs(client, make_account, gpu_worker, settings):
     gone = client.get(url, headers=account.headers)
     assert gone.status_code == 404 and "completed" in gone.json()["error"]["message"]
     storage = Path(settings.storage_url.removeprefix("file://"))
-    assert not (storage / "previews" / f"{job['id']}.png").exists()
+    # The worker removes it just after it records the end, which the stream may tell first.
+    stored = storage / "previews" / f"{job['id']}.png"
+    assert eventually(lambda: not stored.exists(), timeout=10)
     other = submit(client, account).json()
     assert (
         client.get(f"/v1/generations/{other['id']}/preview", headers=account.headers).status_code

@@ -14,13 +14,17 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from db.models import AiModel
 from db.session import make_engine, make_session_factory
+from posegen.catalog import served_models
+from posegen.errors import JobError
 from posegen.events import event_log
 from posegen.metrics import job_metrics
 from posegen.queue import Dispatcher, make_producer, unit_of_work
-from posegen.settings import Settings, get_settings
+from posegen.settings import CUDA_MAX_BATCH, Settings, get_settings
 from posegen.storage import Storage, storage_from_settings
 from posegen.webhook_sender import Sender
 from posegen.webhooks import Attempt
@@ -28,6 +32,7 @@ from worker.finisher import Finisher
 
 if TYPE_CHECKING:
     from worker.engine.engine import Engine
+    from worker.engine.warmup import WarmModel
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +98,15 @@ class WorkerContext:
             return None
         return self.finisher
 
+    @property
+    def max_batch(self) -> int:
+        """Images one pipeline call runs across jobs (POSEGEN_MAX_BATCH; "auto": 1 on the
+        CPU, `CUDA_MAX_BATCH` on CUDA)."""
+        setting = self.settings.max_batch
+        if setting != "auto":
+            return setting
+        return CUDA_MAX_BATCH if self.engine.device.startswith("cuda") else 1
+
     def held(self, model_key: str, cache_keys: tuple[str, ...]) -> None:
         """A job of this model ran on these pipeline cache entries."""
         self._held[model_key] = cache_keys
@@ -112,18 +126,63 @@ class WorkerContext:
         import diffusers  # noqa: F401 - the import is the point: seconds, paid once
 
         _ = self.engine
+        compiled = self.compile_warm_up() if self.engine.config.compile else []
         log.info(
             "worker process ready",
-            extra={"device": self.engine.device, "record_behind": self.behind is not None},
+            extra={
+                "device": self.engine.device,
+                "record_behind": self.behind is not None,
+                "compiled": compiled,
+            },
         )
         # Torch, diffusers and the engine are some 600,000 objects that live as long as the
         # process: frozen, a full collection no longer scans them in the middle of a job.
         gc.collect()
         gc.freeze()
 
+    def compile_warm_up(self) -> list[str]:
+        """With POSEGEN_COMPILE: the enabled models this process serves, each compiled at its
+        size for every batch size up to `max_batch` (`worker.engine.warmup`), before the
+        process takes its first job. Their keys; a model whose weights cannot be loaded is
+        left out with a warning (its jobs fail as they would have)."""
+        from worker.engine.warmup import warm_up
+
+        warmed = []
+        for model in self._warm_models():
+            try:
+                warm_up(self.engine, [model], max_images=self.max_batch)
+            except (JobError, OSError) as exc:
+                extra = {"model_key": model.model_key, "error": str(exc)}
+                log.warning("model not compiled", extra=extra)
+                continue
+            warmed.append(model.model_key)
+        return warmed
+
+    def _warm_models(self) -> list[WarmModel]:
+        with self.session() as session:
+            served = served_models(session, self.settings.worker_models)
+            rows = session.scalars(
+                select(AiModel)
+                .where(AiModel.id.in_(list(served.values())), AiModel.enabled.is_(True))
+                .order_by(AiModel.model_key)
+            ).all()
+            return [_warm_model(row) for row in rows]
+
     def session(self) -> AbstractContextManager[Session]:
         """A unit of work: commit then publish what the domain deferred; roll back on error."""
         return unit_of_work(self.sessions(), self.dispatcher)
+
+
+def _warm_model(row: AiModel) -> WarmModel:
+    """What the compile's warm-up runs of a catalog model."""
+    from worker.engine.warmup import WarmModel
+
+    return WarmModel(
+        model_key=row.model_key, family=row.family, base_model=row.base_model,
+        controlnet_model=row.controlnet_model, width=row.width, height=row.height,
+        guidance_scale=row.guidance_scale, prompt=row.default_prompt,
+        negative_prompt=row.negative_prompt,
+    )  # fmt: skip
 
 
 _context: WorkerContext | None = None

@@ -13,27 +13,23 @@ next job, so the GPU does not wait for them.
 from __future__ import annotations
 
 import logging
-import threading
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery.exceptions import SoftTimeLimitExceeded
 from kombu.utils.functional import retry_over_time
-from sqlalchemy.orm import Session
 
 from db.models import Generation
-from posegen import announce, events, lifecycle, retention, scheduler
+from posegen import lifecycle, retention, scheduler
 from posegen.catalog import served_models
 from posegen.errors import JobError, StorageUnavailable
 from posegen.images import OUTPUT_FORMATS, encode
 from posegen.metrics import job_metrics
-from posegen.queue import defer, ready_message, time_limits
-from posegen.render import preview_url
+from posegen.queue import defer, ready_message
+from worker import batch
 from worker.context import WorkerContext
 from worker.finisher import Finisher
-from worker.job_images import JobImages
 
 if TYPE_CHECKING:
     from worker.engine.engine import EngineJob, EngineResult
@@ -42,169 +38,119 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-@dataclass
-class Heartbeat:
-    """Lease renewal, progress and cancel, on its own thread and database session."""
-
-    ctx: WorkerContext
-    job_id: str
-    job: Generation | None = None  # as claimed: what its progress events show
-    preview_url: str | None = None  # set once a preview is stored
-
-    def __post_init__(self) -> None:
-        self._stop_at = float("inf")
-        self._deadline = False
-        self._step: tuple[int, int] | None = None
-        self._written: tuple[int, int] | None = None
-        self._hooked_at = -float("inf")  # when a progress webhook was last recorded
-        self._lost = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._loop, name=f"heartbeat-{self.job_id}", daemon=True
-        )
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def progress(self, step: int, total: int) -> None:
-        self._step = (step, total)
-        sink = self.ctx.dispatcher.events
-        if sink is not None and self.job is not None:
-            extra = {"preview_url": self.preview_url} if self.preview_url and step else {}
-            sink.publish([events.progress(self.job, step=step, total=total, **extra)])
-
-    def stop_at(self, when: float, *, deadline: bool) -> None:
-        """Stop the job between steps at this time (time.time()): its time limit, or its
-        deadline (`deadline`)."""
-        self._stop_at, self._deadline = when, deadline
-
-    def canceled(self) -> bool:
-        """Whether the engine is to stop before its next step: the job is no longer ours
-        (canceled), or out of time."""
-        return self._lost.is_set() or time.time() >= self._stop_at
-
-    def out_of_time(self) -> str | None:
-        """Why a job that stopped between steps did: `deadline_exceeded` or `timeout` when it
-        ran out of time (and was not canceled meanwhile), None when canceled."""
-        if self._lost.is_set() or time.time() < self._stop_at:
-            return None
-        return "deadline_exceeded" if self._deadline else "timeout"
-
-    def _progress_webhook(self, session: Session, step: tuple[int, int]) -> None:
-        """At most one per POSEGEN_WEBHOOK_PROGRESS_INTERVAL, with the progress written."""
-        now = time.monotonic()
-        if self.job is None or now - self._hooked_at < self.ctx.settings.webhook_progress_interval:
-            return
-        self._hooked_at = now
-        announce.progress_webhook(session, self.job, step=step[0], total=step[1])
-
-    def _loop(self) -> None:
-        interval = self.ctx.settings.heartbeat_seconds
-        while not self._stop.wait(interval):
-            self.beat()
-
-    def beat(self) -> None:
-        step = self._step
-        try:
-            with self.ctx.session() as session:
-                ours = lifecycle.heartbeat(
-                    session,
-                    job_id=self.job_id,
-                    worker_id=self.ctx.worker_id,
-                    lease_seconds=self.ctx.settings.job_lease_seconds,
-                    step=step[0] if step and step != self._written else None,
-                    total=step[1] if step and step != self._written else None,
-                )
-                if ours and step and step[0] and step != self._written:
-                    self._progress_webhook(session, step)
-        except Exception:
-            log.warning("heartbeat failed", extra={"job_id": self.job_id}, exc_info=True)
-            return
-        self._written = step
-        if not ours:
-            self._lost.set()
-
-
 def run_next(ctx: WorkerContext, *, ready_model: str | None, behind: Finisher | None = None) -> str:
-    """Claim the next job among the models this worker serves (the scheduler's order) and
-    run it. `ready_model`: the model whose message started this; when the job claimed is of
-    another model, that model's message is published again, so every queued job keeps one."""
-    claim = _claim_next(ctx, ready_model)
-    if claim is None:
+    """Claim the next job among the models this worker serves (the scheduler's order), with
+    the queued jobs that can run in the same pipeline call (POSEGEN_MAX_BATCH), and run them.
+    `ready_model`: the model whose message started this; when no job claimed is of that
+    model, its message is published again, so every queued job keeps one."""
+    claims = _claim_next(ctx, ready_model)
+    if not claims:
         return "nothing to run"
-    return run_job(ctx, claim, behind=behind)
+    return run_jobs(ctx, claims, behind=behind)
 
 
 def run_job(ctx: WorkerContext, claim: lifecycle.Claim, *, behind: Finisher | None = None) -> str:
-    """Run and finish one claimed job. Returns what happened, for logs and tests: with a
-    `behind` finisher, "finishing" once the model is done and the record is handed to it."""
-    from worker.engine.engine import Canceled
+    """Run and finish one claimed job (`run_jobs`)."""
+    return run_jobs(ctx, [claim], behind=behind)
+
+
+def run_jobs(
+    ctx: WorkerContext, claims: Sequence[lifecycle.Claim], *, behind: Finisher | None = None
+) -> str:
+    """Run claimed jobs in one pipeline call and finish each on its own: what fails for one
+    job (its input, its pose, its cancel or time limit) ends that job alone; what fails the
+    call fails its jobs. Returns what happened, for logs and tests (each job's outcome, comma
+    separated): with a `behind` finisher, "finishing" once the model is done and the records
+    are handed to it."""
     from worker.engine.run import steps_for
 
-    job: Generation = claim.job
-    job_id = job.id
-    heartbeat = Heartbeat(ctx, job_id, job)
-    when, is_deadline = _stop_at(ctx, job)
-    heartbeat.stop_at(when, deadline=is_deadline)
-    heartbeat.start()
-    result: EngineResult | None = None
+    members = batch.start(ctx, claims)
+    outcomes: dict[str, str] = {}
+    running = [m for m in members if _prepare(ctx, m, outcomes)]
+    results: list[EngineResult] | None = None
     try:
-        engine_job = _engine_job(ctx, claim)
-        result = _generate(ctx, engine_job, job, heartbeat)
-        ctx.held(job.model_key, ctx.engine.cache_keys(engine_job))
-    except Canceled:
-        return _stopped(ctx, job_id, heartbeat.out_of_time())
-    except JobError as exc:
-        return _fail(ctx, job_id, exc.code, exc.message)
-    except StorageUnavailable as exc:  # an outage, not this process's fault: it stays
-        return _hand_back(ctx, job_id, attempt=claim.attempt, error=exc)
-    except SoftTimeLimitExceeded:
-        # The limit interrupts at any bytecode, possibly mid-way through torch or the model:
-        # fail the job, then let Celery replace this process before it takes another.
-        ctx.restart_requested = True
-        return _fail(ctx, job_id, "timeout", "The job ran past its time limit.")
-    except Exception as exc:  # the last resort: record the failure, then let the worker go on
-        log.exception("job crashed", extra={"job_id": job_id})
-        ctx.restart_requested = True  # state after an unknown error is not to be trusted
-        return _fail(ctx, job_id, "internal_error", f"The worker failed: {type(exc).__name__}.")
+        results = _generate(ctx, running) if running else None
+    except Exception as exc:  # noqa: BLE001 - each job's end is recorded (_call_failed logs)
+        for member in running:
+            outcomes[member.job.id] = _call_failed(ctx, member, exc)
     finally:
-        if result is None:  # no output to record: the lease is done with
-            heartbeat.stop()
-
-    # Now, on the job's own thread: a finished job's record runs beside the next job.
+        for member in members:
+            member.images.close()  # the skeleton and previews written before the end
+        if results is None:  # no output to record: the leases are done with
+            for member in running:
+                member.heartbeat.stop()
+    if results is None:
+        return _outcome(members, outcomes)
+    # Now, on the jobs' own thread: a finished batch's record runs beside the next one.
     if ctx.engine.leaked_bytes() > 256 * 1024**2:
         log.warning("GPU memory did not return to its baseline; this process will be replaced")
         ctx.restart_requested = True
+    done = []
+    for member, result in zip(running, results, strict=True):
+        if member.heartbeat.canceled():  # stopped while the others ran: its images dropped
+            outcomes[member.job.id] = _stopped(ctx, member.job.id, member.heartbeat.out_of_time())
+            member.heartbeat.stop()
+        else:
+            done.append((member, result))
 
     def record() -> str:
-        assert result is not None
-        try:
-            return _record(ctx, job, result, steps=steps_for(engine_job.params))
-        finally:
-            heartbeat.stop()  # after the completion: a slow upload keeps its lease
+        for member, result in done:
+            try:
+                steps = steps_for(member.params)
+                outcomes[member.job.id] = _record(ctx, member.job, result, steps=steps)
+            finally:
+                member.heartbeat.stop()  # after the completion: a slow upload keeps its lease
+        return _outcome(members, outcomes)
 
-    if behind is None:
+    if behind is None or not done:
         return record()
     try:
         behind.submit(record)  # waits for the record before it, if that one is still running
-    except BaseException:  # a time limit while waiting: the lease, unrenewed, gives the job back
-        heartbeat.stop()
+    except BaseException:  # a time limit while waiting: the leases, unrenewed, give them back
+        for member, _ in done:
+            member.heartbeat.stop()
         raise
     return "finishing"
 
 
-def _stop_at(ctx: WorkerContext, job: Generation) -> tuple[float, bool]:
-    """When (time.time()) the job stops between steps, and whether that is its deadline: its
-    own soft time limit from now, or its deadline, whichever comes first."""
-    soft, _hard = time_limits(job, ctx.settings)
-    stop = time.time() + soft
-    if job.deadline_at is not None and job.deadline_at.timestamp() < stop:
-        return job.deadline_at.timestamp(), True
-    return stop, False
+def _outcome(members: Sequence[batch.Member], outcomes: dict[str, str]) -> str:
+    return ", ".join(outcomes.get(m.job.id, "lost") for m in members)
+
+
+def _prepare(ctx: WorkerContext, member: batch.Member, outcomes: dict[str, str]) -> bool:
+    """The member's inputs read and its skeleton drawn; False when that ended the job (its
+    outcome recorded), which ends it alone."""
+    job_id = member.job.id
+    try:
+        member.prepared = ctx.engine.prepare(
+            _engine_job(ctx, member.claim), on_pose=member.images.pose
+        )
+        return True
+    except StorageUnavailable as exc:  # an outage, not this process's fault: it stays
+        outcomes[job_id] = _hand_back(ctx, job_id, attempt=member.claim.attempt, error=exc)
+    except Exception as exc:  # noqa: BLE001 - the job's end is recorded (_call_failed logs)
+        outcomes[job_id] = _call_failed(ctx, member, exc)
+    member.heartbeat.stop()
+    return False
+
+
+def _call_failed(ctx: WorkerContext, member: batch.Member, exc: Exception) -> str:
+    """A job's run raised (its own preparation, or the call it was in): how it ends."""
+    from worker.engine.engine import Canceled
+
+    job_id = member.job.id
+    if isinstance(exc, Canceled):
+        return _stopped(ctx, job_id, member.heartbeat.out_of_time())
+    if isinstance(exc, JobError):
+        return _fail(ctx, job_id, exc.code, exc.message)
+    # The limit interrupts at any bytecode, possibly mid-way through torch or the model; and
+    # state after an unknown error is not to be trusted: either way Celery replaces this
+    # process before it takes another.
+    ctx.restart_requested = True
+    if isinstance(exc, SoftTimeLimitExceeded):
+        return _fail(ctx, job_id, "timeout", "The job ran past its time limit.")
+    log.exception("job crashed", extra={"job_id": job_id}, exc_info=exc)
+    return _fail(ctx, job_id, "internal_error", f"The worker failed: {type(exc).__name__}.")
 
 
 def _stopped(ctx: WorkerContext, job_id: str, out_of_time: str | None) -> str:
@@ -217,34 +163,41 @@ def _stopped(ctx: WorkerContext, job_id: str, out_of_time: str | None) -> str:
     return _fail(ctx, job_id, "timeout", "The job ran past its time limit.")
 
 
-def _claim_next(ctx: WorkerContext, ready_model: str | None) -> lifecycle.Claim | None:
-    """The next job for this worker, claimed (None: none of its models has one queued), its
-    wait observed."""
+def _claim_next(ctx: WorkerContext, ready_model: str | None) -> list[lifecycle.Claim]:
+    """The next job for this worker and the jobs that run in its call, claimed (empty: none
+    of its models has one queued), their waits observed."""
     with ctx.session() as session:
         served = served_models(session, ctx.settings.worker_models)
-        claim = lifecycle.claim_next(
+        claims = lifecycle.claim_batch(
             session,
             worker_id=ctx.worker_id,
             models=list(served.values()),
             warm=[served[key] for key in ctx.warm_models() if key in served],
             lease_seconds=ctx.settings.job_lease_seconds,
             settings=ctx.settings,
+            max_images=ctx.max_batch,
         )
-        # The message stood for a job of `ready_model`. Claimed another model's job, or none
+        # The message stood for a job of `ready_model`. Claimed another model's jobs, or none
         # because other claimers held the turns: that model's job still needs a message.
         if ready_model is not None and ready_model in served:
-            taken = claim is not None and claim.job.model_key == ready_model
+            taken = any(claim.job.model_key == ready_model for claim in claims)
             if not taken and scheduler.claimable(session, model_id=served[ready_model]):
                 defer(session, ready_message(ready_model, ctx.settings))
-    if claim is None:
-        return None
-    job = claim.job
-    assert job.started_at is not None  # the claim sets it
-    job_metrics().queue_wait.labels(job.model_key).observe(
-        (job.started_at - job.created_at).total_seconds()
-    )
-    log.info("job started", extra={"job_id": job.id, "attempt": claim.attempt})
-    return claim
+    metrics = job_metrics()
+    for claim in claims:
+        job = claim.job
+        assert job.started_at is not None  # the claim sets it
+        wait = (job.started_at - job.created_at).total_seconds()
+        metrics.queue_wait.labels(job.model_key).observe(wait)
+        log.info("job started", extra={"job_id": job.id, "attempt": claim.attempt})
+    if claims:
+        images = sum(scheduler.images(claim.job.params) for claim in claims)
+        metrics.batch_images.labels(claims[0].job.model_key).observe(images)
+        log.info(
+            "batch started",
+            extra={"job_ids": [c.job.id for c in claims], "jobs": len(claims), "images": images},
+        )
+    return claims
 
 
 def _engine_job(ctx: WorkerContext, claim: lifecycle.Claim) -> EngineJob:
@@ -270,28 +223,21 @@ def _engine_job(ctx: WorkerContext, claim: lifecycle.Claim) -> EngineJob:
     )
 
 
-def _generate(
-    ctx: WorkerContext, engine_job: EngineJob, job: Generation, heartbeat: Heartbeat
-) -> EngineResult:
-    """The engine's run, its steps and cancel through the heartbeat; the skeleton it draws
-    and its step previews stored on a thread of their own (the progress events link the
-    latest preview once one is stored), all written before this returns."""
-
-    def stored() -> None:
-        heartbeat.preview_url = preview_url(job.id)
-
-    images = JobImages(ctx.storage, job.id, on_preview=stored)
-    try:
-        return ctx.engine.generate(
-            engine_job,
-            on_step=heartbeat.progress,
-            should_cancel=heartbeat.canceled,
-            on_pose=images.pose,
-            on_preview=images.preview if job.params.get("preview") else None,
-            preview_interval=ctx.settings.preview_interval,
-        )
-    finally:
-        images.close()
+def _generate(ctx: WorkerContext, running: Sequence[batch.Member]) -> list[EngineResult]:
+    """The engine's call for the prepared members, their steps and cancel through their
+    heartbeats, their step previews stored on threads of their own (the progress events link
+    a job's latest preview once one is stored)."""
+    results = ctx.engine.run(
+        [member.prepared for member in running if member.prepared is not None],
+        on_step=batch.progress(running),
+        should_cancel=batch.all_stopped(running),
+        previews=[member.preview for member in running],
+        preview_interval=ctx.settings.preview_interval,
+    )
+    first = running[0].prepared
+    assert first is not None
+    ctx.held(first.job.model_key, ctx.engine.cache_keys(first.job))
+    return results
 
 
 def _read(ctx: WorkerContext, job_id: str, key: str) -> bytes:
@@ -299,26 +245,28 @@ def _read(ctx: WorkerContext, job_id: str, key: str) -> bytes:
 
 
 def _record(ctx: WorkerContext, job: Generation, result: EngineResult, *, steps: int) -> str:
-    """Store the output and complete the job (or drop the output: no longer ours)."""
-    output = {"index": 0, "width": result.width, "height": result.height}
+    """Store the outputs and complete the job (or drop the outputs: no longer ours)."""
     fmt, quality = job.params.get("output_format", "png"), job.params.get("output_quality", 90)
     _, suffix, content_type = OUTPUT_FORMATS[fmt]
-    key = f"outputs/{job.id}/0.{suffix}"
-    data = result.png if fmt == "png" else encode(result.image, fmt=fmt, quality=quality)
-    try:
-        _patiently(ctx, job.id, lambda: ctx.storage.put(key, data, content_type=content_type))
-    except StorageUnavailable as exc:  # the image goes with this attempt; the job runs again
-        return _hand_back(ctx, job.id, attempt=job.attempts, error=exc)
+    outputs: list[dict[str, Any]] = []
+    for index, image in enumerate(result.images):
+        key = f"outputs/{job.id}/{index}.{suffix}"
+        data = result.pngs[index] if fmt == "png" else encode(image, fmt=fmt, quality=quality)
+        try:
+            _patiently(ctx, job.id, partial(ctx.storage.put, key, data, content_type=content_type))
+        except StorageUnavailable as exc:  # the images go with this attempt; it runs again
+            return _hand_back(ctx, job.id, attempt=job.attempts, error=exc)
+        outputs.append(
+            {"index": index, "width": image.width, "height": image.height, "key": key,
+             "content_type": content_type}
+        )  # fmt: skip
     with ctx.session() as session:
         done = lifecycle.complete(
-            session,
-            job_id=job.id,
-            worker_id=ctx.worker_id,
-            outputs=[dict(output, key=key, content_type=content_type)],
-            steps=steps,
+            session, job_id=job.id, worker_id=ctx.worker_id, outputs=outputs, steps=steps
         )
-    if done is None:  # canceled (or lease lost) just before the end: the output is not ours
-        ctx.storage.delete(key)
+    if done is None:  # canceled (or lease lost) just before the end: the outputs are not ours
+        for output in outputs:
+            ctx.storage.delete(output["key"])
         log.info("job canceled while finishing", extra={"job_id": job.id})
         return "canceled"
     retention.purge_now(ctx.sessions, storage=ctx.storage, job_id=job.id)  # its inputs

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from posegen.client import ApiError, Client, Job, PosegenClientError
 from posegen.client.protocol import output_suffix
+from posegen.params import MAX_OUTPUTS
 
 ApiUrl = Annotated[str, typer.Option("--api", envvar="POSEGEN_API_URL", help="The API's base URL.")]
 ApiKey = Annotated[str, typer.Option("--key", envvar="POSEGEN_API_KEY", help="An API key.")]
@@ -32,6 +33,12 @@ def generate(
     prompt: Annotated[str | None, typer.Option(help="The model's default when left out.")] = None,
     steps: Annotated[int | None, typer.Option(min=1, max=150)] = None,
     seed: Annotated[int | None, typer.Option(min=0)] = None,
+    outputs: Annotated[
+        int | None,
+        typer.Option(
+            "--outputs", min=1, max=MAX_OUTPUTS, help="Images to make (seeds seed, seed+1, ...)."
+        ),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Where to write the image.")] = None,
     api: ApiUrl = "http://127.0.0.1:8000",
 ) -> None:
@@ -49,6 +56,7 @@ def generate(
                 prompt=prompt,
                 num_inference_steps=steps,
                 seed=seed,
+                num_outputs=outputs,
             )
             job = _follow(client, job)
             _finish(client, job, out)

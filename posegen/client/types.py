@@ -41,6 +41,7 @@ class Params(TypedDict):
     output_format: NotRequired[Literal["png", "webp", "jpeg"]]
     output_quality: NotRequired[int]
     preview: NotRequired[bool]
+    num_outputs: NotRequired[int]
 
 
 class Job(TypedDict):

@@ -15,7 +15,7 @@ MAX_DEADLINE_SECONDS = 86_400
 # Fields added since idempotency keys were first stored, with their defaults.
 ADDED_DEFAULTS: dict[str, object] = {
     "deadline_seconds": None, "webhook_events": None, "output_format": "png",
-    "output_quality": 90, "preview": False,
+    "output_quality": 90, "preview": False, "num_outputs": 1,
 }  # fmt: skip
 
 

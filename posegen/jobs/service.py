@@ -106,7 +106,7 @@ def _allowed_choices(
     limit); the charge is what decides (`_charge_and_send`)."""
     model, template = catalog.submit_choices(session, request.model_key, request.pose_template_id)
     check_model_access(model, user)
-    credits.check_balance(user, model.credit_cost)
+    credits.check_balance(user, model.credit_cost * request.params.num_outputs)
     check_rate_limit(session, user=user, settings=settings)
     return model, template
 
@@ -161,7 +161,7 @@ def _new_job(
         ).model_dump(),
         pose_source="template" if template else ("pose_image" if pose is not None else "image"),
         pose_template_id=template.id if template else None,
-        credit_cost=model.credit_cost,
+        credit_cost=model.credit_cost * request.params.num_outputs,
         priority=model.priority,
         provider=model.provider,
         webhook_url=webhook_url,

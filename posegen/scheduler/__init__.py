@@ -21,6 +21,7 @@ row, and a claim never takes the user's row (`user_turns` is its own), so that a
 claim and a cancel of the same user's jobs never wait for each other in a circle.
 """
 
+from posegen.scheduler.batches import batch_key, images, next_member
 from posegen.scheduler.limits import check_depth, check_user_queue, retry_after
 from posegen.scheduler.pick import (
     HEAD,
@@ -46,14 +47,17 @@ __all__ = [
     "POSITION",
     "TURN_HEAD",
     "Turn",
+    "batch_key",
     "check_depth",
     "check_user_queue",
     "claimable",
     "drifted",
     "head_of",
+    "images",
     "joined",
     "left",
     "moved_to_back",
+    "next_member",
     "next_turn",
     "overdue",
     "position_params",

@@ -30,7 +30,7 @@ def test_submit_records_charges_and_enqueues(app, make_account, session, quiet_b
     assert job["params"] == {
         "num_inference_steps": 3, "guidance_scale": 7.5, "controlnet_conditioning_scale": 1.0,
         "strength": 0.75, "seed": 7, "width": 128, "height": 128,
-        "output_format": "png", "output_quality": 90, "preview": False,
+        "output_format": "png", "output_quality": 90, "preview": False, "num_outputs": 1,
     }  # fmt: skip
     assert job["pose_source"] == "template" and job["credit_cost"] == 1
     assert (

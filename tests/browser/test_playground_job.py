@@ -33,7 +33,8 @@ def test_a_whole_job(live_api, gpu_worker, make_account, sessions, browser, scre
     browser.find_element(By.ID, "submit").click()
 
     wait(browser, 120).until(lambda b: text(b, "job-status") == "completed", gpu_worker.tail())
-    output = browser.find_element(By.CSS_SELECTOR, "#job-outputs img")
+    # The page shows the status, then fetches the pose and the outputs before it shows them.
+    [output] = wait(browser).until(lambda b: b.find_elements(By.CSS_SELECTOR, "#job-outputs img"))
     wait(browser).until(
         lambda b: b.execute_script("return arguments[0].naturalWidth", output) == 128
     )

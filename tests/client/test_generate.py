@@ -48,6 +48,33 @@ def test_generate_writes_the_image(live_api, gpu_worker, make_account, sessions,
     assert ledger_kinds(sessions, job.id) == {"charge": 1}
 
 
+def test_generate_several_outputs_writes_each(
+    live_api, gpu_worker, make_account, sessions, tmp_path
+):
+    account = make_account(credits=3)
+    photo = tmp_path / "me.png"
+    photo.write_bytes(astronaut_png())
+    out = tmp_path / "avatar.png"
+    run = _generate(
+        str(photo), "--model", "tiny-sd15-openpose", "--pose", "waving", "--outputs", "2",
+        "--out", str(out), api=live_api, key=account.key,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr + gpu_worker.tail()
+    second = tmp_path / "avatar-1.png"
+    assert f"wrote {out} (128x128)" in run.stdout and f"wrote {second} (128x128)" in run.stdout
+    assert out.read_bytes() != second.read_bytes()  # seeds seed and seed + 1
+    from sqlalchemy import select
+
+    from db.models import Generation, User
+
+    with sessions() as s:
+        job = s.scalars(select(Generation).where(Generation.user_id == account.user_id)).one()
+        assert job.params["num_outputs"] == 2 and job.credit_cost == 2
+        assert s.get_one(User, account.user_id).credits == 1  # one credit an image
+    refused = _generate(str(photo), "--outputs", "5", api=live_api, key=account.key)
+    assert refused.returncode == 2 and "--outputs" in refused.stderr
+
+
 def test_generate_with_the_pose_of_another_photo(live_api, gpu_worker, make_account, tmp_path):
     account = make_account(credits=3)
     photo, pose = tmp_path / "me.png", tmp_path / "pose.png"

@@ -10,25 +10,26 @@ from __future__ import annotations
 import gc
 import io
 import logging
-import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from posegen.errors import JobError
-from posegen.images import as_png, fit
+from posegen.images import fit
 from posegen.skeleton import Keypoints, draw_skeleton
 from worker.engine import families
 from worker.engine.cache import PipelineCache
+from worker.engine.device import CompileOptions, compile_module, leaves_cpu_time
+from worker.engine.device import pick_device as _pick_device
+from worker.engine.device import pick_dtype as _pick_dtype
+from worker.engine.jobs import EngineJob, EngineResult, Prepared, preview_hook
 from worker.engine.pose import NoPoseDetected, PoseExtractor, make_extractor
-from worker.engine.preview import Schedule, latents_to_image
 from worker.engine.resolve import Resolved, resolve
-from worker.engine.run import Canceled, RunParams, run_pipeline, steps_for
+from worker.engine.run import Canceled, Item, run_batch, steps_for
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class _NothingKeptInFloat32(logging.Filter):
 
 logging.getLogger("diffusers.models.modeling_utils").addFilter(_NothingKeptInFloat32())
 
-__all__ = ["Canceled", "Engine", "EngineConfig", "EngineJob", "EngineResult"]
+__all__ = ["Canceled", "Engine", "EngineConfig", "EngineJob", "EngineResult", "Prepared"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,9 @@ class EngineConfig:
     cache_bytes: int = 24 * 1024**3
     compile: bool = False
     compile_mode: str = "default"
+    # torch.compile's backend: inductor; "eager" or "aot_eager" check the compiled path's
+    # wiring without generating kernels (tests on the CPU).
+    compile_backend: str = "inductor"
     cpu_offload: bool = False
     # CPU threads for torch's operators (0: torch's default, one per core).
     torch_threads: int = 0
@@ -65,51 +69,11 @@ class EngineConfig:
     process_index: int = 0
 
 
-@dataclass(frozen=True)
-class EngineJob:
-    model_key: str
-    family: str
-    base_model: str
-    controlnet_model: str
-    params: RunParams
-    image: bytes
-    pose_keypoints: Keypoints | None = None  # a template's keypoints
-    pose_image: bytes | None = None  # a photo to extract the pose from
-
-
-@dataclass(frozen=True)
-class EngineResult:
-    image: Image.Image
-    seconds: float  # the engine's run, without the PNG
-
-    @property
-    def width(self) -> int:
-        return self.image.width
-
-    @property
-    def height(self) -> int:
-        return self.image.height
-
-    @cached_property
-    def png(self) -> bytes:
-        """Encoded on first use: in the job's record, which on a GPU runs on the worker's
-        finisher thread while the next job runs (`worker.finisher.Finisher`)."""
-        return as_png(self.image)
-
-
 def _open(data: bytes) -> Image.Image:
     try:
         return Image.open(io.BytesIO(data)).convert("RGB")
     except (OSError, ValueError) as exc:  # the API re-encoded it; storage returned something else
         raise JobError("invalid_input", "A stored input image could not be decoded.") from exc
-
-
-def leaves_cpu_time(device: str, torch_threads: int) -> bool:
-    """Whether the CPU has time to spare while the model runs: on a GPU, or on torch threads
-    (0: one per core) that leave a core free."""
-    if not device.startswith("cpu"):
-        return True
-    return 0 < torch_threads < (os.cpu_count() or 1)
 
 
 class Engine:
@@ -123,6 +87,9 @@ class Engine:
         self.dtype = _pick_dtype(config.dtype, self.device)
         self.cache = PipelineCache(budget_bytes=config.cache_bytes)
         self._extractor: PoseExtractor | None = None
+        # With POSEGEN_COMPILE, the calls this process has run compiled: (model, images,
+        # guidance on) -> the cache entries they ran on (a reloaded model compiles anew).
+        self._compiled: dict[tuple[str, int, bool], tuple[str, str]] = {}
         self._torch = torch
         self.memory_baseline = self._gpu_allocated()
         log.info(
@@ -219,21 +186,32 @@ class Engine:
         return self._place(model)
 
     def _place(self, obj: Any) -> Any:
-        torch = self._torch
+        """On the device; on CUDA in channels_last, and compiled with POSEGEN_COMPILE (the
+        ControlNet, called first in each step, marks the step's start)."""
         if not self.config.cpu_offload:
             obj = obj.to(self.device)
+        module = getattr(obj, "unet", obj)
         if self.device.startswith("cuda"):
-            unet = getattr(obj, "unet", obj)
-            unet.to(memory_format=torch.channels_last)
-            if self.config.compile:
-                compiled = torch.compile(unet, mode=self.config.compile_mode)
-                if hasattr(obj, "unet"):
-                    obj.unet = compiled
-                else:
-                    obj = compiled
+            module.to(memory_format=self._torch.channels_last)
+        if self.config.compile:
+            options = CompileOptions(self.config.compile_mode, self.config.compile_backend)
+            compile_module(module, options, starts_step=not hasattr(obj, "unet"))
         return obj
 
     # -- the run --------------------------------------------------------------------------------
+    def prepare(
+        self, job: EngineJob, *, on_pose: Callable[[Image.Image], None] | None = None
+    ) -> Prepared:
+        """The job's photo fitted and its skeleton drawn (`on_pose` receives it): what can
+        fail for this job alone (an undecodable input, no pose found) fails here, before a
+        batch's call."""
+        w, h = job.params.width, job.params.height
+        subject = fit(_open(job.image), width=w, height=h)
+        control = self.control_image(job, subject)
+        if on_pose is not None:
+            on_pose(control)
+        return Prepared(job=job, subject=subject, control=control)
+
     def generate(
         self,
         job: EngineJob,
@@ -244,41 +222,73 @@ class Engine:
         on_preview: Callable[[int, Image.Image], None] | None = None,
         preview_interval: float = 1.0,
     ) -> EngineResult:
-        """`on_pose` receives the skeleton the job is conditioned on, once it is drawn;
-        `on_preview(step, image)` a preview of the latents at the first step, then at most
-        every `preview_interval` seconds."""
+        """One job: `prepare`, then `run`. `on_pose` receives the skeleton the job is
+        conditioned on, once it is drawn; `on_preview(step, image)` a preview of the latents
+        at the first step, then at most every `preview_interval` seconds."""
         started = time.perf_counter()
-        w, h = job.params.width, job.params.height
-        subject = fit(_open(job.image), width=w, height=h)
-        control = self.control_image(job, subject)
-        if on_pose is not None:
-            on_pose(control)
-        pipe = self.pipeline(job)
+        prepared = self.prepare(job, on_pose=on_pose)
+        result = self.run(
+            [prepared], on_step=on_step, should_cancel=should_cancel, previews=[on_preview],
+            preview_interval=preview_interval,
+        )[0]  # fmt: skip
+        return EngineResult(images=result.images, seconds=time.perf_counter() - started)
+
+    def run(
+        self,
+        batch: Sequence[Prepared],
+        *,
+        on_step: Callable[[int, int], None] | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+        previews: Sequence[Callable[[int, Image.Image], None] | None] = (),
+        preview_interval: float = 1.0,
+    ) -> list[EngineResult]:
+        """Prepared jobs of one model that share `Params.batch_key`, in one pipeline call:
+        each job's images, in the batch's order. `previews[i]` (None: none) receives job i's
+        previews (of its first image)."""
+        started = time.perf_counter()
+        first = batch[0].job
+        key = first.params.batch_key(first.params.negative_prompt)
+        if any(
+            (p.job.model_key, p.job.params.batch_key(p.job.params.negative_prompt))
+            != (first.model_key, key)
+            for p in batch
+        ):
+            raise ValueError("A batch's jobs must be of one model and share Params.batch_key.")
+        pipe = self.pipeline(first)
         if on_step is not None:
-            on_step(0, steps_for(job.params))
-        on_latents = None
-        if on_preview is not None:
-            schedule = Schedule(preview_interval)
+            on_step(0, steps_for(first.params))
+        items = [item for prepared in batch for item in prepared.items]
+        on_latents = preview_hook(batch, previews, preview_interval)
+        images = self._run_with_oom_retry(pipe, first, items, on_step, should_cancel, on_latents)
+        if self.config.compile:
+            shape = (first.model_key, len(items), first.params.guidance_scale > 1)
+            self._compiled[shape] = self.cache_keys(first)
+        seconds = time.perf_counter() - started
+        results, at = [], 0
+        for prepared in batch:
+            count = prepared.job.params.num_outputs
+            results.append(EngineResult(images=images[at : at + count], seconds=seconds))
+            at += count
+        return results
 
-            def on_latents(step: int, latents: Any) -> None:
-                if schedule.due():
-                    on_preview(step, latents_to_image(latents, job.family))
-
-        image = self._run_with_oom_retry(
-            pipe, job, subject, control, on_step, should_cancel, on_latents
-        )
-        return EngineResult(image=image, seconds=time.perf_counter() - started)
+    def compiled_for(self, model_key: str, *, images: int, guidance_scale: float) -> bool:
+        """Whether a call of this model with `images` images runs on kernels this process
+        has compiled (`worker.engine.warmup`); always without POSEGEN_COMPILE. Guidance above
+        1 doubles the UNet's batch (classifier-free guidance): another shape."""
+        if not self.config.compile:
+            return True
+        entries = self._compiled.get((model_key, images, guidance_scale > 1))
+        return entries is not None and set(entries) <= set(self.cache.keys())
 
     def _run_with_oom_retry(
         self,
         pipe: Any,
         job: EngineJob,
-        subject: Image.Image,
-        control: Image.Image,
+        items: list[Item],
         on_step: Callable[[int, int], None] | None,
         should_cancel: Callable[[], bool] | None,
         on_latents: Callable[[int, Any], None] | None = None,
-    ) -> Image.Image:
+    ) -> list[Image.Image]:
         micro = families.family(job.family).micro_conditioning
         large = job.params.width * job.params.height > 1024 * 1024
         for attempt in (1, 2):
@@ -288,18 +298,17 @@ class Engine:
             else:
                 pipe.vae.disable_tiling()
             try:
-                return run_pipeline(
-                    pipe, init_image=subject, control_image=control, params=job.params,
-                    micro_conditioning=micro, on_step=on_step, should_cancel=should_cancel,
-                    on_latents=on_latents,
+                return run_batch(
+                    pipe, items, params=job.params, micro_conditioning=micro, on_step=on_step,
+                    should_cancel=should_cancel, on_latents=on_latents,
                 )  # fmt: skip
             except self._torch.OutOfMemoryError as exc:
                 if attempt == 2:
                     raise JobError(
                         "out_of_memory",
-                        f"The GPU ran out of memory for {w_h(job)} even with the other cached "
-                        "models released and VAE tiling; try a smaller model, a smaller size or "
-                        "fewer concurrent jobs.",
+                        f"The GPU ran out of memory for {len(items)} x {w_h(job)} even with "
+                        "the other cached models released and VAE tiling; try a smaller "
+                        "model, a smaller size, fewer outputs or a smaller POSEGEN_MAX_BATCH.",
                     ) from exc
                 log.warning("CUDA out of memory; retrying with less memory")
             # Past the except block the failed attempt's frames, which held its activations,
@@ -345,21 +354,3 @@ def _cache_keys(family: str, base: Resolved, controlnet: Resolved) -> tuple[str,
 
 def w_h(job: EngineJob) -> str:
     return f"{job.params.width}x{job.params.height}"
-
-
-def _pick_device(setting: str, process_index: int) -> str:
-    import torch
-
-    if setting == "auto":
-        setting = "cuda" if torch.cuda.is_available() else "cpu"
-    if setting == "cuda" and torch.cuda.device_count() > 1:
-        return f"cuda:{process_index % torch.cuda.device_count()}"
-    return setting
-
-
-def _pick_dtype(setting: str, device: str) -> Any:
-    import torch
-
-    if setting == "auto":
-        return torch.float16 if device.startswith("cuda") else torch.float32
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[setting]
