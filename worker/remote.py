@@ -51,7 +51,7 @@ from posegen.skeleton import Keypoints, draw_skeleton
 from posegen.storage import storage_from_settings
 from posegen.storage.keys import pose_key
 from worker.context import WorkerContext
-from worker.runner import Heartbeat
+from worker.heartbeat import Heartbeat
 
 if TYPE_CHECKING:
     from worker.engine.pose.base import PoseExtractor

@@ -21,7 +21,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from kombu.utils.functional import retry_over_time
 
 from db.models import Generation
-from posegen import lifecycle, retention, scheduler
+from posegen import batch_claim, lifecycle, retention, scheduler
 from posegen.catalog import served_models
 from posegen.errors import JobError, StorageUnavailable
 from posegen.images import OUTPUT_FORMATS, encode
@@ -168,7 +168,7 @@ def _claim_next(ctx: WorkerContext, ready_model: str | None) -> list[lifecycle.C
     of its models has one queued), their waits observed."""
     with ctx.session() as session:
         served = served_models(session, ctx.settings.worker_models)
-        claims = lifecycle.claim_batch(
+        claims = batch_claim.claim_batch(
             session,
             worker_id=ctx.worker_id,
             models=list(served.values()),

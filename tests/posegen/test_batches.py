@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from db.models import Generation, QueueTurn
 from db.session import make_session_factory
 from db.types import utcnow
-from posegen import credits, lifecycle, scheduler
+from posegen import batch_claim, credits, scheduler
 from posegen.params import GenerationParams
 from tests.posegen.test_scheduler import SETTINGS, claim_all, model, user
 
@@ -45,7 +45,7 @@ def queue(s: Session, user_id: str, *, age_s: float, key: str = "tiny-sd15-openp
 
 
 def claim_batch(s: Session, max_images: int = 4, models: list[str] | None = None) -> list[str]:
-    claims = lifecycle.claim_batch(
+    claims = batch_claim.claim_batch(
         s, worker_id="w", models=models or [model(s).id], lease_seconds=60, settings=SETTINGS,
         max_images=max_images,
     )  # fmt: skip

@@ -17,7 +17,7 @@ from sqlalchemy import select
 from db.models import Generation, PoseTemplate
 from db.session import make_session_factory
 from db.types import utcnow
-from posegen import scheduler
+from posegen import batch_claim, scheduler
 from posegen.queue import Dispatcher, make_producer
 from posegen.settings import Settings
 from posegen.storage import storage_from_settings
@@ -149,10 +149,8 @@ def test_a_call_the_warm_up_did_not_cover_runs_under_the_configured_time_limit(c
 
 
 def scheduler_claims(ctx: WorkerContext, session: Any) -> list[Any]:
-    from posegen import lifecycle
-
     served = {TINY: tiny_model(session).id}
-    return lifecycle.claim_batch(
+    return batch_claim.claim_batch(
         session, worker_id=ctx.worker_id, models=list(served.values()), lease_seconds=60,
         settings=ctx.settings, max_images=ctx.max_batch,
     )  # fmt: skip
