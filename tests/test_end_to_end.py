@@ -147,12 +147,12 @@ def test_cancel_a_running_job(app, make_account, gpu_worker, sessions, settings)
     assert list((storage / "outputs").glob(f"{job['id']}/*")) == []
 
 
-def test_demo_runs_end_to_end(tmp_path):
-    """`posegen demo` in an empty folder: SQLite, filesystem broker, tiny models, local disk."""
+def run_demo(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`posegen demo` run in `folder` with none of this run's POSEGEN_ settings; it passed."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("POSEGEN_")}
     result = subprocess.run(
-        [sys.executable, "-m", "posegen.cli.main", "demo"],
-        cwd=tmp_path,
+        [sys.executable, "-m", "posegen.cli.main", "demo", *args],
+        cwd=folder,
         env={
             **env,
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
@@ -162,6 +162,12 @@ def test_demo_runs_end_to_end(tmp_path):
         timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    """`posegen demo` in an empty folder: SQLite, filesystem broker, tiny models, local disk."""
+    result = run_demo(tmp_path)
     match = re.search(r"^output: (.+\.png)$", result.stdout, re.M)
     assert match, result.stdout
     image = Image.open(match.group(1))
@@ -173,19 +179,7 @@ def test_demo_runs_end_to_end(tmp_path):
 
 def test_demo_hosted_runs_with_no_gpu_against_a_loopback_provider(tmp_path):
     """`posegen demo --hosted`: the remote worker, a cold loopback provider, no weights."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("POSEGEN_")}
-    result = subprocess.run(
-        [sys.executable, "-m", "posegen.cli.main", "demo", "--hosted"],
-        cwd=tmp_path,
-        env={
-            **env,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
-        },
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_demo(tmp_path, "--hosted")
     assert "to sd15-openpose-hf" in result.stdout and "provider_loading" in result.stderr
     match = re.search(r"^output: (.+\.png)$", result.stdout, re.M)
     assert match, result.stdout
