@@ -12,7 +12,7 @@ from PIL import Image
 
 from tests.factories import astronaut_png, png_bytes
 from tests.worker.test_engine import job, params
-from worker.engine.device import CompileOptions, compile_module
+from worker.engine.device import CompileOptions, _clone_outputs, compile_module
 from worker.engine.engine import Engine, EngineConfig
 
 TOLERANCE = 2  # of 255, per channel
@@ -118,6 +118,10 @@ def test_the_compiled_path_marks_each_step_and_keeps_the_residuals(model_dir, mo
     assert hasattr(pipe.unet.forward, "_torchdynamo_orig_callable")
     image = compiled.generate(job(params=params(num_inference_steps=3))).image
     assert len(marks) == 3  # one per denoising step
+    # What the scheduler is given of the UNet's is the pipeline's own copy, as the ControlNet's
+    # residuals are.
+    for module in (pipe.unet, pipe.controlnet):
+        assert _clone_outputs in module._forward_hooks.values()
     eager = Engine(EngineConfig(model_dir=model_dir, pose_backend="mediapipe"))
     assert close(image, eager.generate(job(params=params(num_inference_steps=3))).image)
 
@@ -135,8 +139,11 @@ def test_the_step_starting_module_returns_copies_in_the_cuda_graph_modes():
         def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
             return [self.held], self.held
 
+    # Each compiled module's (the UNet's too: its output may be kept across steps by the
+    # scheduler, as PNDM's `ets`).
     for mode, copied in (("reduce-overhead", True), ("default", False)):
-        module = compile_module(Held(), CompileOptions(mode, "eager"), starts_step=True)
-        down, mid = module(torch.zeros(1))
-        assert (mid.data_ptr() != module.held.data_ptr()) == copied
-        assert (down[0].data_ptr() != module.held.data_ptr()) == copied
+        for starts_step in (True, False):
+            module = compile_module(Held(), CompileOptions(mode, "eager"), starts_step=starts_step)
+            down, mid = module(torch.zeros(1))
+            assert (mid.data_ptr() != module.held.data_ptr()) == copied
+            assert (down[0].data_ptr() != module.held.data_ptr()) == copied

@@ -64,17 +64,20 @@ def compile_module(module: Any, options: CompileOptions, *, starts_step: bool) -
         In the CUDA graph modes a replay writes its outputs into the memory the graph recorded
         them in, so the next replay of the same graph overwrites what the last one returned. In
         a denoising loop the ControlNet's residuals of step n are still read by the UNet of
-        step n when torch's graph trees start step n+1's recording or replay on a later call:
-        the module that `starts_step` (the first compiled one each step calls: the ControlNet)
+        step n when torch's graph trees start step n+1's recording or replay on a later call;
+        and the UNet's output goes to the scheduler, which may keep it across steps (PNDM's
+        `ets`, and without classifier-free guidance no arithmetic copies it first). So the
+        module that `starts_step` (the first compiled one each step calls: the ControlNet)
         marks the step's start (`torch.compiler.cudagraph_mark_step_begin`: the previous step's
-        outputs are dead), and its outputs are cloned, so that what the pipeline keeps of them
-        is its own memory whatever graph runs next (the UNet's output is consumed within its step).
+        outputs are dead), and every compiled module's outputs are cloned, so that what the
+        pipeline keeps of them is its own memory whatever graph runs next.
     Hooks run outside the compiled code."""
     import torch
 
     module.forward = torch.compile(module.forward, **options.kwargs())
-    if options.cuda_graphs and starts_step:
-        module.register_forward_pre_hook(_mark_step)
+    if options.cuda_graphs:
+        if starts_step:
+            module.register_forward_pre_hook(_mark_step)
         module.register_forward_hook(_clone_outputs)
     return module
 
