@@ -60,6 +60,30 @@ def test_jobs_in_one_call_each_make_their_own_images(engine):
     assert steps[0] == (0, 2) and steps[-1] == (2, 2)  # one progress for the whole call
 
 
+def test_a_batch_that_runs_out_of_memory_twice_runs_its_images_one_by_one(engine):
+    """The second attempt of a call that ran out of memory (as the engine's out-of-memory test
+    injects one) makes a call for each image: each still its job's image alone."""
+    import torch
+
+    jobs = [job(params=params(seed=7)), job(params=params(seed=8, num_outputs=2))]
+    steps: list[tuple[int, int]] = []
+
+    def oom_once(step: int, total: int) -> None:
+        steps.append((step, total))
+        if len(steps) == 2:  # the first attempt's first step
+            raise torch.OutOfMemoryError("CUDA out of memory (raised by the test)")
+
+    results = engine.run([engine.prepare(j) for j in jobs], on_step=oom_once)
+    # Three calls of one image after the failed one: the progress spread over them, in order.
+    assert len(steps) == 2 + 3 * 2 and steps[-1] == (2, 2)
+    assert [s for s, _ in steps[2:]] == sorted(s for s, _ in steps[2:])
+    for j, batched in zip(jobs, results, strict=True):
+        alone = engine.generate(j)
+        assert len(batched.images) == len(alone.images)
+        for i, image in enumerate(batched.images):
+            assert close(image, alone.images[i])
+
+
 def test_a_batch_takes_only_jobs_one_call_can_run(engine):
     for other in (
         job(params=params(num_inference_steps=3)),
