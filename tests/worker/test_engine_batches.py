@@ -12,7 +12,7 @@ from PIL import Image
 
 from tests.factories import astronaut_png, png_bytes
 from tests.worker.test_engine import job, params
-from worker.engine.device import CompileOptions, _clone_outputs, compile_module
+from worker.engine.device import CompileOptions, _clone_outputs, compile_module, configure_dynamo
 from worker.engine.engine import Engine, EngineConfig
 
 TOLERANCE = 2  # of 255, per channel
@@ -171,3 +171,24 @@ def test_the_step_starting_module_returns_copies_in_the_cuda_graph_modes():
             down, mid = module(torch.zeros(1))
             assert (mid.data_ptr() != module.held.data_ptr()) == copied
             assert (down[0].data_ptr() != module.held.data_ptr()) == copied
+
+
+def test_a_worker_past_dynamos_limit_of_graphs_says_so(caplog, monkeypatch):
+    """Room for a worker's graphs, and a warning of ours once a function passes the limit
+    anyway (its calls of new shapes then run uncompiled)."""
+    import torch
+    import torch._dynamo.config as dynamo
+
+    configure_dynamo()
+    assert dynamo.recompile_limit >= 64 and dynamo.accumulated_recompile_limit >= 64
+    monkeypatch.setattr(dynamo, "recompile_limit", 1)
+    monkeypatch.setattr(dynamo, "automatic_dynamic_shapes", False)
+
+    def double(x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    compiled = torch.compile(double, backend="eager")
+    for size in (1, 2, 3):
+        assert compiled(torch.ones(size)).tolist() == [2.0] * size
+    warned = [r for r in caplog.records if r.getMessage().startswith("compile limit hit")]
+    assert warned and warned[0].levelname == "WARNING"

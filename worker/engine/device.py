@@ -3,6 +3,7 @@ how the UNet and ControlNet are compiled (torch.compile, CUDA graphs included)."
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -10,6 +11,12 @@ from typing import Any
 # The torch.compile modes that capture CUDA graphs: a graph's outputs live in memory its next
 # replay overwrites (see `compile_module`).
 CUDA_GRAPH_MODES = frozenset({"reduce-overhead", "max-autotune"})
+
+# Graphs dynamo may keep per compiled function (its default, 8, is shared by every model of a
+# class: two models at POSEGEN_MAX_BATCH 4, with and without guidance, pass it).
+RECOMPILE_LIMIT = 64
+
+log = logging.getLogger(__name__)
 
 
 def leaves_cpu_time(device: str, torch_threads: int) -> bool:
@@ -55,6 +62,31 @@ class CompileOptions:
         compiles one kernel for every size (the batch dimension dynamic), and in the CUDA
         graph modes each size then records a graph of its own (quick, no compile)."""
         return {"mode": self.mode, "backend": self.backend, "fullgraph": False}
+
+
+def configure_dynamo() -> None:
+    """Room for the graphs a worker compiles (each model, batch size, guidance on or off) and
+    a warning of ours when dynamo passes its limit anyway: from then on that function's new
+    shapes run uncompiled, which dynamo itself only logs once, among its own messages."""
+    import torch._dynamo.config as config
+
+    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+    config.accumulated_recompile_limit = max(
+        config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT
+    )
+    dynamo_log = logging.getLogger("torch._dynamo.convert_frame")
+    if not any(isinstance(f, _LimitWarning) for f in dynamo_log.filters):
+        dynamo_log.addFilter(_LimitWarning())
+
+
+class _LimitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("torch._dynamo hit config."):
+            log.warning(
+                "compile limit hit: calls of new shapes run uncompiled",
+                extra={"limit": record.getMessage().splitlines()[0]},
+            )
+        return True
 
 
 def compile_module(module: Any, options: CompileOptions, *, starts_step: bool) -> Any:

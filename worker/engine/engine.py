@@ -23,7 +23,12 @@ from posegen.images import fit
 from posegen.skeleton import Keypoints, draw_skeleton
 from worker.engine import families
 from worker.engine.cache import PipelineCache
-from worker.engine.device import CompileOptions, compile_module, leaves_cpu_time
+from worker.engine.device import (
+    CompileOptions,
+    compile_module,
+    configure_dynamo,
+    leaves_cpu_time,
+)
 from worker.engine.device import pick_device as _pick_device
 from worker.engine.device import pick_dtype as _pick_dtype
 from worker.engine.jobs import EngineJob, EngineResult, Prepared, preview_hook
@@ -85,6 +90,8 @@ class Engine:
             torch.set_num_threads(config.torch_threads)
         self.device = _pick_device(config.device, config.process_index)
         self.dtype = _pick_dtype(config.dtype, self.device)
+        if config.compile:
+            configure_dynamo()
         self.cache = PipelineCache(budget_bytes=config.cache_bytes)
         self._extractor: PoseExtractor | None = None
         # With POSEGEN_COMPILE, the calls this process has run compiled: (model, images,
