@@ -25,8 +25,10 @@ def claim_batch(
     """The next job (`claim_next`), then queued jobs that can run in the same pipeline call,
     each claimed for this worker in the scheduler's order until the batch holds `max_images`
     images (POSEGEN_MAX_BATCH): same model, the same `Params.batch_key`, and room for their
-    outputs (`scheduler.next_member`). Each stays a job of its own: its claim, its turn moved
-    to the back, its `started` event. Empty: nothing to run."""
+    outputs (`scheduler.next_member`), none tried before. A head tried before runs alone:
+    whatever ended its last attempt (a crash of the worker process) takes no batch-mates
+    with it. Each stays a job of its own: its claim, its turn moved to the back, its
+    `started` event. Empty: nothing to run."""
     head = lifecycle.claim_next(
         session, worker_id=worker_id, models=models, warm=warm, lease_seconds=lease_seconds,
         settings=settings,
@@ -34,6 +36,8 @@ def claim_batch(
     if head is None:
         return []
     claims = [head]
+    if head.attempt > 1:  # its claim counted this attempt
+        return claims
     room = max_images - scheduler.images(head.job.params)
     key = scheduler.batch_key(head.job.params, head.job.negative_prompt)
     skip: list[scheduler.Turn] = []

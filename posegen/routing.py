@@ -8,7 +8,8 @@ charged, says where it went (`routed_to`), leaves its model's turn and joins the
 (`route`), so the remote worker claims it and no local worker can. Not a change of status
 (posegen.lifecycle holds those): the job stays queued, on another model. Off unless
 configured: no `fallback_model_key`, no routing; POSEGEN_FALLBACK_AFTER_SECONDS unset, none
-by waiting.
+by waiting. A job of several outputs (`num_outputs` > 1) is never routed: a hosted model makes
+one image a call.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import datetime as dt
 import logging
 from collections.abc import Callable
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from db.models import LOCAL, AiModel, Generation, status_is
@@ -38,12 +39,21 @@ def fallback_of(session: Session, model: AiModel) -> AiModel | None:
     return fallback
 
 
+# A hosted provider makes one image a call: a job of several outputs stays on its GPUs.
+_SINGLE_IMAGE = func.coalesce(Generation.params["num_outputs"].as_integer(), 1) == 1
+
+
+def single_image(job: Generation) -> bool:
+    """Whether a hosted fallback can run the job: one output (hosted models make one)."""
+    return int(job.params.get("num_outputs", 1)) == 1
+
+
 def at_submit(
     session: Session, job: Generation, *, model: AiModel, unserved: Callable[[str], bool]
 ) -> None:
     """A new job of a local model that no worker serves goes to the model's fallback, before
     it joins any turn (its price is the model's, set already)."""
-    if model.provider != LOCAL or not model.fallback_model_key:
+    if model.provider != LOCAL or not model.fallback_model_key or not single_image(job):
         return
     fallback = fallback_of(session, model)
     if fallback is None or not unserved(model.model_key):
@@ -110,6 +120,7 @@ def route_waiting(session: Session, *, settings: Settings, now: dt.datetime, bat
             status_is(Generation.status, "queued"),
             Generation.model_id.in_(list(fallbacks)),
             Generation.created_at < now - dt.timedelta(seconds=after),
+            _SINGLE_IMAGE,
         )
         .order_by(Generation.created_at)
         .limit(batch)

@@ -42,7 +42,16 @@ class Member:
 
     @property
     def preview(self) -> Callable[[int, Image.Image], None] | None:
-        return self.images.preview if self.job.params.get("preview") else None
+        """Stores the job's step previews while it runs; none once it has stopped (canceled
+        or out of time) while the batch runs on for its other jobs."""
+        if not self.job.params.get("preview"):
+            return None
+
+        def store(step: int, image: Image.Image) -> None:
+            if not self.heartbeat.canceled():
+                self.images.preview(step, image)
+
+        return store
 
 
 def start(ctx: WorkerContext, claims: Sequence[lifecycle.Claim]) -> list[Member]:

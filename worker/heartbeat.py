@@ -46,6 +46,10 @@ class Heartbeat:
         self._thread.join(timeout=10)
 
     def progress(self, step: int, total: int) -> None:
+        """The engine's step, for the next beat and the event stream; none once the job has
+        stopped (canceled or out of time: a batch runs on for its other jobs)."""
+        if self.canceled():
+            return
         self._step = (step, total)
         sink = self.ctx.dispatcher.events
         if sink is not None and self.job is not None:

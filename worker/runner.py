@@ -62,8 +62,6 @@ def run_jobs(
     call fails its jobs. Returns what happened, for logs and tests (each job's outcome, comma
     separated): with a `behind` finisher, "finishing" once the model is done and the records
     are handed to it."""
-    from worker.engine.run import steps_for
-
     members = batch.start(ctx, claims)
     outcomes: dict[str, str] = {}
     running = [m for m in members if _prepare(ctx, m, outcomes)]
@@ -82,26 +80,8 @@ def run_jobs(
     if results is None:
         return _outcome(members, outcomes)
     # Now, on the jobs' own thread: a finished batch's record runs beside the next one.
-    if ctx.engine.leaked_bytes() > 256 * 1024**2:
-        log.warning("GPU memory did not return to its baseline; this process will be replaced")
-        ctx.restart_requested = True
-    done = []
-    for member, result in zip(running, results, strict=True):
-        if member.heartbeat.canceled():  # stopped while the others ran: its images dropped
-            outcomes[member.job.id] = _stopped(ctx, member.job.id, member.heartbeat.out_of_time())
-            member.heartbeat.stop()
-        else:
-            done.append((member, result))
-
-    def record() -> str:
-        for member, result in done:
-            try:
-                steps = steps_for(member.params)
-                outcomes[member.job.id] = _record(ctx, member.job, result, steps=steps)
-            finally:
-                member.heartbeat.stop()  # after the completion: a slow upload keeps its lease
-        return _outcome(members, outcomes)
-
+    done = _finished(ctx, running, results, outcomes)
+    record = partial(_record_all, ctx, members, done, outcomes)
     if behind is None or not done:
         return record()
     try:
@@ -111,6 +91,63 @@ def run_jobs(
             member.heartbeat.stop()
         raise
     return "finishing"
+
+
+def _finished(
+    ctx: WorkerContext,
+    running: Sequence[batch.Member],
+    results: Sequence[EngineResult],
+    outcomes: dict[str, str],
+) -> list[tuple[batch.Member, EngineResult]]:
+    """The members whose images are to be recorded; those stopped while the others ran end
+    here, their images dropped. Should anything raise, no heartbeat is left renewing."""
+    done = []
+    try:
+        if ctx.engine.leaked_bytes() > 256 * 1024**2:
+            log.warning("GPU memory did not return to its baseline; this process will be replaced")
+            ctx.restart_requested = True
+        for member, result in zip(running, results, strict=True):
+            if member.heartbeat.canceled():
+                stopped = member.heartbeat.out_of_time()
+                outcomes[member.job.id] = _stopped(ctx, member.job.id, stopped)
+                member.heartbeat.stop()
+            else:
+                done.append((member, result))
+    except BaseException:  # the leases, unrenewed, give the jobs back
+        for member in running:
+            member.heartbeat.stop()
+        raise
+    return done
+
+
+def _record_all(
+    ctx: WorkerContext,
+    members: Sequence[batch.Member],
+    done: Sequence[tuple[batch.Member, EngineResult]],
+    outcomes: dict[str, str],
+) -> str:
+    """Record each finished job on its own: one whose record raises is left to its lease (it
+    runs again once that ends, as a job alone does) and the error raised once the others are
+    recorded; no heartbeat goes on renewing, whatever raises."""
+    from worker.engine.run import steps_for
+
+    errors: list[Exception] = []
+    try:
+        for member, result in done:
+            try:
+                steps = steps_for(member.params)
+                outcomes[member.job.id] = _record(ctx, member.job, result, steps=steps)
+            except Exception as exc:  # raised below, once the others are recorded
+                log.exception("recording a job failed", extra={"job_id": member.job.id})
+                errors.append(exc)
+            finally:
+                member.heartbeat.stop()  # after the completion: a slow upload keeps its lease
+    finally:  # a time limit mid-way: the remaining leases, unrenewed, give their jobs back
+        for member, _ in done:
+            member.heartbeat.stop()
+    if errors:
+        raise errors[0]
+    return _outcome(members, outcomes)
 
 
 def _outcome(members: Sequence[batch.Member], outcomes: dict[str, str]) -> str:

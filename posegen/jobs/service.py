@@ -12,7 +12,7 @@ from sqlalchemy import delete, event, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, SessionTransaction
 
-from db.models import AiModel, Generation, IdempotencyKey, PoseTemplate, User, new_id
+from db.models import LOCAL, AiModel, Generation, IdempotencyKey, PoseTemplate, User, new_id
 from db.types import utcnow
 from posegen import catalog, credits, events, lifecycle, routing, scheduler, webhooks
 from posegen.accounts import tier_rank
@@ -106,6 +106,9 @@ def _allowed_choices(
     limit); the charge is what decides (`_charge_and_send`)."""
     model, template = catalog.submit_choices(session, request.model_key, request.pose_template_id)
     check_model_access(model, user)
+    if model.provider != LOCAL and request.params.num_outputs > 1:
+        # A hosted provider makes one image a call: more would be charged and never made.
+        raise InvalidRequest(f"Model {model.model_key!r} is hosted: num_outputs must be 1.")
     credits.check_balance(user, model.credit_cost * request.params.num_outputs)
     check_rate_limit(session, user=user, settings=settings)
     return model, template

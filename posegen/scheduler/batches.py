@@ -2,7 +2,8 @@
 (POSEGEN_MAX_BATCH images). A job joins when it is of the same model, shares what one call
 takes once for all its images (`posegen.params.Params.batch_key`) and fits the images left;
 candidates come in the scheduler's order, each the head of its turn, and a turn whose head
-does not fit is passed over whole, so a user's jobs still start in the order they came."""
+does not fit is passed over whole, so a user's jobs still start in the order they came. A job
+tried before (attempts > 0) joins none: it runs alone."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from db.models import Generation
 from posegen.params import Params
 from posegen.scheduler.pick import Turn, head_of, next_turn
 
-_PARAMS = select(Generation.params, Generation.negative_prompt).where(
+_PARAMS = select(Generation.params, Generation.negative_prompt, Generation.attempts).where(
     Generation.id == bindparam("job_id")
 )
 
@@ -39,15 +40,17 @@ def next_member(
     session: Session, *, model_id: str, key: tuple[Any, ...], room: int, skip: list[Turn]
 ) -> tuple[str, Turn, int] | None:
     """The next queued job of this model in the scheduler's order that can join a batch of
-    `key` with `room` images left: (its id, its turn, its images), the job and the turn
-    locked until the caller's transaction ends. A turn whose head cannot join is added to
-    `skip` (so are turns with no head free to take). None: no more."""
+    `key` with `room` images left, never tried before: (its id, its turn, its images), the
+    job and the turn locked until the caller's transaction ends. A turn whose head cannot
+    join is added to `skip` (so are turns with no head free to take). None: no more."""
     while (turn := next_turn(session, models=[model_id], skip=skip)) is not None:
         job_id = head_of(session, turn)
         if job_id is not None:
-            params, negative_prompt = session.execute(_PARAMS, {"job_id": job_id}).one()
+            params, negative_prompt, attempts = session.execute(_PARAMS, {"job_id": job_id}).one()
             count = images(params)
-            if count <= room and batch_key(params, negative_prompt) == key:
+            # A job tried before may be what ended its last attempt (a crash of the worker
+            # process): it runs alone, never costing others their attempts.
+            if not attempts and count <= room and batch_key(params, negative_prompt) == key:
                 return job_id, turn, count
         skip.append(turn)
     return None

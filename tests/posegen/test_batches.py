@@ -155,3 +155,25 @@ def test_the_batch_stops_at_max_images(any_session: Session, max_images: int) ->
     u = user(s, "u")
     jobs = [queue(s, u, age_s=10 - i) for i in range(4)]
     assert claim_batch(s, max_images=max_images) == jobs[:max_images]
+
+
+def test_jobs_tried_before_run_alone(any_session: Session) -> None:
+    """A job whose last attempt ended with its worker process (a crash it may have caused)
+    takes no batch-mates with it, as head or member."""
+    s = any_session
+    a, b, c = user(s, "a"), user(s, "b"), user(s, "c")
+    retried = queue(s, a, age_s=10)
+    fresh = queue(s, b, age_s=9)
+    tried_member = queue(s, c, age_s=8)
+    for job_id in (retried, tried_member):  # each requeued once, its attempt spent
+        s.get(Generation, job_id).attempts = 1  # type: ignore[union-attr]
+    s.commit()
+    assert claim_batch(s) == [retried]  # the head, alone
+    assert claim_batch(s) == [fresh]  # c's head was tried: c's turn is passed over
+    assert claim_batch(s) == [tried_member]
+    rows = s.execute(select(Generation.id, Generation.attempts, Generation.status)).all()
+    assert sorted((a, st) for _, a, st in rows) == [
+        (1, "processing"),
+        (2, "processing"),
+        (2, "processing"),
+    ]

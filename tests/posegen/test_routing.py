@@ -5,6 +5,7 @@ worker and the remote one both (raced on Postgres)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 from collections.abc import Iterator
 
@@ -167,3 +168,38 @@ def test_a_broker_that_cannot_be_asked_routes_nothing_and_fails_no_submit(
         answers = [submit(client, account, model_key=LOCAL_KEY) for _ in range(2)]
     assert [a.status_code for a in answers] == [202, 202]
     assert [a.json()["routed_to"] for a in answers] == [None, None]  # it cannot tell: no route
+
+
+def test_several_outputs_are_refused_by_a_hosted_model_and_never_routed(
+    app, make_account, session, sessions, broker_url, restore
+) -> None:
+    """A hosted provider makes one image a call: a submit of several outputs to a hosted model
+    is refused with nothing charged or stored, and one to a local model stays on its GPUs
+    (at submit while no worker serves it, and after waiting)."""
+    _with_fallback(session)
+    account = make_account(credits=20)
+    refused = submit(app, account, model_key=HOSTED_KEY, num_outputs=2)
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["error"]["code"] == "invalid_request"
+    assert submit(app, account, model_key=HOSTED_KEY).status_code == 202  # one output: taken
+    kept = submit(app, account, model_key=LOCAL_KEY, num_outputs=2).json()
+    assert (kept["routed_to"], kept["credit_cost"]) == (None, 2)
+    broker = redis.Redis.from_url(broker_url)
+    assert broker.llen(REMOTE_QUEUE) == 1 and broker.llen(model_queue(LOCAL_KEY)) == 1
+    with sessions() as s:
+        rows = s.execute(
+            select(Generation.params, CreditLedger.amount)
+            .join(CreditLedger, CreditLedger.generation_id == Generation.id)
+            .where(Generation.user_id == account.user_id)
+        ).all()
+        assert sorted((p.get("num_outputs", 1), amount) for p, amount in rows) == [(1, -9), (2, -2)]
+        # Waited past POSEGEN_FALLBACK_AFTER_SECONDS: still not routed.
+        s.execute(
+            update(Generation)
+            .where(Generation.id == kept["id"])
+            .values(created_at=utcnow() - dt.timedelta(seconds=60))
+        )
+        assert reconciler.reconcile(s, settings=AFTER).routed == 0
+        s.commit()
+        assert s.get_one(Generation, kept["id"]).routed_to is None
+    assert app.get("/v1/me", headers=account.headers).json()["credits"] == 20 - 9 - 2

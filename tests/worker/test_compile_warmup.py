@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from db.models import Generation, PoseTemplate
+from db.models import AiModel, Generation, PoseTemplate
 from db.session import make_session_factory
 from db.types import utcnow
 from posegen import batch_claim, scheduler
@@ -31,12 +31,27 @@ from worker.runner import run_next
 TINY = "tiny-sd15-openpose"
 
 
+TINY_XL = "tiny-sdxl-openpose"
+
+
 @pytest.fixture
 def ctx(settings: Settings, db_engine: object) -> Iterator[WorkerContext]:
     """A worker process's context serving the tiny model and one whose weights are missing,
     batching up to 2 images, with a compiling engine (not warmed yet)."""
+    yield from _context(settings, db_engine, max_batch=2, models=["sd15-openpose", TINY])
+
+
+@pytest.fixture
+def two_models(settings: Settings, db_engine: object) -> Iterator[WorkerContext]:
+    """A worker process's context serving both tiny models, batching up to 4 images."""
+    yield from _context(settings, db_engine, max_batch=4, models=[TINY, TINY_XL])
+
+
+def _context(
+    settings: Settings, db_engine: object, *, max_batch: int, models: list[str]
+) -> Iterator[WorkerContext]:
     s = settings.model_copy(
-        update={"compile": True, "max_batch": 2, "worker_models": ["sd15-openpose", TINY]}
+        update={"compile": True, "max_batch": max_batch, "worker_models": models}
     )
     context = WorkerContext(
         settings=s,
@@ -52,17 +67,20 @@ def ctx(settings: Settings, db_engine: object) -> Iterator[WorkerContext]:
     context.engine.cache.clear()
 
 
-def queue_job(ctx: WorkerContext, user_id: str, *, num_outputs: int = 1) -> str:
-    """A queued job of the tiny model at its catalog size and defaults, in its user's turn."""
+def queue_job(
+    ctx: WorkerContext, user_id: str, *, num_outputs: int = 1, model_key: str = TINY,
+    **params: float,
+) -> str:  # fmt: skip
+    """A queued job of a tiny model at its catalog size and defaults, in its user's turn."""
     with ctx.session() as session:
-        model = tiny_model(session)
+        model = session.scalars(select(AiModel).where(AiModel.model_key == model_key)).one()
         template = session.scalars(select(PoseTemplate).where(PoseTemplate.key == "standing")).one()  # fmt: skip
         row = job_row(model, user_id, created_at=utcnow(), pose_template_id=template.id)
         row["input_key"] = f"inputs/{row['id']}/image.png"
         ctx.storage.put(row["input_key"], astronaut_png())
         row["params"] |= {
             "guidance_scale": model.guidance_scale, "controlnet_conditioning_scale": 1.0,
-            "strength": 1.0, "seed": 5, "num_outputs": num_outputs,
+            "strength": 1.0, "seed": 5, "num_outputs": num_outputs, **params,
         }  # fmt: skip
         session.add(Generation(**row))
         session.flush()
@@ -122,6 +140,34 @@ def test_the_worker_compiles_before_its_first_job_and_its_jobs_compile_nothing(
     for job_id, outputs in ((alone, 1), (pair, 2), (first, 1), (second, 1)):
         job = finished(ctx, job_id)
         assert job.status == "completed" and len(job.outputs) == outputs
+
+
+def test_two_models_at_four_images_compile_every_job_in_the_warm_up(
+    two_models, make_account, caplog
+):
+    """Each batch size, with guidance and without, and any ControlNet conditioning scale: for
+    both models, within dynamo's limit of graphs (the UNet's and the ControlNet's classes are
+    the two models' both)."""
+    ctx = two_models
+    users = [str(make_account().user_id) for _ in range(4)]
+    caplog.set_level(logging.INFO)
+    ctx.warm()
+    warmed = compiled_graphs()
+    assert {r.model_key for r in records(caplog, "model compiled")} == {TINY, TINY_XL}
+    assert ctx.engine.compiled_for(TINY_XL, images=4, guidance_scale=1.0)
+    jobs = [
+        queue_job(ctx, users[0], controlnet_conditioning_scale=0.5),
+        queue_job(
+            ctx, users[1], model_key=TINY_XL, num_outputs=3, controlnet_conditioning_scale=0.7
+        ),
+        queue_job(ctx, users[2], model_key=TINY_XL, guidance_scale=1.0, num_outputs=2),
+        queue_job(ctx, users[3], guidance_scale=0.5, controlnet_conditioning_scale=1.5),
+    ]
+    for _ in jobs:
+        assert run_next(ctx, ready_model=None) == "completed"
+    assert compiled_graphs() == warmed
+    assert not records(caplog, "compile limit hit: calls of new shapes run uncompiled")
+    assert all(finished(ctx, job_id).status == "completed" for job_id in jobs)
 
 
 def test_a_call_the_warm_up_did_not_cover_runs_under_the_configured_time_limit(ctx, make_account):

@@ -12,7 +12,7 @@ from PIL import Image
 
 from tests.factories import astronaut_png, png_bytes
 from tests.worker.test_engine import job, params
-from worker.engine.device import CompileOptions, compile_module
+from worker.engine.device import CompileOptions, _clone_outputs, compile_module, configure_dynamo
 from worker.engine.engine import Engine, EngineConfig
 
 TOLERANCE = 2  # of 255, per channel
@@ -58,6 +58,30 @@ def test_jobs_in_one_call_each_make_their_own_images(engine):
         for i, image in enumerate(batched.images):
             assert close(image, alone.images[i])
     assert steps[0] == (0, 2) and steps[-1] == (2, 2)  # one progress for the whole call
+
+
+def test_a_batch_that_runs_out_of_memory_twice_runs_its_images_one_by_one(engine):
+    """The second attempt of a call that ran out of memory (as the engine's out-of-memory test
+    injects one) makes a call for each image: each still its job's image alone."""
+    import torch
+
+    jobs = [job(params=params(seed=7)), job(params=params(seed=8, num_outputs=2))]
+    steps: list[tuple[int, int]] = []
+
+    def oom_once(step: int, total: int) -> None:
+        steps.append((step, total))
+        if len(steps) == 2:  # the first attempt's first step
+            raise torch.OutOfMemoryError("CUDA out of memory (raised by the test)")
+
+    results = engine.run([engine.prepare(j) for j in jobs], on_step=oom_once)
+    # Three calls of one image after the failed one: the progress spread over them, in order.
+    assert len(steps) == 2 + 3 * 2 and steps[-1] == (2, 2)
+    assert [s for s, _ in steps[2:]] == sorted(s for s, _ in steps[2:])
+    for j, batched in zip(jobs, results, strict=True):
+        alone = engine.generate(j)
+        assert len(batched.images) == len(alone.images)
+        for i, image in enumerate(batched.images):
+            assert close(image, alone.images[i])
 
 
 def test_a_batch_takes_only_jobs_one_call_can_run(engine):
@@ -118,6 +142,10 @@ def test_the_compiled_path_marks_each_step_and_keeps_the_residuals(model_dir, mo
     assert hasattr(pipe.unet.forward, "_torchdynamo_orig_callable")
     image = compiled.generate(job(params=params(num_inference_steps=3))).image
     assert len(marks) == 3  # one per denoising step
+    # What the scheduler is given of the UNet's is the pipeline's own copy, as the ControlNet's
+    # residuals are.
+    for module in (pipe.unet, pipe.controlnet):
+        assert _clone_outputs in module._forward_hooks.values()
     eager = Engine(EngineConfig(model_dir=model_dir, pose_backend="mediapipe"))
     assert close(image, eager.generate(job(params=params(num_inference_steps=3))).image)
 
@@ -135,8 +163,32 @@ def test_the_step_starting_module_returns_copies_in_the_cuda_graph_modes():
         def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
             return [self.held], self.held
 
+    # Each compiled module's (the UNet's too: its output may be kept across steps by the
+    # scheduler, as PNDM's `ets`).
     for mode, copied in (("reduce-overhead", True), ("default", False)):
-        module = compile_module(Held(), CompileOptions(mode, "eager"), starts_step=True)
-        down, mid = module(torch.zeros(1))
-        assert (mid.data_ptr() != module.held.data_ptr()) == copied
-        assert (down[0].data_ptr() != module.held.data_ptr()) == copied
+        for starts_step in (True, False):
+            module = compile_module(Held(), CompileOptions(mode, "eager"), starts_step=starts_step)
+            down, mid = module(torch.zeros(1))
+            assert (mid.data_ptr() != module.held.data_ptr()) == copied
+            assert (down[0].data_ptr() != module.held.data_ptr()) == copied
+
+
+def test_a_worker_past_dynamos_limit_of_graphs_says_so(caplog, monkeypatch):
+    """Room for a worker's graphs, and a warning of ours once a function passes the limit
+    anyway (its calls of new shapes then run uncompiled)."""
+    import torch
+    import torch._dynamo.config as dynamo
+
+    configure_dynamo()
+    assert dynamo.recompile_limit >= 64 and dynamo.accumulated_recompile_limit >= 64
+    monkeypatch.setattr(dynamo, "recompile_limit", 1)
+    monkeypatch.setattr(dynamo, "automatic_dynamic_shapes", False)
+
+    def double(x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    compiled = torch.compile(double, backend="eager")
+    for size in (1, 2, 3):
+        assert compiled(torch.ones(size)).tolist() == [2.0] * size
+    warned = [r for r in caplog.records if r.getMessage().startswith("compile limit hit")]
+    assert warned and warned[0].levelname == "WARNING"

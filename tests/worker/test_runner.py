@@ -43,13 +43,16 @@ class GatedStorage:
         self.open = threading.Event()
         self.open.set()
         self.failing = False
+        self.failing_jobs: set[str] = set()  # jobs whose outputs fail alone
+        self.puts: list[tuple[str, float]] = []  # each key written, and when (monotonic)
 
     def put(self, key: str, data: bytes, *, content_type: str = "image/png") -> None:
         if key.startswith("outputs/"):
             assert self.open.wait(30), "the gate was never opened"
-            if self.failing:
+            if self.failing or key.split("/")[1] in self.failing_jobs:
                 raise OSError("storage unavailable")
         self.storage.put(key, data, content_type=content_type)
+        self.puts.append((key, time.monotonic()))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.storage, name)
@@ -75,6 +78,7 @@ def gate(ctx: WorkerContext) -> Iterator[GatedStorage]:
     storage: GatedStorage = ctx.storage  # type: ignore[assignment]
     yield storage
     storage.failing = False
+    storage.failing_jobs.clear()
     storage.open.set()
     ctx.finisher.wait()
 

@@ -23,7 +23,12 @@ from posegen.images import fit
 from posegen.skeleton import Keypoints, draw_skeleton
 from worker.engine import families
 from worker.engine.cache import PipelineCache
-from worker.engine.device import CompileOptions, compile_module, leaves_cpu_time
+from worker.engine.device import (
+    CompileOptions,
+    compile_module,
+    configure_dynamo,
+    leaves_cpu_time,
+)
 from worker.engine.device import pick_device as _pick_device
 from worker.engine.device import pick_dtype as _pick_dtype
 from worker.engine.jobs import EngineJob, EngineResult, Prepared, preview_hook
@@ -85,6 +90,8 @@ class Engine:
             torch.set_num_threads(config.torch_threads)
         self.device = _pick_device(config.device, config.process_index)
         self.dtype = _pick_dtype(config.dtype, self.device)
+        if config.compile:
+            configure_dynamo()
         self.cache = PipelineCache(budget_bytes=config.cache_bytes)
         self._extractor: PoseExtractor | None = None
         # With POSEGEN_COMPILE, the calls this process has run compiled: (model, images,
@@ -298,6 +305,8 @@ class Engine:
             else:
                 pipe.vae.disable_tiling()
             try:
+                if attempt == 2 and len(items) > 1:
+                    return self._one_by_one(pipe, job, items, on_step, should_cancel)
                 return run_batch(
                     pipe, items, params=job.params, micro_conditioning=micro, on_step=on_step,
                     should_cancel=should_cancel, on_latents=on_latents,
@@ -306,15 +315,40 @@ class Engine:
                 if attempt == 2:
                     raise JobError(
                         "out_of_memory",
-                        f"The GPU ran out of memory for {len(items)} x {w_h(job)} even with "
-                        "the other cached models released and VAE tiling; try a smaller "
-                        "model, a smaller size, fewer outputs or a smaller POSEGEN_MAX_BATCH.",
+                        f"The GPU ran out of memory for a {w_h(job)} image, one at a time, "
+                        "even with the other cached models released and VAE tiling; try a "
+                        "smaller model or a smaller size.",
                     ) from exc
                 log.warning("CUDA out of memory; retrying with less memory")
             # Past the except block the failed attempt's frames, which held its activations,
             # are gone: only now can their memory go back.
             self.lower_memory(pipe, keep=self.cache_keys(job))
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _one_by_one(
+        self,
+        pipe: Any,
+        job: EngineJob,
+        items: list[Item],
+        on_step: Callable[[int, int], None] | None,
+        should_cancel: Callable[[], bool] | None,
+    ) -> list[Image.Image]:
+        """The retry of a call of several images that ran out of memory: a call for each
+        image (each the image it makes in any call), the progress spread over the calls; no
+        previews (a call's latents are one image's, not its batch's)."""
+        micro = families.family(job.family).micro_conditioning
+        images: list[Image.Image] = []
+        for index, item in enumerate(items):
+
+            def step(done: int, total: int, index: int = index) -> None:
+                if on_step is not None:
+                    on_step((index * total + done) // len(items), total)
+
+            images += run_batch(
+                pipe, [item], params=job.params, micro_conditioning=micro, on_step=step,
+                should_cancel=should_cancel,
+            )  # fmt: skip
+        return images
 
     def lower_memory(self, pipe: Any, *, keep: tuple[str, ...]) -> None:
         """What the out-of-memory retry does before its second attempt: release the other

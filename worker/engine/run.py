@@ -85,8 +85,6 @@ def run_batch(
     image is the one a call of that item alone makes (batched kernels round differently: on
     the CPU within 2/255 per channel). `on_latents(step, latents)` sees the batch's latents
     after each step (previews)."""
-    import torch
-
     total, strength = denoising_steps(params)
     canceled = False
 
@@ -103,6 +101,21 @@ def run_batch(
             pipeline._interrupt = True  # diffusers skips the remaining steps
         return kwargs
 
+    result = pipe(
+        **call_kwargs(items, params, strength, micro_conditioning), callback_on_step_end=on_step_end
+    )
+    if canceled:
+        raise Canceled()
+    images: list[Image.Image] = result.images
+    return images
+
+
+def call_kwargs(
+    items: Sequence[Item], params: RunParams, strength: float, micro_conditioning: bool
+) -> dict[str, Any]:
+    """The diffusers call's arguments for the items (in their order) and what they share."""
+    import torch
+
     # The generators live on the CPU: the same seed gives the same noise on any device. One
     # per image: diffusers draws each image's VAE sample and noise from its own generator, so
     # an image does not depend on what else is in the batch.
@@ -112,26 +125,21 @@ def run_batch(
         size = (params.height, params.width)
         extra = {"original_size": size, "target_size": size}
     negatives = [item.negative_prompt for item in items]
-    result = pipe(
-        prompt=[item.prompt for item in items],
-        negative_prompt=negatives if params.negative_prompt else None,
-        image=[item.init_image for item in items],
-        control_image=[item.control_image for item in items],
-        num_inference_steps=params.num_inference_steps,
-        strength=strength,
-        guidance_scale=params.guidance_scale,
-        controlnet_conditioning_scale=params.controlnet_conditioning_scale,
-        width=params.width,
-        height=params.height,
-        generator=generators if len(generators) > 1 else generators[0],
-        callback_on_step_end=on_step_end,
-        output_type="pil",
+    return {
+        "prompt": [item.prompt for item in items],
+        "negative_prompt": negatives if params.negative_prompt else None,
+        "image": [item.init_image for item in items],
+        "control_image": [item.control_image for item in items],
+        "num_inference_steps": params.num_inference_steps,
+        "strength": strength,
+        "guidance_scale": params.guidance_scale,
+        "controlnet_conditioning_scale": params.controlnet_conditioning_scale,
+        "width": params.width,
+        "height": params.height,
+        "generator": generators if len(generators) > 1 else generators[0],
+        "output_type": "pil",
         **extra,
-    )
-    if canceled:
-        raise Canceled()
-    images: list[Image.Image] = result.images
-    return images
+    }
 
 
 def steps_for(params: RunParams) -> int:

@@ -1,6 +1,7 @@
 """The compile's warm-up: with POSEGEN_COMPILE, a worker process runs each model it serves at
-its size once for every batch size it may use (1 to POSEGEN_MAX_BATCH images) before it takes
-a job, so that torch.compile traces, generates kernels and (in the CUDA graph modes) records
+its size once for every batch size it may use (1 to POSEGEN_MAX_BATCH images), with its
+guidance and without, and once with another ControlNet conditioning scale, before it takes a
+job, so that torch.compile traces, generates kernels and (in the CUDA graph modes) records
 its graphs then, and no job waits for it."""
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ def warm_up(engine: Engine, models: Sequence[WarmModel], *, max_images: int) -> 
     for model in models:
         started = time.perf_counter()
         sizes = tuple(range(1, max_images + 1))
-        for images in sizes:
-            engine.run([_blank(model, images)])
+        for images, guidance, scale in _calls(model, sizes):
+            engine.run([_blank(model, images, guidance_scale=guidance, conditioning_scale=scale)])
         seconds = time.perf_counter() - started
         log.info(
             "model compiled",
@@ -70,12 +71,25 @@ def warm_up(engine: Engine, models: Sequence[WarmModel], *, max_images: int) -> 
     return warmed
 
 
-def _blank(model: WarmModel, images: int) -> Prepared:
+def _calls(model: WarmModel, sizes: Sequence[int]) -> list[tuple[int, float, float]]:
+    """The warm-up's calls (images, guidance, conditioning scale): each batch size with the
+    model's guidance, and without guidance (1: a UNet batch of half the size, allowed to any
+    job). The second call sets another ControlNet conditioning scale: dynamo, seeing a second
+    value of that float, makes it an input of the graphs it compiles from then on (its
+    automatic dynamic), so that no job's scale compiles anew."""
+    guidances = [model.guidance_scale] + ([1.0] if model.guidance_scale > 1 else [])
+    calls = [(images, g, 1.0) for g in guidances for images in sizes]
+    return [calls[0], (calls[0][0], calls[0][1], 0.5), *calls[1:]]
+
+
+def _blank(
+    model: WarmModel, images: int, *, guidance_scale: float, conditioning_scale: float
+) -> Prepared:
     """A job of `images` outputs on a grey photo and a blank skeleton: the shapes of a real
     one (only the shapes are compiled for)."""
     params = RunParams(
-        num_inference_steps=WARM_STEPS, guidance_scale=model.guidance_scale,
-        controlnet_conditioning_scale=1.0, strength=1.0, seed=0, width=model.width,
+        num_inference_steps=WARM_STEPS, guidance_scale=guidance_scale,
+        controlnet_conditioning_scale=conditioning_scale, strength=1.0, seed=0, width=model.width,
         height=model.height, num_outputs=images, prompt=model.prompt,
         negative_prompt=model.negative_prompt,
     )  # fmt: skip
