@@ -127,8 +127,6 @@ async def _open_state(app: FastAPI, settings: Settings, db_engine: Any) -> None:
     app.state.event_hub = EventHub.for_settings(settings)
     app.state.metrics = Metrics()
     app.state.fleet = Fleet(app.state.dispatcher, app.state.sessions)
-    # Asked now, on a thread, so that the first submit already knows which models are served.
-    app.state.fleet.consumers(wait=False)
     app.state.metrics.watch_queue(
         lambda: _active_counts(app), app.state.fleet.depths, app.state.fleet.workers_per_model
     )

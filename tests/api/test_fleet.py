@@ -15,7 +15,7 @@ def _asking() -> bool:
 
 
 def _settled() -> None:
-    """The app's own fleet asks at start-up: done, so that the threads seen are the test's."""
+    """No fleet is asking the workers: the threads seen next are the test's."""
     deadline = time.monotonic() + 5
     while _asking() and time.monotonic() < deadline:
         time.sleep(0.05)

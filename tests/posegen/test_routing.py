@@ -169,7 +169,7 @@ def test_a_job_submitted_while_no_worker_serves_its_model_goes_to_the_fallback(
     account = make_account(credits=10)
     plain = submit(app, account, model_key=LOCAL_KEY).json()
     assert plain["routed_to"] is None  # no fallback named: it waits for a GPU
-    # The workers' answer, asked at start-up on a thread: a submit does not wait for it.
+    # The workers' answer, asked on a thread when first needed: a submit does not wait for it.
     app.app.state.fleet.consumers()
     _with_fallback(session)
     routed = submit(app, account, model_key=LOCAL_KEY).json()
