@@ -23,40 +23,79 @@ from posegen.queue import (
 
 log = logging.getLogger(__name__)
 
-# Asking the workers is a broadcast that waits for their replies: once per this many seconds.
+# Asking the workers is a broadcast that waits for their replies (about a second): an answer
+# is served this many seconds, then served still while a thread asks again.
 CONSUMERS_TTL = 10.0
 
 
 class Fleet:
-    def __init__(self, dispatcher: Dispatcher, sessions: sessionmaker[Session]) -> None:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        sessions: sessionmaker[Session],
+        *,
+        ttl: float = CONSUMERS_TTL,
+    ) -> None:
         self.dispatcher = dispatcher
         self.sessions = sessions
+        self.ttl = ttl
+        # Guards the fields below; never held while the workers are asked.
         self._lock = threading.Lock()
         self._consumers: tuple[float, dict[str, list[str]] | None] | None = None
-        self._unreachable_at = -CONSUMERS_TTL
+        self._asking: threading.Thread | None = None
+        self._failed_at = -ttl
 
-    def consumers(self) -> dict[str, list[str]] | None:
-        """Queue -> workers, as the workers last said (None: the broker cannot tell)."""
+    def consumers(self, *, wait: bool = True) -> dict[str, list[str]] | None:
+        """Queue -> workers, as the workers last said (None: the broker cannot tell). An
+        answer past its `ttl` is served while a thread asks again, so no caller waits on
+        the broadcast; only with no answer yet does a caller wait for the first (`wait`), or
+        get None. Raises when the first could not be had (the broker failed)."""
+        with self._lock:
+            cached, asking = self._consumers, self._ask_if_stale()
+        if cached is not None:
+            return cached[1]
+        if not wait:
+            return None
+        if asking is not None:
+            asking.join()
         with self._lock:
             cached = self._consumers
-            if cached is None or time.monotonic() - cached[0] >= CONSUMERS_TTL:
-                cached = (time.monotonic(), self.dispatcher.consumers())
-                self._consumers = cached
+        if cached is None:
+            raise RuntimeError("the workers could not be asked which queues they serve")
         return cached[1]
 
-    def unserved(self, model_key: str) -> bool:
-        """Whether no worker serves this local model's queue now, as far as the workers say
-        (a broker that cannot tell, or cannot be reached: False). Asked of a submit whose
-        model has a fallback: a broker outage must not fail the submit, nor slow each one
-        (an unreachable broker is not asked again for CONSUMERS_TTL)."""
-        if time.monotonic() - self._unreachable_at < CONSUMERS_TTL:
-            return False
+    def _ask_if_stale(self) -> threading.Thread | None:
+        """The thread asking the workers (started now if the answer is stale and none is), or
+        None: the answer is fresh, or the broker failed less than `ttl` ago (a broker
+        outage is not asked again at every call). Called with the lock held."""
+        now = time.monotonic()
+        if self._asking is not None and self._asking.is_alive():
+            return self._asking
+        if self._consumers is not None and now - self._consumers[0] < self.ttl:
+            return None
+        if now - self._failed_at < self.ttl:
+            return None
+        self._asking = threading.Thread(target=self._ask, name="fleet-consumers", daemon=True)
+        self._asking.start()
+        return self._asking
+
+    def _ask(self) -> None:
         try:
-            consumers = self.consumers()
-        except Exception:  # any broker failure means "cannot tell"
+            consumers = self.dispatcher.consumers()
+        except Exception:  # any broker failure means "cannot tell", until asked again
             log.warning("could not ask the workers which queues they serve", exc_info=True)
-            self._unreachable_at = time.monotonic()
-            return False
+            with self._lock:
+                self._failed_at = time.monotonic()
+            return
+        with self._lock:
+            self._consumers = (time.monotonic(), consumers)
+
+    def unserved(self, model_key: str) -> bool:
+        """Whether no worker serves this local model's queue now, as far as the workers last
+        said (no answer yet, a broker that cannot tell or cannot be reached: False). Asked by
+        a submit whose model has a fallback, inside its transaction: it never waits on the
+        broadcast (`consumers`), nor fails on a broker outage."""
+        consumers = self.consumers(wait=False)
         return consumers is not None and not consumers.get(model_queue(model_key))
 
     def _models_and_queued(self) -> tuple[dict[str, str], dict[str, int]]:

@@ -1,9 +1,11 @@
-"""The tables of the contract. Ids are UUID strings; money (credits) is an integer."""
+"""The tables of the contract. Ids are UUID strings; money (credits) is an integer.
+
+The scheduler's turns live in db.turns and the declarative base in db.base; both are
+re-exported here, so every table is imported from db.models."""
 
 from __future__ import annotations
 
 import datetime as dt
-import uuid
 from typing import Any
 
 from sqlalchemy import (
@@ -15,7 +17,6 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
-    MetaData,
     String,
     Text,
     UniqueConstraint,
@@ -23,19 +24,17 @@ from sqlalchemy import (
     literal_column,
     text,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column
 from sqlalchemy.sql.elements import ColumnElement
 
+from db.base import NAMING_CONVENTION as NAMING_CONVENTION
+from db.base import Base as Base
+from db.base import new_id as new_id
+from db.base import uuid_pk
+from db.turns import NEVER_STARTED as NEVER_STARTED
+from db.turns import QueueTurn as QueueTurn
+from db.turns import UserTurn as UserTurn
 from db.types import UTCDateTime, utcnow
-
-# One naming convention from the first migration, so constraints can be altered by name.
-NAMING_CONVENTION = {
-    "ix": "ix_%(column_0_label)s",
-    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
-    "ck": "ck_%(table_name)s_%(constraint_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
-}
 
 TIERS = ("free", "basic", "pro", "enterprise")
 # Where a model runs: the GPU workers, or a hosted inference API (posegen.hosted).
@@ -61,18 +60,6 @@ def status_is(column: Any, *values: str) -> ColumnElement[bool]:
     return column == literals[0] if len(literals) == 1 else column.in_(literals)  # type: ignore[no-any-return]
 
 
-def new_id() -> str:
-    return str(uuid.uuid4())
-
-
-class Base(DeclarativeBase):
-    metadata = MetaData(naming_convention=NAMING_CONVENTION)
-
-
-def _uuid_pk() -> Mapped[str]:
-    return mapped_column(Uuid(as_uuid=False), primary_key=True, default=new_id)
-
-
 class User(Base):
     __tablename__ = "users"
     __table_args__ = (
@@ -80,7 +67,7 @@ class User(Base):
         CheckConstraint(f"tier IN {TIERS!r}", name="tier_known"),
     )
 
-    id: Mapped[str] = _uuid_pk()
+    id: Mapped[str] = uuid_pk()
     email: Mapped[str] = mapped_column(String(320), unique=True)
     tier: Mapped[str] = mapped_column(String(16), default="free")
     credits: Mapped[int] = mapped_column(Integer, default=0)
@@ -91,7 +78,7 @@ class User(Base):
 class ApiKey(Base):
     __tablename__ = "api_keys"
 
-    id: Mapped[str] = _uuid_pk()
+    id: Mapped[str] = uuid_pk()
     user_id: Mapped[str] = mapped_column(
         Uuid(as_uuid=False), ForeignKey("users.id", ondelete="CASCADE"), index=True
     )
@@ -111,7 +98,7 @@ class AiModel(Base):
         CheckConstraint("credit_cost >= 0", name="credit_cost_non_negative"),
     )
 
-    id: Mapped[str] = _uuid_pk()
+    id: Mapped[str] = uuid_pk()
     model_key: Mapped[str] = mapped_column(String(100), unique=True)
     name: Mapped[str] = mapped_column(String(200))
     # Where the model runs: `local` (the GPU workers) or a hosted provider (PROVIDERS).
@@ -151,7 +138,7 @@ class AiModel(Base):
 class PoseTemplate(Base):
     __tablename__ = "pose_templates"
 
-    id: Mapped[str] = _uuid_pk()
+    id: Mapped[str] = uuid_pk()
     key: Mapped[str] = mapped_column(String(100), unique=True)
     name: Mapped[str] = mapped_column(String(200))
     description: Mapped[str] = mapped_column(Text, default="")
@@ -223,7 +210,7 @@ class Generation(Base):
         ),
     )
 
-    id: Mapped[str] = _uuid_pk()
+    id: Mapped[str] = uuid_pk()
     user_id: Mapped[str] = mapped_column(
         Uuid(as_uuid=False), ForeignKey("users.id", ondelete="CASCADE")
     )
@@ -280,63 +267,6 @@ class Generation(Base):
     phase_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
-NEVER_STARTED = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-
-
-class UserTurn(Base):
-    """When a user's latest job started (posegen.scheduler: the longest ago goes first; no
-    row: never). Apart from `users`, so that a claim never waits for the user's row a submit
-    or a refund holds."""
-
-    __tablename__ = "user_turns"
-
-    user_id: Mapped[str] = mapped_column(
-        Uuid(as_uuid=False), ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
-    )
-    last_started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
-
-
-class QueueTurn(Base):
-    """Whose turn it is (posegen.scheduler): one row per user and model that has had queued
-    jobs, kept in step with the jobs by posegen.lifecycle. The claim and the depth limit read
-    the rows with queued jobs, so their cost follows the users waiting, not the queue's length."""
-
-    __tablename__ = "queue_turns"
-    __table_args__ = (
-        CheckConstraint("queued >= 0", name="queued_not_negative"),
-        # The claim's order: priority, the user's latest start, the oldest job.
-        Index(
-            "ix_queue_turns_next",
-            text("priority DESC"),
-            "last_started_at",
-            "waiting_since",
-            postgresql_where=text("queued > 0"),
-            sqlite_where=text("queued > 0"),
-        ),
-        Index(
-            "ix_queue_turns_model",
-            "model_id",
-            postgresql_where=text("queued > 0"),
-            sqlite_where=text("queued > 0"),
-        ),
-    )
-
-    user_id: Mapped[str] = mapped_column(
-        Uuid(as_uuid=False), ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
-    )
-    model_id: Mapped[str] = mapped_column(
-        Uuid(as_uuid=False), ForeignKey("ai_models.id"), primary_key=True
-    )
-    # The model's priority when the jobs were queued (higher runs first).
-    priority: Mapped[int] = mapped_column(Integer)
-    queued: Mapped[int] = mapped_column(Integer, default=0)
-    # When the oldest of these queued jobs was submitted.
-    waiting_since: Mapped[dt.datetime] = mapped_column(UTCDateTime())
-    # When the user's latest job started (`user_turns`' value, copied for the claim's index;
-    # never: NEVER_STARTED, which sorts first on every database).
-    last_started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
-
-
 class CreditLedger(Base):
     __tablename__ = "credit_ledger"
     __table_args__ = (
@@ -375,7 +305,7 @@ class WebhookDelivery(Base):
     )
 
     # Also the `webhook-id` header: stable across retries.
-    id: Mapped[str] = _uuid_pk()
+    id: Mapped[str] = uuid_pk()
     generation_id: Mapped[str] = mapped_column(
         Uuid(as_uuid=False), ForeignKey("generations.id", ondelete="CASCADE")
     )
@@ -404,7 +334,7 @@ class IdempotencyKey(Base):
         Index("ix_idempotency_keys_expires_at", "expires_at"),
     )
 
-    id: Mapped[str] = _uuid_pk()
+    id: Mapped[str] = uuid_pk()
     user_id: Mapped[str] = mapped_column(
         Uuid(as_uuid=False), ForeignKey("users.id", ondelete="CASCADE")
     )

@@ -91,10 +91,18 @@ class HuggingFace:
 
     name = "huggingface"
 
-    def __init__(self, *, base_url: str, token: SecretStr | None, client: httpx.Client) -> None:
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        token: SecretStr | None,
+        client: httpx.Client,
+        connect_seconds: float = CONNECT_SECONDS,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self._token = token
         self._client = client
+        self._connect_seconds = connect_seconds
 
     def generate(
         self,
@@ -103,11 +111,14 @@ class HuggingFace:
         stop_at: float,
         on_busy: Callable[[Busy], None],
         should_stop: Callable[[], bool],
+        on_retry: Callable[[Busy], None] | None = None,
     ) -> bytes:
-        """The image's bytes. Asks again while the provider is busy (`on_busy` told first),
-        until `stop_at` (time.time()); raises Stopped when `should_stop` says so, when an
-        answer or the next try would come after `stop_at`; JobError `provider_error` for any
-        other answer than an image."""
+        """The image's bytes. Asks again while the provider is busy (`on_busy` told when the
+        wait starts, `on_retry` when it ends, before the request is sent again), until
+        `stop_at` (time.time()); raises Stopped when `should_stop` says so, when an answer or
+        the next try would come after `stop_at`; JobError `provider_error` for any other
+        answer than an image."""
+        waited: list[Busy] = []  # the wait being slept, until the next try starts
 
         def stop(state: RetryCallState) -> bool:
             return should_stop() or time.time() + (state.upcoming_sleep or 0) >= stop_at
@@ -115,7 +126,12 @@ class HuggingFace:
         def before_sleep(state: RetryCallState) -> None:
             busy = state.outcome.exception() if state.outcome else None
             if isinstance(busy, Busy):
+                waited[:] = [busy]
                 on_busy(busy)
+
+        def before(state: RetryCallState) -> None:
+            if waited and on_retry is not None:
+                on_retry(waited.pop())
 
         def gave_up(state: RetryCallState) -> bytes:
             if should_stop():
@@ -134,6 +150,7 @@ class HuggingFace:
             stop=stop,
             sleep=lambda seconds: _sleep(seconds, should_stop),
             before_sleep=before_sleep,
+            before=before,
             retry_error_callback=gave_up,
         )
         data: bytes = retrying(self._once, request, stop_at=stop_at)
@@ -153,14 +170,16 @@ class HuggingFace:
                 json=request.body(),
                 headers=headers,
                 # A little past the stop time, so that the job is out of time when it fires.
-                timeout=httpx.Timeout(left + 0.05, connect=min(CONNECT_SECONDS, left + 0.05)),
+                timeout=httpx.Timeout(left + 0.05, connect=min(self._connect_seconds, left + 0.05)),
             )
+        except (httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            if time.time() >= stop_at:  # the wait for a connection was cut by the stop time
+                raise OutOfTime("The provider did not answer within the job's time.") from exc
+            raise _unreachable(exc) from exc  # no connection in CONNECT_SECONDS: not our time
         except httpx.TimeoutException as exc:  # its stop time came first
             raise OutOfTime("The provider did not answer within the job's time.") from exc
         except httpx.TransportError as exc:  # after the transport's own retries
-            raise provider_error(
-                f"The provider could not be reached: {type(exc).__name__}."
-            ) from exc
+            raise _unreachable(exc) from exc
         return self._answer(response)
 
     def _answer(self, response: httpx.Response) -> bytes:
@@ -181,6 +200,10 @@ class HuggingFace:
         """A provider that echoes the token back (in an error about it) gets it blanked."""
         token = self._token.get_secret_value() if self._token is not None else ""
         return text.replace(token, "[token]") if token else text
+
+
+def _unreachable(exc: httpx.TransportError) -> JobError:
+    return provider_error(f"The provider could not be reached: {type(exc).__name__}.")
 
 
 def _busy_seconds(state: RetryCallState) -> float:

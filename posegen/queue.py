@@ -223,11 +223,6 @@ def is_hosted(job: Generation) -> bool:
     return job.provider is not None and job.provider != "local"
 
 
-def job_queue(job: Generation) -> str:
-    """The broker queue a queued job's messages go to: its model's, or the remote one."""
-    return REMOTE_QUEUE if is_hosted(job) else model_queue(job.model_key)
-
-
 def generate_message(job: Generation, settings: Settings) -> Message:
     """The message a queued job is sent with (`ready_message`, or `remote_message` for a job
     that runs on a hosted provider)."""

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from db.models import LOCAL, AiModel, Generation, status_is
 from posegen import scheduler
+from posegen.accounts import tier_rank
 from posegen.queue import defer, generate_message
 from posegen.settings import Settings
 
@@ -30,11 +31,25 @@ log = logging.getLogger(__name__)
 
 
 def fallback_of(session: Session, model: AiModel) -> AiModel | None:
-    """The hosted model a local one falls back to, when it names one that is enabled."""
+    """The hosted model a local one falls back to, when it names one that may take its jobs:
+    hosted, enabled, not coming soon, of the same resolution (a job's parameters were resolved
+    for its model's size) and of no higher tier (a free job must not run on a pro model). The
+    seed refuses any other (`posegen.seeding`), but the table may change after: a fallback
+    that does not fit is logged and not used."""
     if model.provider != LOCAL or not model.fallback_model_key:
         return None
     fallback = session.scalar(select(AiModel).where(AiModel.model_key == model.fallback_model_key))
     if fallback is None or fallback.provider == LOCAL or not fallback.enabled:
+        return None
+    if (
+        fallback.coming_soon
+        or fallback.resolution != model.resolution
+        or (tier_rank(fallback.tier) > tier_rank(model.tier))
+    ):
+        log.warning(
+            "fallback not used: it is coming soon, of another resolution or of a higher tier",
+            extra={"model_key": model.model_key, "fallback": fallback.model_key},
+        )
         return None
     return fallback
 

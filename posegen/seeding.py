@@ -69,7 +69,8 @@ def _check_provider(entry: dict[str, Any]) -> None:
 
 def _check_fallbacks(entries: list[dict[str, Any]]) -> None:
     """Each fallback names a hosted model of the same file, of the same size (a job's
-    parameters were resolved for its model's size) and tier."""
+    parameters were resolved for its model's size) and tier, that runs (not coming soon).
+    Routing checks it again (`posegen.routing.fallback_of`): the table may change after."""
     by_key = {entry["model_key"]: entry for entry in entries}
     for entry in entries:
         target = by_key.get(entry.get("fallback_model_key") or "")
@@ -83,6 +84,8 @@ def _check_fallbacks(entries: list[dict[str, Any]]) -> None:
             raise ValueError(
                 f"model {entry['model_key']!r}: its fallback must have its resolution and tier"
             )
+        if target["coming_soon"]:
+            raise ValueError(f"model {entry['model_key']!r}: its fallback is coming soon")
 
 
 def seed_models(session: Session, path: Path | None = None) -> SeedReport:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,59 @@ def test_a_cold_model_is_waited_for_honestly_then_its_image_is_the_output(
     )
 
 
+def test_the_retried_request_after_the_wait_shows_no_loading_phase(
+    app, make_account, remote_worker, provider, broker_url
+):
+    provider.script.extend([Answer(503, {"estimated_time": 1.0}), Answer(delay=4)])
+    account = make_account()
+    job = _submit(app, account)
+    url = f"/v1/generations/{job['id']}"
+    assert eventually(lambda: len(provider.received) == 2 and provider.in_flight == 1, 30)
+    got = app.get(url, headers=account.headers).json()
+    assert got["status"] == "processing" and "phase" not in got["progress"], got
+    assert got["eta_seconds"] is None, got
+    events = redis.Redis.from_url(broker_url).xrange(stream_key(str(job["id"])))
+    progress = [json.loads(f[b"data"]) for _, f in events if f[b"event"] == b"progress"]
+    phases = [p["progress"].get("phase") for p in progress]
+    assert phases[-2:] == ["provider_loading", None], phases
+    assert wait_for(app, account, job["id"], timeout=30)["status"] == "completed"
+
+
+def _heartbeat_stopped(worker: Proc, job_id: str) -> bool:
+    for line in worker.tail(1_000_000).splitlines():
+        if "heartbeat stopped" in line and job_id in line:
+            return True
+    return False
+
+
+def test_every_way_a_hosted_job_ends_stops_its_heartbeat(
+    app, make_account, remote_worker, provider
+):
+    provider.script.extend(
+        [
+            Answer(500, {"error": "broken"}),
+            Answer(503, {"estimated_time": 60}),  # past the time limit: timeout
+            Answer(503, {"estimated_time": 4.5}),
+        ]
+    )
+    account = make_account(credits=10)
+    failed = _submit(app, account)  # one at a time: each takes the next scripted answer
+    assert wait_for(app, account, failed["id"], timeout=30)["error"]["code"] == "provider_error"  # type: ignore[index]
+    late = _submit(app, account)
+    assert wait_for(app, account, late["id"], timeout=30)["error"]["code"] == "timeout"  # type: ignore[index]
+    canceled = _submit(app, account)
+    url = f"/v1/generations/{canceled['id']}"
+
+    def loading() -> bool:
+        got = app.get(url, headers=account.headers).json()
+        return got["progress"].get("phase") == "provider_loading"
+
+    assert eventually(loading, timeout=30)
+    assert app.post(f"{url}/cancel", headers=account.headers).json()["status"] == "canceled"
+    for job in (failed, late, canceled):
+        assert eventually(partial(_heartbeat_stopped, remote_worker, str(job["id"])), 10), job
+
+
 def test_a_job_canceled_while_its_model_loads_stops_waiting_refunded(
     app, make_account, sessions, remote_worker, provider
 ):
@@ -223,13 +277,13 @@ def test_a_rate_limit_is_waited_out_by_its_retry_after(app, make_account, remote
 def test_a_slow_answer_past_the_time_limit_fails_the_job_refunded(
     app, make_account, sessions, remote_worker, provider
 ):
-    provider.script.append(Answer(delay=10))
+    provider.script.append(Answer(delay=20))
     account = make_account(credits=10)
     job = _submit(app, account)
     started = time.monotonic()
     done = wait_for(app, account, job["id"], timeout=30)
     assert done["status"] == "failed" and done["error"]["code"] == "timeout", done  # type: ignore[index]
-    assert time.monotonic() - started < 10  # not held until the provider answered
+    assert time.monotonic() - started < 15  # not held until the provider answered
     assert _balance(sessions, account.user_id) == 10
     assert ledger_kinds(sessions, job["id"]) == {"charge": 1, "refund": 1}
 
@@ -253,7 +307,8 @@ def test_one_remote_worker_runs_many_jobs_at_once(app, make_account, remote_work
     started = time.monotonic()
     done = [wait_for(app, account, job["id"], timeout=30) for job in jobs]
     assert [job["status"] for job in done] == ["completed"] * 4
-    assert provider.peak_in_flight >= 3 and time.monotonic() - started < 7
+    # The peak shows them in flight together; the time only bounds a hang (in turn: 8 s).
+    assert provider.peak_in_flight >= 3 and time.monotonic() - started < 15
 
 
 def test_the_remote_worker_imports_no_torch():
@@ -264,8 +319,9 @@ def test_the_remote_worker_imports_no_torch():
         "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False
     )
+    assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 

@@ -145,6 +145,16 @@ def run_hosted(rw: Remote, claim: lifecycle.Claim) -> str:
     stop_at, is_deadline = _stop_at(job)
     heartbeat.stop_at(stop_at, deadline=is_deadline)
     heartbeat.start()
+    try:
+        return _run(rw, claim, heartbeat, stop_at=stop_at, is_deadline=is_deadline)
+    finally:  # on every path: a heartbeat left running opens a session every beat, forever
+        heartbeat.stop()
+
+
+def _run(
+    rw: Remote, claim: lifecycle.Claim, heartbeat: Heartbeat, *, stop_at: float, is_deadline: bool
+) -> str:
+    ctx, job = rw.ctx, claim.job
     started = time.monotonic()
     try:
         if job.progress_phase:  # a wait of an attempt before, whose worker was lost
@@ -154,6 +164,7 @@ def run_hosted(rw: Remote, claim: lifecycle.Claim) -> str:
             request,
             stop_at=stop_at,
             on_busy=lambda busy: _waiting(ctx, job, busy, heartbeat),
+            on_retry=lambda busy: _waited(ctx, job, busy),
             should_stop=heartbeat.canceled,
         )
         image = _decoded(data)
@@ -170,10 +181,7 @@ def run_hosted(rw: Remote, claim: lifecycle.Claim) -> str:
     except Exception as exc:  # the last resort: record the failure, the worker goes on
         log.exception("hosted job crashed", extra={"job_id": job.id})
         return _fail(ctx, job.id, "internal_error", f"The worker failed: {type(exc).__name__}.")
-    try:
-        return _record(ctx, job, image, seconds=time.monotonic() - started)
-    finally:
-        heartbeat.stop()
+    return _record(ctx, job, image, seconds=time.monotonic() - started)
 
 
 def _stop_at(job: Generation) -> tuple[float, bool]:
@@ -259,6 +267,20 @@ def _waiting(ctx: WorkerContext, job: Generation, busy: Busy, hb: Heartbeat) -> 
         data = render_job(job)
         data["progress"] = {**data["progress"], "phase": PROVIDER_LOADING}
         data["eta_seconds"] = round(busy.seconds, 3)
+        sink.publish([events.Event(job_id=job.id, name="progress", data=data)])
+
+
+def _waited(ctx: WorkerContext, job: Generation, busy: Busy) -> None:
+    """The wait is over and the provider is asked again: a job that showed its model loading
+    no longer does (written, and sent to its stream), while the request runs."""
+    if not busy.loading:
+        return
+    ours = _set_phase(ctx, job, None)
+    sink = ctx.dispatcher.events
+    if ours and sink is not None:
+        data = render_job(job)
+        data["progress"] = {k: v for k, v in data["progress"].items() if k != "phase"}
+        data["eta_seconds"] = None
         sink.publish([events.Event(job_id=job.id, name="progress", data=data)])
 
 

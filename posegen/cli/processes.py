@@ -210,6 +210,10 @@ def register_processes(app: typer.Typer) -> None:
         """Run Celery beat: the reconciler, the webhook sweep, the purge of expired keys."""
         run_beat(loglevel)
 
+    _register_demo(app)
+
+
+def _register_demo(app: typer.Typer) -> None:
     @app.command("demo")
     def demo(
         port: Annotated[int, typer.Option(help="API port; 0 picks a free one")] = 0,

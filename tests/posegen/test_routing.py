@@ -94,6 +94,33 @@ def test_no_routing_unless_configured(any_session: Session, restore: None) -> No
     assert s.scalar(select(func.count()).where(Generation.routed_to.is_not(None))) == 0
 
 
+@pytest.mark.parametrize(
+    "misfit",
+    [{"tier": "pro"}, {"resolution": "1024x1024"}, {"coming_soon": True}],
+    ids=["a higher tier", "another size", "coming soon"],
+)
+def test_a_fallback_that_does_not_fit_its_model_takes_no_job(
+    any_session: Session, restore: None, misfit: dict[str, object]
+) -> None:
+    s = any_session
+    tiny, hosted = _with_fallback(s)
+    assert routing.fallback_of(s, tiny) == hosted  # as seeded: it fits
+    # Changed after seeding (the seed refuses it): a free job must not run on it.
+    for field, value in misfit.items():
+        setattr(hosted, field, value)
+    s.commit()
+    assert routing.fallback_of(s, tiny) is None
+    u = user(s, "misfit")
+    queue(s, u, 2, age_s=60)
+    assert reconciler.reconcile(s, settings=AFTER).routed == 0
+    s.commit()
+    assert s.scalar(select(func.count()).where(Generation.routed_to.is_not(None))) == 0
+    job = Generation(model_id=tiny.id)
+    routing.at_submit(s, job, model=tiny, unserved=lambda _: True)
+    assert job.routed_to is None and job.model_id == tiny.id
+    s.rollback()
+
+
 def test_local_claims_and_the_router_never_both_take_a_job(
     session: Session, sessions: object, restore: None
 ) -> None:
@@ -143,6 +170,8 @@ def test_a_job_submitted_while_no_worker_serves_its_model_goes_to_the_fallback(
     account = make_account(credits=10)
     plain = submit(app, account, model_key=LOCAL_KEY).json()
     assert plain["routed_to"] is None  # no fallback named: it waits for a GPU
+    # The workers' answer, asked on a thread when first needed: a submit does not wait for it.
+    app.app.state.fleet.consumers()
     _with_fallback(session)
     routed = submit(app, account, model_key=LOCAL_KEY).json()
     assert (routed["model_key"], routed["routed_to"], routed["credit_cost"]) == (

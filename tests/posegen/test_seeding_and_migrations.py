@@ -121,6 +121,13 @@ def _seed_file(tmp_path, **changes):  # type: ignore[no-untyped-def]
         ({"sd15-openpose-hf": {"remote_model": None}}, "needs remote_model"),
         ({"sd15-openpose": {"fallback_model_key": "tiny-sd15-openpose"}}, "a hosted model"),
         ({"sd15-openpose": {"fallback_model_key": "sdxl-openpose-hf"}}, "resolution and tier"),
+        (
+            {
+                "sd15-openpose": {"fallback_model_key": "sd15-openpose-hf"},
+                "sd15-openpose-hf": {"coming_soon": True},
+            },
+            "coming soon",
+        ),
     ],
 )
 def test_a_seed_with_a_wrong_provider_or_fallback_is_refused(tmp_path, session, changes, says):
