@@ -60,7 +60,7 @@ _SINGLE_IMAGE = func.coalesce(Generation.params["num_outputs"].as_integer(), 1) 
 
 def single_image(job: Generation) -> bool:
     """Whether a hosted fallback can run the job: one output (hosted models make one)."""
-    return int(job.params.get("num_outputs", 1)) == 1
+    return int((job.params or {}).get("num_outputs", 1)) == 1
 
 
 def at_submit(
